@@ -1,0 +1,238 @@
+//! Caller authentication: turns the caller's credential into a [`Caller`]
+//! (client, chosen team scope) in the request extensions.
+//!
+//! The token comes from `Authorization: Bearer <token>` or `x-api-key: <token>`
+//! (so an existing RunGen client only changes its base URL). The gateway knows
+//! tokens only by their SHA-256. The scope is the client's default, or the one
+//! the caller names with `x-team-id` (a team id, or a scope name) if allowed.
+//! This step never sees upstream keys; it only picks the scope.
+
+use crate::config::{Client, Team};
+use crate::error::{Body, GatewayError, error_response};
+use crate::secret::token_digest;
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{HeaderMap, Method, Request, Response, header};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The authenticated caller and the scope this request runs in.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub client: Arc<Client>,
+    pub scope: Arc<Team>,
+}
+
+/// Who the caller was, put on the response for the access log (set even when
+/// the caller was identified but then refused).
+#[derive(Debug, Clone)]
+pub struct CallerLog {
+    pub client: Arc<Client>,
+    pub scope: Option<Arc<Team>>,
+}
+
+/// Clients by token digest.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    by_digest: HashMap<[u8; 32], Arc<Client>>,
+}
+
+impl Credentials {
+    pub fn new(clients: &[Arc<Client>]) -> Self {
+        Self {
+            by_digest: clients
+                .iter()
+                .map(|c| (c.token_sha256, c.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn lookup(&self, token: &[u8]) -> Option<&Arc<Client>> {
+        self.by_digest.get(&token_digest(token))
+    }
+}
+
+/// The caller's token, from `Authorization: Bearer` or `x-api-key`.
+pub fn extract_token(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.as_bytes();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+            let token = v[7..].trim_ascii();
+            return (!token.is_empty()).then_some(token);
+        }
+        return None;
+    }
+    let token = headers.get("x-api-key")?.as_bytes().trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Picks the scope: the named one if the client may use it, else the default.
+pub fn choose_scope(client: &Client, headers: &HeaderMap) -> Result<Arc<Team>, GatewayError> {
+    let requested = headers
+        .get("x-team-id")
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| !v.is_empty());
+    match requested {
+        None => client
+            .teams
+            .first()
+            .cloned()
+            .ok_or(GatewayError::ScopeForbidden),
+        Some(wanted) => client
+            .teams
+            .iter()
+            .find(|t| t.team_id.as_ref().is_some_and(|id| id.as_bytes() == wanted))
+            .or_else(|| client.teams.iter().find(|t| t.name.as_bytes() == wanted))
+            .cloned()
+            .ok_or(GatewayError::ScopeForbidden),
+    }
+}
+
+fn method_allowed(client: &Client, method: &Method) -> bool {
+    client.methods.contains(method)
+}
+
+#[derive(Clone, Debug)]
+pub struct CallerAuthLayer {
+    credentials: Arc<Credentials>,
+}
+
+impl CallerAuthLayer {
+    pub fn new(credentials: Arc<Credentials>) -> Self {
+        Self { credentials }
+    }
+}
+
+impl<S> tower::Layer<S> for CallerAuthLayer {
+    type Service = CallerAuth<S>;
+    fn layer(&self, inner: S) -> CallerAuth<S> {
+        CallerAuth {
+            inner,
+            credentials: self.credentials.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallerAuth<S> {
+    inner: S,
+    credentials: Arc<Credentials>,
+}
+
+impl<S> tower::Service<Request<Body>> for CallerAuth<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let Some(client) = extract_token(req.headers())
+            .and_then(|t| self.credentials.lookup(t))
+            .cloned()
+        else {
+            return std::future::ready(Ok(error_response(&GatewayError::Unauthenticated))).boxed();
+        };
+        let refuse = |client: Arc<Client>, err: GatewayError| {
+            let mut res = error_response(&err);
+            res.extensions_mut().insert(CallerLog {
+                client,
+                scope: None,
+            });
+            std::future::ready(Ok(res)).boxed()
+        };
+        let scope = match choose_scope(&client, req.headers()) {
+            Ok(scope) => scope,
+            Err(err) => return refuse(client, err),
+        };
+        if !method_allowed(&client, req.method()) {
+            return refuse(client, GatewayError::MethodForbidden);
+        }
+        let log = CallerLog {
+            client: client.clone(),
+            scope: Some(scope.clone()),
+        };
+        req.extensions_mut().insert(Caller { client, scope });
+        let fut = self.inner.call(req);
+        fut.map(move |res| {
+            res.map(|mut res| {
+                res.extensions_mut().insert(log);
+                res
+            })
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use http::HeaderValue;
+
+    fn team(name: &str, id: Option<&str>) -> Arc<Team> {
+        Arc::new(Team {
+            name: name.into(),
+            team_id: id.map(|i| HeaderValue::from_str(i).unwrap()),
+            api_key: Secret::new("k"),
+        })
+    }
+
+    fn client() -> Client {
+        Client {
+            name: "c".into(),
+            token_sha256: token_digest(b"tok"),
+            teams: vec![team("personal", None), team("acme", Some("t-1"))],
+            methods: vec![Method::GET],
+        }
+    }
+
+    #[test]
+    fn token_from_bearer_or_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(extract_token(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static("abc"));
+        assert_eq!(extract_token(&h), Some(&b"abc"[..]));
+        h.insert("authorization", HeaderValue::from_static("bEaReR  xyz "));
+        assert_eq!(extract_token(&h), Some(&b"xyz"[..]));
+        h.insert("authorization", HeaderValue::from_static("Basic Zm9v"));
+        assert_eq!(
+            extract_token(&h),
+            None,
+            "a non-bearer Authorization is not a token"
+        );
+    }
+
+    #[test]
+    fn scope_is_default_or_an_allowed_named_one() {
+        let c = client();
+        let mut h = HeaderMap::new();
+        assert_eq!(choose_scope(&c, &h).unwrap().name, "personal");
+        h.insert("x-team-id", HeaderValue::from_static("t-1"));
+        assert_eq!(choose_scope(&c, &h).unwrap().name, "acme");
+        h.insert("x-team-id", HeaderValue::from_static("acme"));
+        assert_eq!(choose_scope(&c, &h).unwrap().name, "acme");
+        h.insert("x-team-id", HeaderValue::from_static("t-2"));
+        assert!(matches!(
+            choose_scope(&c, &h),
+            Err(GatewayError::ScopeForbidden)
+        ));
+        h.insert("x-team-id", HeaderValue::from_static(""));
+        assert_eq!(choose_scope(&c, &h).unwrap().name, "personal");
+    }
+
+    #[test]
+    fn lookup_is_by_digest() {
+        let c = Arc::new(client());
+        let creds = Credentials::new(&[c]);
+        assert!(creds.lookup(b"tok").is_some());
+        assert!(creds.lookup(b"tok2").is_none());
+    }
+}

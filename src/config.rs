@@ -1,0 +1,894 @@
+//! Configuration: a raw serde model of the TOML file, validated into one typed
+//! model. Every error names the file, the field and the reason.
+
+use crate::secret::Secret;
+use http::{HeaderValue, Method, Uri};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// A configuration problem: which file, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: field `{}`: {}",
+            self.file.display(),
+            self.field,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Collects field errors during validation so that one run reports them all.
+struct Problems<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// All problems found in one file (at least one).
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------
+// Raw model: exactly the file's shape, unknown keys rejected.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    upstream: RawUpstream,
+    #[serde(default)]
+    logging: RawLogging,
+    #[serde(default)]
+    teams: Vec<RawTeam>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "defaults::listen")]
+    listen: String,
+    #[serde(default = "defaults::header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "defaults::shutdown_timeout")]
+    shutdown_timeout: String,
+    #[serde(default = "defaults::max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "defaults::max_headers")]
+    max_headers: usize,
+    #[serde(default = "defaults::max_uri_bytes")]
+    max_uri_bytes: usize,
+    #[serde(default = "defaults::max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default = "defaults::max_connections")]
+    max_connections: usize,
+    #[serde(default = "defaults::h2_max_concurrent_streams")]
+    h2_max_concurrent_streams: u32,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: defaults::listen(),
+            header_read_timeout: defaults::header_read_timeout(),
+            shutdown_timeout: defaults::shutdown_timeout(),
+            max_header_bytes: defaults::max_header_bytes(),
+            max_headers: defaults::max_headers(),
+            max_uri_bytes: defaults::max_uri_bytes(),
+            max_body_bytes: defaults::max_body_bytes(),
+            max_connections: defaults::max_connections(),
+            h2_max_concurrent_streams: defaults::h2_max_concurrent_streams(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    base_url: String,
+    #[serde(default = "defaults::connect_timeout")]
+    connect_timeout: String,
+    #[serde(default = "defaults::request_timeout")]
+    request_timeout: String,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::route_prefixes")]
+    route_prefixes: Vec<String>,
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pool_idle_timeout: String,
+    #[serde(default = "defaults::pool_max_idle_per_host")]
+    pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    #[serde(default = "defaults::log_level")]
+    level: String,
+    #[serde(default = "defaults::log_format")]
+    format: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            level: defaults::log_level(),
+            format: defaults::log_format(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeam {
+    name: String,
+    #[serde(default)]
+    team_id: Option<String>,
+    api_key: SecretSource,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    token_sha256: String,
+    teams: Vec<String>,
+    #[serde(default = "defaults::methods")]
+    methods: Vec<String>,
+}
+
+/// Where a secret comes from: `{ env = "NAME" }`, `{ file = "/path" }`, or
+/// inline (`"value"` or `{ value = "..." }`, accepted with a loud warning).
+#[derive(Debug, Deserialize)]
+#[serde(from = "SecretSourceRepr")]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+    Inline(String),
+    Invalid(String),
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "a secret: { env = \"NAME\" }, { file = \"/path\" } or { value = \"...\" }"
+)]
+enum SecretSourceRepr {
+    Inline(String),
+    Table {
+        #[serde(default)]
+        env: Option<String>,
+        #[serde(default)]
+        file: Option<PathBuf>,
+        #[serde(default)]
+        value: Option<String>,
+    },
+}
+
+impl From<SecretSourceRepr> for SecretSource {
+    fn from(repr: SecretSourceRepr) -> Self {
+        match repr {
+            SecretSourceRepr::Inline(v) => SecretSource::Inline(v),
+            SecretSourceRepr::Table { env, file, value } => match (env, file, value) {
+                (Some(e), None, None) => SecretSource::Env(e),
+                (None, Some(f), None) => SecretSource::File(f),
+                (None, None, Some(v)) => SecretSource::Inline(v),
+                _ => SecretSource::Invalid(
+                    "give exactly one of `env`, `file` or `value`".to_string(),
+                ),
+            },
+        }
+    }
+}
+
+impl SecretSource {
+    /// Resolves the secret. `Ok((secret, inline))`.
+    fn load(&self) -> Result<(Secret, bool), String> {
+        let (raw, inline) = match self {
+            SecretSource::Env(name) => (
+                std::env::var(name)
+                    .map_err(|_| format!("environment variable `{name}` is not set"))?,
+                false,
+            ),
+            SecretSource::File(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?,
+                false,
+            ),
+            SecretSource::Inline(v) => (v.clone(), true),
+            SecretSource::Invalid(reason) => return Err(reason.clone()),
+        };
+        // Files written by `kubectl create secret` or editors often end in a newline.
+        let value = raw.trim_end_matches(['\n', '\r']).to_string();
+        if value.is_empty() {
+            return Err("the secret is empty".to_string());
+        }
+        if HeaderValue::from_str(&value).is_err() || value.contains(char::is_whitespace) {
+            return Err("the secret contains characters not allowed in a header".to_string());
+        }
+        Ok((Secret::new(value), inline))
+    }
+}
+
+mod defaults {
+    pub fn listen() -> String {
+        "0.0.0.0:8080".into()
+    }
+    pub fn header_read_timeout() -> String {
+        "10s".into()
+    }
+    pub fn shutdown_timeout() -> String {
+        "30s".into()
+    }
+    pub fn max_header_bytes() -> usize {
+        16 * 1024
+    }
+    pub fn max_headers() -> usize {
+        64
+    }
+    pub fn max_uri_bytes() -> usize {
+        4096
+    }
+    pub fn max_body_bytes() -> u64 {
+        1024 * 1024
+    }
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    pub fn h2_max_concurrent_streams() -> u32 {
+        128
+    }
+    pub fn connect_timeout() -> String {
+        "2s".into()
+    }
+    pub fn request_timeout() -> String {
+        "15s".into()
+    }
+    pub fn route_prefixes() -> Vec<String> {
+        vec!["/app".into()]
+    }
+    pub fn pool_idle_timeout() -> String {
+        "90s".into()
+    }
+    pub fn pool_max_idle_per_host() -> usize {
+        64
+    }
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn log_format() -> String {
+        "pretty".into()
+    }
+    pub fn methods() -> Vec<String> {
+        vec!["GET".into(), "HEAD".into()]
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validated model
+
+/// The whole validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub logging: LoggingConfig,
+    pub teams: Vec<Arc<Team>>,
+    pub clients: Vec<Arc<Client>>,
+    /// Non-fatal findings (inline secrets, ...) to log at start.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority of the upstream, e.g. `https://api.rungen.ai`.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Path prefix prepended to every forwarded path ("" for none).
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub route_prefixes: Vec<String>,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// One RunGen credential scope: a key and, for a team, the team id.
+#[derive(Debug)]
+pub struct Team {
+    /// Used in logs, metrics and cache keys.
+    pub name: String,
+    /// Sent as `x-team-id`; `None` is the key owner's personal scope.
+    pub team_id: Option<HeaderValue>,
+    pub api_key: Secret,
+}
+
+/// A caller of the gateway.
+#[derive(Debug)]
+pub struct Client {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+    /// Allowed scopes; the first is the default.
+    pub teams: Vec<Arc<Team>>,
+    pub methods: Vec<Method>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                field: "-".into(),
+                reason: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses and validates TOML text; `path` is used in error messages.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let mut reason = inner.message().to_string();
+            if let Some(span) = inner.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                reason = format!("{reason} (line {line})");
+            }
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                field: if field == "." { "-".into() } else { field },
+                reason,
+            }])
+        })?;
+        validate(path, raw)
+    }
+}
+
+fn parse_duration(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            p.push(field, "must be greater than zero");
+            Duration::from_secs(1)
+        }
+        Err(e) => {
+            p.push(
+                field,
+                format!("`{value}` is not a duration like \"2s\" or \"500ms\": {e}"),
+            );
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
+    let mut p = Problems {
+        file: path,
+        errors: Vec::new(),
+    };
+    let mut warnings = Vec::new();
+
+    // [server]
+    let s = &raw.server;
+    let listen = s.listen.parse::<SocketAddr>().unwrap_or_else(|e| {
+        p.push(
+            "server.listen",
+            format!("`{}` is not an address like 0.0.0.0:8080: {e}", s.listen),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    let header_read_timeout =
+        parse_duration(&mut p, "server.header_read_timeout", &s.header_read_timeout);
+    let shutdown_timeout = parse_duration(&mut p, "server.shutdown_timeout", &s.shutdown_timeout);
+    if s.max_header_bytes < 8192 {
+        p.push("server.max_header_bytes", "must be at least 8192");
+    }
+    if s.max_headers == 0 {
+        p.push("server.max_headers", "must be at least 1");
+    }
+    if s.max_uri_bytes < 64 {
+        p.push("server.max_uri_bytes", "must be at least 64");
+    }
+    if s.max_connections == 0 {
+        p.push("server.max_connections", "must be at least 1");
+    }
+    if s.h2_max_concurrent_streams == 0 {
+        p.push("server.h2_max_concurrent_streams", "must be at least 1");
+    }
+    let server = ServerConfig {
+        listen,
+        header_read_timeout,
+        shutdown_timeout,
+        max_header_bytes: s.max_header_bytes,
+        max_headers: s.max_headers,
+        max_uri_bytes: s.max_uri_bytes,
+        max_body_bytes: s.max_body_bytes,
+        max_connections: s.max_connections,
+        h2_max_concurrent_streams: s.h2_max_concurrent_streams,
+    };
+
+    // [upstream]
+    let u = &raw.upstream;
+    let (scheme, authority, base_path) = match u.base_url.parse::<Uri>() {
+        Ok(uri) => {
+            let scheme = uri.scheme().cloned();
+            let ok_scheme = matches!(scheme.as_ref().map(|s| s.as_str()), Some("http" | "https"));
+            if !ok_scheme {
+                p.push("upstream.base_url", "must start with https:// or http://");
+            }
+            if uri.query().is_some() {
+                p.push("upstream.base_url", "must not have a query string");
+            }
+            match (scheme, uri.authority().cloned()) {
+                (Some(s), Some(a)) if ok_scheme => {
+                    (s, a, uri.path().trim_end_matches('/').to_string())
+                }
+                _ => {
+                    p.push("upstream.base_url", "must be an absolute URL with a host");
+                    (
+                        http::uri::Scheme::HTTP,
+                        http::uri::Authority::from_static("invalid"),
+                        String::new(),
+                    )
+                }
+            }
+        }
+        Err(e) => {
+            p.push(
+                "upstream.base_url",
+                format!("`{}` is not a URL: {e}", u.base_url),
+            );
+            (
+                http::uri::Scheme::HTTP,
+                http::uri::Authority::from_static("invalid"),
+                String::new(),
+            )
+        }
+    };
+    let connect_timeout = parse_duration(&mut p, "upstream.connect_timeout", &u.connect_timeout);
+    let request_timeout = parse_duration(&mut p, "upstream.request_timeout", &u.request_timeout);
+    let pool_idle_timeout =
+        parse_duration(&mut p, "upstream.pool_idle_timeout", &u.pool_idle_timeout);
+    if let Some(ca) = &u.ca_file {
+        if let Err(reason) = crate::upstream::load_ca_file(ca) {
+            p.push("upstream.ca_file", reason);
+        }
+    }
+    if u.route_prefixes.is_empty() {
+        p.push("upstream.route_prefixes", "must list at least one prefix");
+    }
+    for (i, prefix) in u.route_prefixes.iter().enumerate() {
+        let valid = prefix.starts_with('/')
+            && prefix.len() > 1
+            && !prefix.ends_with('/')
+            && !prefix.contains("..")
+            && !prefix.contains("//")
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+        if !valid {
+            p.push(
+                format!("upstream.route_prefixes[{i}]"),
+                format!("`{prefix}` must look like \"/app\": a leading '/', no trailing '/', plain path characters"),
+            );
+        }
+    }
+    let upstream = UpstreamConfig {
+        scheme,
+        authority,
+        base_path,
+        connect_timeout,
+        request_timeout,
+        ca_file: u.ca_file.clone(),
+        route_prefixes: u.route_prefixes.clone(),
+        pool_idle_timeout,
+        pool_max_idle_per_host: u.pool_max_idle_per_host,
+    };
+
+    // [logging]
+    let format = match raw.logging.format.as_str() {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            p.push(
+                "logging.format",
+                format!("`{other}` is not one of \"pretty\", \"json\""),
+            );
+            LogFormat::Pretty
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.logging.level).is_err() {
+        p.push(
+            "logging.level",
+            format!(
+                "`{}` is not a level or filter like \"info\" or \"rungen_gateway=debug\"",
+                raw.logging.level
+            ),
+        );
+    }
+    let logging = LoggingConfig {
+        level: raw.logging.level.clone(),
+        format,
+    };
+
+    // [[teams]]
+    if raw.teams.is_empty() {
+        p.push("teams", "at least one [[teams]] entry is needed");
+    }
+    let mut teams: Vec<Arc<Team>> = Vec::new();
+    let mut team_by_name: HashMap<String, Arc<Team>> = HashMap::new();
+    for (i, t) in raw.teams.iter().enumerate() {
+        let field = |f: &str| format!("teams[{i}].{f}");
+        if !valid_name(&t.name) {
+            p.push(
+                field("name"),
+                format!(
+                    "`{}` must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    t.name
+                ),
+            );
+        }
+        if team_by_name.contains_key(&t.name) {
+            p.push(field("name"), format!("duplicate team name `{}`", t.name));
+        }
+        let team_id = match &t.team_id {
+            None => None,
+            Some(id) if id.is_empty() => {
+                p.push(
+                    field("team_id"),
+                    "is empty; omit it for the key owner's personal scope",
+                );
+                None
+            }
+            Some(id) => match HeaderValue::from_str(id) {
+                Ok(v) if id.bytes().all(|b| b.is_ascii_graphic()) => Some(v),
+                _ => {
+                    p.push(
+                        field("team_id"),
+                        "contains characters not allowed in a header",
+                    );
+                    None
+                }
+            },
+        };
+        let api_key = match t.api_key.load() {
+            Ok((secret, inline)) => {
+                if inline {
+                    warnings.push(format!(
+                        "{}: {}: the RunGen API key is written inline in the config file; \
+                         use {{ env = \"NAME\" }} or {{ file = \"/path\" }} outside demos",
+                        path.display(),
+                        field("api_key")
+                    ));
+                }
+                secret
+            }
+            Err(reason) => {
+                p.push(field("api_key"), reason);
+                Secret::new("")
+            }
+        };
+        let team = Arc::new(Team {
+            name: t.name.clone(),
+            team_id,
+            api_key,
+        });
+        team_by_name.insert(t.name.clone(), team.clone());
+        teams.push(team);
+    }
+
+    // [[clients]]
+    if raw.clients.is_empty() {
+        warnings.push(format!(
+            "{}: no [[clients]] are configured: every request will be refused",
+            path.display()
+        ));
+    }
+    let mut clients = Vec::new();
+    let mut names = HashSet::new();
+    let mut digests: HashMap<[u8; 32], String> = HashMap::new();
+    for (i, c) in raw.clients.iter().enumerate() {
+        let field = |f: &str| format!("clients[{i}].{f}");
+        if !valid_name(&c.name) {
+            p.push(
+                field("name"),
+                format!(
+                    "`{}` must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    c.name
+                ),
+            );
+        }
+        if !names.insert(c.name.clone()) {
+            p.push(field("name"), format!("duplicate client name `{}`", c.name));
+        }
+        let mut token_sha256 = [0u8; 32];
+        match hex::decode(c.token_sha256.trim()) {
+            Ok(bytes) if bytes.len() == 32 => token_sha256.copy_from_slice(&bytes),
+            _ => p.push(
+                field("token_sha256"),
+                "must be 64 hex digits (the SHA-256 of the token; `rungen-gateway new-token` prints one)",
+            ),
+        }
+        if token_sha256 != [0u8; 32] {
+            if let Some(other) = digests.insert(token_sha256, c.name.clone()) {
+                p.push(
+                    field("token_sha256"),
+                    format!("duplicate token: the same hash is already used by client `{other}`"),
+                );
+            }
+        }
+        if c.teams.is_empty() {
+            p.push(
+                field("teams"),
+                "must name at least one team (the first is the default scope)",
+            );
+        }
+        let mut client_teams = Vec::new();
+        for (j, name) in c.teams.iter().enumerate() {
+            match team_by_name.get(name) {
+                Some(t) => {
+                    if client_teams.iter().any(|x: &Arc<Team>| x.name == *name) {
+                        p.push(
+                            format!("clients[{i}].teams[{j}]"),
+                            format!("team `{name}` is listed twice"),
+                        );
+                    }
+                    client_teams.push(t.clone())
+                }
+                None => p.push(
+                    format!("clients[{i}].teams[{j}]"),
+                    format!("unknown team `{name}` (no [[teams]] entry has this name)"),
+                ),
+            }
+        }
+        let mut methods = Vec::new();
+        for (j, m) in c.methods.iter().enumerate() {
+            match m.to_ascii_uppercase().as_str() {
+                "GET" => methods.push(Method::GET),
+                "HEAD" => methods.push(Method::HEAD),
+                "POST" => methods.push(Method::POST),
+                "PUT" => methods.push(Method::PUT),
+                "DELETE" => methods.push(Method::DELETE),
+                "PATCH" => methods.push(Method::PATCH),
+                other => p.push(
+                    format!("clients[{i}].methods[{j}]"),
+                    format!("`{other}` is not one of GET, HEAD, POST, PUT, DELETE, PATCH"),
+                ),
+            }
+        }
+        clients.push(Arc::new(Client {
+            name: c.name.clone(),
+            token_sha256,
+            teams: client_teams,
+            methods,
+        }));
+    }
+
+    if !p.errors.is_empty() {
+        return Err(ConfigErrors(p.errors));
+    }
+    Ok(Config {
+        source: path.to_path_buf(),
+        server,
+        upstream,
+        logging,
+        teams,
+        clients,
+        warnings,
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TOKEN_HASH: &str = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+
+    fn base(extra: &str) -> String {
+        format!(
+            r#"
+[upstream]
+base_url = "https://api.rungen.ai"
+
+[[teams]]
+name = "acme"
+team_id = "123e4567-e89b-12d3-a456-426614174000"
+api_key = {{ value = "k1" }}
+
+[[clients]]
+name = "billing"
+token_sha256 = "{TOKEN_HASH}"
+teams = ["acme"]
+{extra}
+"#
+        )
+    }
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::from_toml(Path::new("test.toml"), text)
+            .unwrap_err()
+            .0
+    }
+
+    #[test]
+    fn minimal_config_validates_with_defaults() {
+        let c = Config::from_toml(Path::new("t.toml"), &base("")).unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        assert_eq!(c.upstream.authority.as_str(), "api.rungen.ai");
+        assert_eq!(c.upstream.route_prefixes, vec!["/app".to_string()]);
+        assert_eq!(c.clients[0].methods, vec![Method::GET, Method::HEAD]);
+        assert_eq!(c.clients[0].teams[0].name, "acme");
+        // The inline key is accepted with a warning.
+        assert!(c.warnings.iter().any(|w| w.contains("inline")));
+    }
+
+    #[test]
+    fn unknown_key_names_the_field_and_file() {
+        let e = errors(&base("colour = \"blue\""));
+        assert_eq!(e.len(), 1);
+        let msg = e[0].to_string();
+        assert!(msg.starts_with("test.toml: field `clients[0]"), "{msg}");
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let text = base("").replace(
+            "base_url = \"https://api.rungen.ai\"",
+            "base_url = \"https://api.rungen.ai\"\nconnect_timeout = \"2 parsecs\"",
+        );
+        let e = errors(&text);
+        assert_eq!(e[0].field, "upstream.connect_timeout");
+        assert!(e[0].reason.contains("2 parsecs"));
+    }
+
+    #[test]
+    fn unknown_team_duplicate_token_and_missing_env_are_reported_together() {
+        let text = format!(
+            "{}\n[[clients]]\nname = \"other\"\ntoken_sha256 = \"{TOKEN_HASH}\"\nteams = [\"nope\"]\n\n[[teams]]\nname = \"t2\"\napi_key = {{ env = \"RUNGEN_GATEWAY_TEST_SURELY_UNSET\" }}\n",
+            base("")
+        );
+        let e = errors(&text);
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"teams[1].api_key"), "{fields:?}");
+        assert!(fields.contains(&"clients[1].token_sha256"), "{fields:?}");
+        assert!(fields.contains(&"clients[1].teams[0]"), "{fields:?}");
+        let dup = e
+            .iter()
+            .find(|e| e.field == "clients[1].token_sha256")
+            .unwrap();
+        assert!(dup.reason.contains("duplicate token"));
+    }
+
+    #[test]
+    fn unreadable_secret_file_is_an_error() {
+        let text = base("").replace(
+            "api_key = { value = \"k1\" }",
+            "api_key = { file = \"/nonexistent/secret\" }",
+        );
+        let e = errors(&text);
+        assert_eq!(e[0].field, "teams[0].api_key");
+        assert!(e[0].reason.contains("/nonexistent/secret"));
+    }
+
+    #[test]
+    fn secret_file_is_trimmed_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key");
+        std::fs::write(&f, "file-secret-canary\n").unwrap();
+        let text = base("").replace(
+            "api_key = { value = \"k1\" }",
+            &format!("api_key = {{ file = \"{}\" }}", f.display()),
+        );
+        let c = Config::from_toml(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.teams[0].api_key.expose(), "file-secret-canary");
+        assert!(!format!("{c:?}").contains("file-secret-canary"));
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn bad_token_hash_method_and_base_url() {
+        let text = base("methods = [\"GET\", \"TRACE\"]")
+            .replace(TOKEN_HASH, "abc")
+            .replace("https://api.rungen.ai", "ftp://x");
+        let fields: Vec<String> = errors(&text).into_iter().map(|e| e.field).collect();
+        assert!(fields.contains(&"clients[0].token_sha256".to_string()));
+        assert!(fields.contains(&"clients[0].methods[1]".to_string()));
+        assert!(fields.contains(&"upstream.base_url".to_string()));
+    }
+
+    #[test]
+    fn secret_source_needs_exactly_one_origin() {
+        let text = base("").replace(
+            "api_key = { value = \"k1\" }",
+            "api_key = { env = \"A\", file = \"/b\" }",
+        );
+        let e = errors(&text);
+        assert_eq!(e[0].field, "teams[0].api_key");
+        assert!(e[0].reason.contains("exactly one"));
+    }
+}

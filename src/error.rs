@@ -1,0 +1,312 @@
+//! The one table from every refusal or failure to a status and a JSON body.
+//!
+//! Layers refuse a request by answering `error_response(&GatewayError::..)`
+//! themselves (a refusal is a response), and report failures as
+//! `Err(GatewayError)`, which [`RescueLayer`] turns into a response with the
+//! same function. No message here ever contains a secret: variants carry only
+//! names from the config (scope names), never keys or tokens.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use std::borrow::Cow;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The body type on every request and response inside the gateway.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body from bytes.
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty_body() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Who is to blame for a failure, for logs and metrics (pingora's `ErrorSource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The caller sent something we refuse.
+    Caller,
+    /// The upstream failed or refused us.
+    Upstream,
+    /// Our own fault.
+    Gateway,
+}
+
+impl ErrorSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Caller => "caller",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Gateway => "gateway",
+        }
+    }
+}
+
+/// Every way a request can end without a normal upstream answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("URI too long")]
+    UriTooLong,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("missing or unknown credential")]
+    Unauthenticated,
+    #[error("team scope not allowed for this client")]
+    ScopeForbidden,
+    #[error("method not allowed for this client")]
+    MethodForbidden,
+    #[error("rate limited by policy {policy}")]
+    RateLimited {
+        policy: &'static str,
+        retry_after: Duration,
+    },
+    #[error("overloaded")]
+    Overloaded { retry_after: Duration },
+    #[error("upstream connection failed")]
+    UpstreamConnect,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream rejected the gateway credential for scope {scope}")]
+    UpstreamCredentialRejected { scope: String },
+    #[error("upstream answered with an invalid response")]
+    UpstreamProtocol,
+    #[error("the request body could not be read")]
+    RequestBody,
+    #[error("internal error")]
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            GatewayError::ScopeForbidden | GatewayError::MethodForbidden => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamConnect
+            | GatewayError::UpstreamCredentialRejected { .. }
+            | GatewayError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::RequestBody => StatusCode::BAD_REQUEST,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn source(&self) -> ErrorSource {
+        match self {
+            GatewayError::UpstreamConnect
+            | GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamCredentialRejected { .. }
+            | GatewayError::UpstreamProtocol => ErrorSource::Upstream,
+            GatewayError::Internal | GatewayError::Overloaded { .. } => ErrorSource::Gateway,
+            _ => ErrorSource::Caller,
+        }
+    }
+
+    /// A stable name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GatewayError::RouteNotFound => "route_not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::PayloadTooLarge => "payload_too_large",
+            GatewayError::Unauthenticated => "unauthenticated",
+            GatewayError::ScopeForbidden => "scope_forbidden",
+            GatewayError::MethodForbidden => "method_forbidden",
+            GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::Overloaded { .. } => "overloaded",
+            GatewayError::UpstreamConnect => "upstream_connect",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamCredentialRejected { .. } => "upstream_credential_rejected",
+            GatewayError::UpstreamProtocol => "upstream_protocol",
+            GatewayError::RequestBody => "request_body",
+            GatewayError::Internal => "internal",
+        }
+    }
+
+    /// The message sent to the caller: says what went wrong, helps no attacker.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            GatewayError::RouteNotFound => "no such route on this gateway".into(),
+            GatewayError::MethodNotAllowed => "method not allowed".into(),
+            GatewayError::BadRequest(why) => format!("malformed request: {why}").into(),
+            GatewayError::UriTooLong => "request URI is too long".into(),
+            GatewayError::PayloadTooLarge => "request body is too large".into(),
+            GatewayError::Unauthenticated => {
+                "missing or invalid credential: send Authorization: Bearer <token> or x-api-key: <token>".into()
+            }
+            GatewayError::ScopeForbidden => {
+                "this client may not use the team scope named by x-team-id".into()
+            }
+            GatewayError::MethodForbidden => "this client may not use this method".into(),
+            GatewayError::RateLimited { policy, .. } => {
+                format!("rate limit exceeded (policy \"{policy}\")").into()
+            }
+            GatewayError::Overloaded { .. } => "gateway is overloaded, retry later".into(),
+            GatewayError::UpstreamConnect => "could not connect to the upstream API".into(),
+            GatewayError::UpstreamTimeout => "the upstream API did not answer in time".into(),
+            GatewayError::UpstreamCredentialRejected { scope } => {
+                format!("upstream rejected the gateway credential for scope {scope}").into()
+            }
+            GatewayError::UpstreamProtocol => {
+                "the upstream API sent an invalid response or closed the connection".into()
+            }
+            GatewayError::RequestBody => "the request body could not be read".into(),
+            GatewayError::Internal => "internal gateway error".into(),
+        }
+    }
+}
+
+/// Marks a response produced by [`error_response`], for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind {
+    pub kind: &'static str,
+    pub source: ErrorSource,
+}
+
+/// The one function from a refusal or failure to a response.
+pub fn error_response(err: &GatewayError) -> Response<Body> {
+    let body = serde_json::json!({ "error": err.message() }).to_string();
+    let mut res = Response::new(full_body(body));
+    *res.status_mut() = err.status();
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    match err {
+        GatewayError::Unauthenticated => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rungen-gateway\""),
+            );
+        }
+        GatewayError::RateLimited { retry_after, .. }
+        | GatewayError::Overloaded { retry_after } => {
+            headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
+        }
+        _ => {}
+    }
+    res.extensions_mut().insert(ErrorKind {
+        kind: err.as_str(),
+        source: err.source(),
+    });
+    res
+}
+
+/// An integer `Retry-After` of at least one second, rounded up.
+pub fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+// ---------------------------------------------------------------------------
+// RescueLayer: turns Err(GatewayError) from anything inside into a response.
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RescueLayer;
+
+impl<S> tower::Layer<S> for RescueLayer {
+    type Service = Rescue<S>;
+    fn layer(&self, inner: S) -> Rescue<S> {
+        Rescue { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Rescue<S> {
+    inner: S,
+}
+
+impl<S, Req> tower::Service<Req> for Rescue<S>
+where
+    S: tower::Service<Req, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Inner services are always ready (no backpressure inside the chain);
+        // an error here is still answered per request below.
+        let _ = self.inner.poll_ready(cx);
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            Ok(match fut.await {
+                Ok(res) => res,
+                Err(err) => error_response(&err),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_an_integer_of_at_least_one() {
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(10)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(1001)), "2");
+        assert_eq!(retry_after_value(Duration::from_secs(3)), "3");
+    }
+
+    #[tokio::test]
+    async fn every_error_is_json_with_its_status() {
+        let all = [
+            GatewayError::RouteNotFound,
+            GatewayError::Unauthenticated,
+            GatewayError::ScopeForbidden,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamCredentialRejected {
+                scope: "acme".into(),
+            },
+        ];
+        for err in all {
+            let res = error_response(&err);
+            assert_eq!(res.status(), err.status());
+            assert_eq!(res.headers()["content-type"], "application/json");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v["error"].as_str().unwrap().len() > 5);
+        }
+        let res = error_response(&GatewayError::Unauthenticated);
+        assert!(
+            res.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! Accept loop: binds, accepts, serves HTTP/1.1 and HTTP/2 (h2c prior
+//! knowledge) with hyper-util's auto builder, bounds connections and header
+//! reads, and drains in-flight requests on shutdown up to a deadline.
+//! It never looks at requests: it hands each one to the current gateway
+//! service (swappable, so a config reload applies to the next request).
+
+use crate::config::ServerConfig;
+use crate::error::{Body, BoxError};
+use crate::gateway::GatewayService;
+use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
+use http::Request;
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// The per-connection protocol settings, from `[server]`.
+fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes)
+        .max_headers(cfg.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then drains
+/// open connections for at most `cfg.shutdown_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<ArcSwap<GatewayService>>,
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = Arc::new(connection_builder(&cfg));
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    tokio::pin!(shutdown);
+
+    loop {
+        // At the connection cap, stop accepting: new connections wait in the
+        // kernel backlog instead of taking memory here.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let hyper_service = HyperAdapter {
+            service: service.clone(),
+            peer,
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), hyper_service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    tracing::info!("stopped accepting; draining open connections");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(cfg.shutdown_timeout) => {
+            tracing::warn!(timeout = ?cfg.shutdown_timeout, "drain deadline reached; closing remaining connections");
+        }
+    }
+}
+
+/// Hands each request of a connection to the gateway service current at
+/// that moment.
+#[derive(Clone)]
+struct HyperAdapter {
+    service: Arc<ArcSwap<GatewayService>>,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let svc = GatewayService::clone(&self.service.load());
+        let mut req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+        req.extensions_mut().insert(PeerAddr(self.peer));
+        Box::pin(svc.oneshot(req))
+    }
+}
+
+/// The TCP peer of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);

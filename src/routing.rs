@@ -1,0 +1,278 @@
+//! Request shape and routing: the first step after accept.
+//!
+//! Refuses what the gateway never forwards (an over-long URI, an unsafe or
+//! foreign path, an unknown method, an over-size body) and classifies the
+//! path into a [`Route`] that later steps (cache, metrics, logs) key on. Only
+//! paths under the configured prefixes are forwarded: this is not an open proxy.
+
+use crate::error::{Body, GatewayError, error_response};
+use http::{Method, Request, Response, header};
+use http_body_util::{BodyExt, Limited};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The RunGen route a request is for, with the ids it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/app`
+    AppList,
+    /// `/app/{id}`
+    App { app_id: String },
+    /// `/app/{id}/run_async`
+    RunAsync { app_id: String },
+    /// `/app/{id}/job/{job_id}`
+    Job { app_id: String, job_id: String },
+    /// Anything else under a configured prefix; `template` is `"{prefix}/*"`.
+    Other { template: Arc<str> },
+}
+
+/// A configured route prefix and the metrics template of its other paths.
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    path: Arc<str>,
+    template: Arc<str>,
+}
+
+impl Prefix {
+    pub fn new(path: &str) -> Self {
+        Self {
+            path: Arc::from(path),
+            template: Arc::from(format!("{path}/*")),
+        }
+    }
+}
+
+impl Route {
+    /// The route template: a bounded label for logs and metrics.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Route::AppList => "/app",
+            Route::App { .. } => "/app/{id}",
+            Route::RunAsync { .. } => "/app/{id}/run_async",
+            Route::Job { .. } => "/app/{id}/job/{job_id}",
+            Route::Other { template } => template,
+        }
+    }
+}
+
+/// Classifies a path that already passed [`check_path`].
+pub fn classify(path: &str, prefixes: &[Prefix]) -> Option<Route> {
+    let prefix = prefixes.iter().find(|p| {
+        let p = &*p.path;
+        path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
+    })?;
+    if &*prefix.path == "/app" {
+        let rest: Vec<&str> = path.split('/').skip(2).collect();
+        let route = match rest.as_slice() {
+            [] => Route::AppList,
+            [id] => Route::App {
+                app_id: (*id).to_string(),
+            },
+            [id, "run_async"] => Route::RunAsync {
+                app_id: (*id).to_string(),
+            },
+            [id, "job", job] => Route::Job {
+                app_id: (*id).to_string(),
+                job_id: (*job).to_string(),
+            },
+            _ => Route::Other {
+                template: prefix.template.clone(),
+            },
+        };
+        return Some(route);
+    }
+    Some(Route::Other {
+        template: prefix.template.clone(),
+    })
+}
+
+/// Rejects paths that could mean something else upstream than here:
+/// dot segments, empty segments, encoded separators or dots, backslashes.
+pub fn check_path(path: &str) -> Result<(), GatewayError> {
+    if !path.starts_with('/') {
+        return Err(GatewayError::BadRequest("the path must start with '/'"));
+    }
+    if path.contains('\\') {
+        return Err(GatewayError::BadRequest("backslash in path"));
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || lower.contains("%00")
+    {
+        return Err(GatewayError::BadRequest("encoded separator in path"));
+    }
+    for segment in path.split('/').skip(1) {
+        if segment == "." || segment == ".." {
+            return Err(GatewayError::BadRequest("dot segment in path"));
+        }
+        if segment.is_empty() {
+            return Err(GatewayError::BadRequest("empty path segment"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutingLayer {
+    prefixes: Arc<[Prefix]>,
+    max_uri_bytes: usize,
+    max_body_bytes: u64,
+}
+
+impl RoutingLayer {
+    pub fn new(prefixes: &[String], max_uri_bytes: usize, max_body_bytes: u64) -> Self {
+        Self {
+            prefixes: prefixes.iter().map(|p| Prefix::new(p)).collect(),
+            max_uri_bytes,
+            max_body_bytes,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RoutingLayer {
+    type Service = Routing<S>;
+    fn layer(&self, inner: S) -> Routing<S> {
+        Routing {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Routing<S> {
+    inner: S,
+    layer: RoutingLayer,
+}
+
+impl<S> Routing<S> {
+    fn check(&self, req: &Request<Body>) -> Result<Route, GatewayError> {
+        let uri = req.uri();
+        let path_len = uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+        if path_len > self.layer.max_uri_bytes {
+            return Err(GatewayError::UriTooLong);
+        }
+        if !matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::POST
+                | Method::PUT
+                | Method::DELETE
+                | Method::PATCH
+                | Method::OPTIONS
+        ) {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        check_path(uri.path())?;
+        let route =
+            classify(uri.path(), &self.layer.prefixes).ok_or(GatewayError::RouteNotFound)?;
+        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+            let len = len
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(GatewayError::BadRequest("invalid Content-Length"))?;
+            if len > self.layer.max_body_bytes {
+                return Err(GatewayError::PayloadTooLarge);
+            }
+        }
+        Ok(route)
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for Routing<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        use futures_util::future::FutureExt;
+        match self.check(&req) {
+            Ok(route) => {
+                let limit = usize::try_from(self.layer.max_body_bytes).unwrap_or(usize::MAX);
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(route.clone());
+                // Bodies without Content-Length (chunked, h2) are cut at the limit too.
+                let body = Limited::new(body, limit).boxed_unsync();
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                fut.map(move |res| {
+                    res.map(|mut res| {
+                        res.extensions_mut().insert(route);
+                        res
+                    })
+                })
+                .boxed()
+            }
+            Err(err) => std::future::ready(Ok(error_response(&err))).boxed(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn prefixes() -> Vec<Prefix> {
+        vec![Prefix::new("/app"), Prefix::new("/v2")]
+    }
+
+    #[test]
+    fn classifies_the_rungen_routes() {
+        let p = prefixes();
+        assert_eq!(classify("/app", &p), Some(Route::AppList));
+        assert_eq!(
+            classify("/app/a1", &p),
+            Some(Route::App {
+                app_id: "a1".into()
+            })
+        );
+        assert_eq!(
+            classify("/app/a1/run_async", &p),
+            Some(Route::RunAsync {
+                app_id: "a1".into()
+            })
+        );
+        assert_eq!(
+            classify("/app/a1/job/j1", &p),
+            Some(Route::Job {
+                app_id: "a1".into(),
+                job_id: "j1".into()
+            })
+        );
+        assert_eq!(classify("/app/a1/job/j1/x", &p).unwrap().as_str(), "/app/*");
+        assert_eq!(classify("/v2/things", &p).unwrap().as_str(), "/v2/*");
+        assert_eq!(classify("/apple", &p), None);
+        assert_eq!(classify("/", &p), None);
+        assert_eq!(classify("/admin", &p), None);
+    }
+
+    #[test]
+    fn refuses_paths_that_could_escape_the_prefix() {
+        for bad in [
+            "/app/../admin",
+            "/app/./x",
+            "/app//x",
+            "/app/%2e%2e/admin",
+            "/app%2Fx",
+            "/app/x\\y",
+            "/app/",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        for good in ["/app", "/app/123e4567-e89b", "/app/a/job/b"] {
+            assert!(check_path(good).is_ok(), "{good}");
+        }
+    }
+}

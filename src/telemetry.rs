@@ -1,0 +1,145 @@
+//! Tracing setup and the access log: one structured line per request, and the
+//! request id (`x-request-id`, kept from the caller if well-formed, otherwise
+//! generated) on the request going upstream and on every response.
+
+use crate::caller_auth::CallerLog;
+use crate::config::LogFormat;
+use crate::error::{Body, ErrorKind};
+use crate::routing::Route;
+use crate::upstream::UpstreamInfo;
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{HeaderName, HeaderValue, Request, Response};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tracing_subscriber::EnvFilter;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Installs the global subscriber. `RUST_LOG` overrides the configured level.
+/// Returns false if one was already installed (tests, the demo).
+pub fn init(level: &str, format: LogFormat) -> bool {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+            .is_ok(),
+        LogFormat::Pretty => builder.try_init().is_ok(),
+    }
+}
+
+/// A caller-supplied request id is kept only if it is short and plain, so it
+/// cannot inject anything into logs or upstream headers.
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Uuid::new_v4();
+    let mut buf = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(id.simple().encode_lower(&mut buf))
+        .unwrap_or(HeaderValue::from_static("-"))
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AccessLogLayer;
+
+impl<S> tower::Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+impl<S, E> tower::Service<Request<Body>> for AccessLog<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>,
+    S::Future: Send + 'static,
+    E: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = E;
+    type Future = BoxFuture<'static, Result<Response<Body>, E>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = match req.headers().get(X_REQUEST_ID) {
+            Some(v) if valid_request_id(v) => v.clone(),
+            _ => new_request_id(),
+        };
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        let method = req.method().clone();
+        // The path only: query strings are not logged.
+        let path = req.uri().path().to_owned();
+        let fut = self.inner.call(req);
+        fut.map(move |res| {
+            let mut res = res?;
+            res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+            let ext = res.extensions();
+            let caller = ext.get::<CallerLog>();
+            let client = caller.map_or("-", |c| c.client.name.as_str());
+            let scope = caller
+                .and_then(|c| c.scope.as_ref())
+                .map_or("-", |s| s.name.as_str());
+            let route = ext.get::<Route>().map_or("-", |r| r.as_str());
+            let error = ext.get::<ErrorKind>();
+            let upstream = ext.get::<UpstreamInfo>();
+            tracing::info!(
+                target: "rungen_gateway::access",
+                request_id = %request_id.to_str().unwrap_or("-"),
+                method = %method,
+                path = %path,
+                route,
+                status = res.status().as_u16(),
+                client,
+                scope,
+                error = error.map_or("-", |e| e.kind),
+                error_source = error.map_or("-", |e| e.source.as_str()),
+                upstream_status = upstream.map_or(0, |u| u.status),
+                upstream_ms = upstream.map_or(0.0, |u| u.latency.as_secs_f64() * 1000.0),
+                latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+            Ok(res)
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_validated() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123_x.y:z")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a\"b")));
+        let long = "a".repeat(129);
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static(""))
+        ));
+        assert!(valid_request_id(&new_request_id()));
+    }
+}

@@ -1,0 +1,141 @@
+//! Credential injection: on the way upstream only, remove everything the
+//! caller sent that could carry or forge a credential or a routing hint, then
+//! set the scope's RunGen key (`x-api-key`) and, for team scopes, `x-team-id`.
+//!
+//! Fails closed: without a `Caller` (a wiring bug) nothing goes upstream. An
+//! upstream 403 means our key for the scope is wrong, not the caller's: it is
+//! answered as 502 and logged at error level with the scope name.
+
+use crate::caller_auth::Caller;
+use crate::error::{Body, GatewayError};
+use crate::hop::strip_hop_by_hop;
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use std::task::{Context, Poll};
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
+
+/// Removes caller-supplied credentials, proxy hints and hop-by-hop headers.
+pub fn strip_caller_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in [
+        X_API_KEY,
+        X_TEAM_ID,
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::HOST,
+        header::FORWARDED,
+        HeaderName::from_static("x-real-ip"),
+    ] {
+        headers.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+}
+
+/// Sets the scope's upstream credential headers.
+pub fn inject(headers: &mut HeaderMap, caller: &Caller) -> Result<(), GatewayError> {
+    let mut key =
+        HeaderValue::from_str(caller.scope.api_key.expose()).map_err(|_| GatewayError::Internal)?;
+    // Never index the key in HPACK tables.
+    key.set_sensitive(true);
+    headers.insert(X_API_KEY, key);
+    if let Some(team_id) = &caller.scope.team_id {
+        headers.insert(X_TEAM_ID, team_id.clone());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpstreamCredentialsLayer;
+
+impl<S> tower::Layer<S> for UpstreamCredentialsLayer {
+    type Service = UpstreamCredentials<S>;
+    fn layer(&self, inner: S) -> UpstreamCredentials<S> {
+        UpstreamCredentials { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamCredentials<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request<Body>> for UpstreamCredentials<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+            tracing::error!("request reached credential injection without a caller");
+            return std::future::ready(Err(GatewayError::Internal)).boxed();
+        };
+        strip_caller_headers(req.headers_mut());
+        if let Err(e) = inject(req.headers_mut(), &caller) {
+            tracing::error!(scope = %caller.scope.name, "the scope's API key is not a valid header value");
+            return std::future::ready(Err(e)).boxed();
+        }
+        let fut = self.inner.call(req);
+        fut.map(move |res| {
+            let res = res?;
+            if res.status() == StatusCode::FORBIDDEN {
+                tracing::error!(
+                    scope = %caller.scope.name,
+                    key = %caller.scope.api_key.fingerprint(),
+                    "upstream rejected the gateway credential for this scope (403): check the scope's api_key"
+                );
+                return Err(GatewayError::UpstreamCredentialRejected {
+                    scope: caller.scope.name.clone(),
+                });
+            }
+            Ok(res)
+        })
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_credentials_and_proxy_hints_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("x-api-key", "caller-token"),
+            ("x-team-id", "other-team"),
+            ("authorization", "Bearer caller-token"),
+            ("cookie", "session=1"),
+            ("host", "evil.example"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=1.2.3.4"),
+            ("content-type", "application/json"),
+            ("x-authenticated-user-id", "u-1"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_caller_headers(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("content-type"));
+        assert!(h.contains_key("x-authenticated-user-id"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Shared harness for end-to-end tests: the mock upstream and the real gateway
+//! on 127.0.0.1 port 0, and a small HTTP client (HTTP/1.1 or h2c).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rungen_gateway::config::Config;
+use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle, MockUser};
+use rungen_gateway::server::{self, Running};
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub const TEAM_ID: &str = "123e4567-e89b-12d3-a456-426614174000";
+pub const OTHER_TEAM_ID: &str = "99999999-e89b-12d3-a456-426614174000";
+/// Upstream keys and caller tokens, unique enough to search for in captures.
+pub const UPSTREAM_KEY: &str = "canary-upstream-key-7f3a9c21";
+pub const OTHER_UPSTREAM_KEY: &str = "canary-upstream-key-other-51be";
+pub const WRONG_UPSTREAM_KEY: &str = "canary-upstream-key-wrong-0d4e";
+pub const TOKEN_RW: &str = "canary-caller-token-rw-8a1f2e";
+pub const TOKEN_RO: &str = "canary-caller-token-ro-3c9d7b";
+pub const TOKEN_BROKEN: &str = "canary-caller-token-broken-6e0a";
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// The mock's users: one with a personal scope and team membership, and one
+/// other user whose team the gateway's clients may not reach.
+pub fn mock_config() -> MockConfig {
+    MockConfig {
+        users: vec![
+            MockUser {
+                api_key: UPSTREAM_KEY.into(),
+                user_id: "11111111-1111-4111-8111-111111111111".into(),
+                teams: vec![TEAM_ID.into()],
+            },
+            MockUser {
+                api_key: OTHER_UPSTREAM_KEY.into(),
+                user_id: "22222222-2222-4222-8222-222222222222".into(),
+                teams: vec![OTHER_TEAM_ID.into()],
+            },
+        ],
+        ..MockConfig::default()
+    }
+}
+
+/// A gateway config pointing at `upstream`; `server_extra` goes into [server],
+/// `upstream_extra` into [upstream].
+pub fn config_toml(upstream: &str, server_extra: &str, upstream_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+{server_extra}
+
+[upstream]
+base_url = "{upstream}"
+connect_timeout = "1s"
+request_timeout = "2s"
+{upstream_extra}
+
+[logging]
+level = "info"
+
+[[teams]]
+name = "personal"
+api_key = {{ value = "{UPSTREAM_KEY}" }}
+
+[[teams]]
+name = "acme"
+team_id = "{TEAM_ID}"
+api_key = {{ value = "{UPSTREAM_KEY}" }}
+
+[[teams]]
+name = "broken"
+team_id = "{TEAM_ID}"
+api_key = {{ value = "{WRONG_UPSTREAM_KEY}" }}
+
+[[teams]]
+name = "other"
+team_id = "{OTHER_TEAM_ID}"
+api_key = {{ value = "{OTHER_UPSTREAM_KEY}" }}
+
+[[clients]]
+name = "writer"
+token_sha256 = "{rw}"
+teams = ["personal", "acme"]
+methods = ["GET", "HEAD", "POST", "PUT", "DELETE"]
+
+[[clients]]
+name = "reader"
+token_sha256 = "{ro}"
+teams = ["acme"]
+
+[[clients]]
+name = "misconfigured"
+token_sha256 = "{broken}"
+teams = ["broken"]
+"#,
+        rw = sha256_hex(TOKEN_RW),
+        ro = sha256_hex(TOKEN_RO),
+        broken = sha256_hex(TOKEN_BROKEN),
+    )
+}
+
+pub struct Harness {
+    pub mock: MockHandle,
+    pub gateway: Option<Running>,
+    pub addr: SocketAddr,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with("", "").await
+    }
+
+    pub async fn start_with(server_extra: &str, upstream_extra: &str) -> Harness {
+        let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let text = config_toml(&mock.base_url(), server_extra, upstream_extra);
+        let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
+        let gateway = server::start(config).await.unwrap();
+        let addr = gateway.local_addr();
+        Harness {
+            mock,
+            gateway: Some(gateway),
+            addr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+        self.mock.shutdown();
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn error_message(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no \"error\" field: {:?}", self.body))
+            .to_string()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct TestClient {
+    inner: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestClient {
+    pub fn http1() -> Self {
+        Self {
+            inner: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn h2c() -> Self {
+        Self {
+            inner: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = body
+            .map(|b| Bytes::copy_from_slice(b.as_bytes()))
+            .unwrap_or_default();
+        let res = self
+            .inner
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send(Method::GET, url, headers, None).await
+    }
+}
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
