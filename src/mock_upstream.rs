@@ -1108,7 +1108,7 @@ impl Shared {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
             .filter(|t| !t.is_empty());
         let scope = match team {
-            Some(team) if user.teams.iter().any(|t| *t == team) => Scope::Team(team),
+            Some(team) if user.teams.contains(&team) => Scope::Team(team),
             Some(team) => {
                 return error_response(
                     StatusCode::FORBIDDEN,
@@ -1166,7 +1166,7 @@ impl Shared {
     fn create_app(&self, scope: &Scope, user: &MockUser, body: &[u8]) -> Response<Bytes> {
         let obj = match parse_object(body) {
             Ok(o) => o,
-            Err(r) => return r,
+            Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
         };
         let new = match validate_create(&obj) {
             Ok(n) => n,
@@ -1208,7 +1208,7 @@ impl Shared {
     fn update_app(&self, scope: &Scope, id: &str, body: &[u8]) -> Response<Bytes> {
         let obj = match parse_object(body) {
             Ok(o) => o,
-            Err(r) => return r,
+            Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
         };
         let update = match validate_update(&obj) {
             Ok(u) => u,
@@ -1257,7 +1257,7 @@ impl Shared {
     fn run_async(&self, scope: &Scope, id: &str, body: &[u8]) -> Response<Bytes> {
         let obj = match parse_object(body) {
             Ok(o) => o,
-            Err(r) => return r,
+            Err(msg) => return error_response(StatusCode::BAD_REQUEST, msg),
         };
         let input = match obj.get("input") {
             Some(Value::Object(i)) => Value::Object(i.clone()),
@@ -1364,17 +1364,11 @@ struct AppUpdate {
     tools: Option<Map<String, Value>>,
 }
 
-fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Response<Bytes>> {
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, &'static str> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(o)) => Ok(o),
-        Ok(_) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "Request body must be a JSON object.",
-        )),
-        Err(_) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "Request body is not valid JSON.",
-        )),
+        Ok(_) => Err("Request body must be a JSON object."),
+        Err(_) => Err("Request body is not valid JSON."),
     }
 }
 
@@ -2368,6 +2362,49 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// On the wire (HTTP/1.1): a dropped connection sends nothing; a truncated one sends
+    /// the head with a larger Content-Length than the bytes that follow, then closes.
+    #[tokio::test]
+    async fn raw_wire_faults() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (h, _) = mock(MockConfig::default()).await;
+        let request =
+            format!("GET /app HTTP/1.1\r\nhost: x\r\nx-api-key: {DEFAULT_API_KEY}\r\n\r\n");
+        let read_all = |addr: SocketAddr, request: String| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        };
+
+        h.set_faults(Faults {
+            drop_connections: true,
+            ..Faults::default()
+        });
+        assert_eq!(read_all(h.local_addr(), request.clone()).await, "");
+
+        h.set_faults(Faults {
+            truncate_body: true,
+            ..Faults::default()
+        });
+        let raw = read_all(h.local_addr(), request).await;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let declared: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!body.is_empty());
+        assert!(body.len() < declared, "{} < {declared}", body.len());
+        h.shutdown();
     }
 
     #[tokio::test]

@@ -1,0 +1,292 @@
+//! The binary as an operator runs it: check-config, new-token, serve with
+//! signals, and the canary test that searches everything captured for secrets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use http::Method;
+use rungen_gateway::mock_upstream::{self, Faults};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rungen-gateway"))
+}
+
+/// The environment variables config/gateway.example.toml reads its keys from.
+pub const EXAMPLE_ENV: [(&str, &str); 2] = [
+    ("RUNGEN_KEY_ACME", "example-acme-key"),
+    ("RUNGEN_KEY_PERSONAL", "example-personal-key"),
+];
+
+fn check_config(path: &Path) -> (bool, String, String) {
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(path)
+        .envs(EXAMPLE_ENV)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_shipped_config_passes_check_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, out, err) = check_config(&path);
+            assert!(ok, "{}: {err}", path.display());
+            assert!(out.contains(": ok"), "{out}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "config/ should hold demo.toml and gateway.example.toml");
+}
+
+#[test]
+fn check_config_names_the_file_the_field_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = config_toml("https://api.rungen.ai", "", "");
+    let cases = [
+        (
+            good.replace("request_timeout = \"2s\"", "request_timeout = \"soon\""),
+            "upstream.request_timeout",
+            "soon",
+        ),
+        (
+            good.replace("[logging]", "[logging]\ncolour = \"red\""),
+            "logging",
+            "unknown field `colour`",
+        ),
+        (
+            good.replace("teams = [\"acme\"]", "teams = [\"nobody\"]"),
+            "clients[1].teams[0]",
+            "unknown team `nobody`",
+        ),
+        (
+            good.replace(&sha256_hex(TOKEN_RO), &sha256_hex(TOKEN_RW)),
+            "clients[1].token_sha256",
+            "duplicate token",
+        ),
+        (
+            good.replacen(
+                &format!("api_key = {{ value = \"{UPSTREAM_KEY}\" }}"),
+                "api_key = { env = \"RUNGEN_GATEWAY_TEST_UNSET_VAR\" }",
+                1,
+            ),
+            "teams[0].api_key",
+            "RUNGEN_GATEWAY_TEST_UNSET_VAR",
+        ),
+        (
+            good.replacen(
+                &format!("api_key = {{ value = \"{UPSTREAM_KEY}\" }}"),
+                "api_key = { file = \"/nonexistent/rungen-key\" }",
+                1,
+            ),
+            "teams[0].api_key",
+            "/nonexistent/rungen-key",
+        ),
+        (
+            good.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost-ish\""),
+            "server.listen",
+            "localhost-ish",
+        ),
+    ];
+    for (i, (text, field, reason)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, err) = check_config(&path);
+        assert!(!ok, "case {i} should fail");
+        assert!(err.contains(&path.display().to_string()), "case {i}: {err}");
+        assert!(err.contains(field), "case {i}: expected field {field}: {err}");
+        assert!(err.contains(reason), "case {i}: expected {reason}: {err}");
+        // Secrets of the file are never echoed.
+        assert!(!err.contains(UPSTREAM_KEY), "case {i}: {err}");
+    }
+    // A missing file is an error too.
+    let (ok, _, err) = check_config(&dir.path().join("absent.toml"));
+    assert!(!ok);
+    assert!(err.contains("absent.toml") && err.contains("cannot read"), "{err}");
+    // serve refuses the same bad config at start.
+    let path = dir.path().join("bad0.toml");
+    let out = bin().args(["serve", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.request_timeout"));
+}
+
+#[test]
+fn new_token_prints_a_256_bit_token_and_its_sha256() {
+    let run = || {
+        let out = bin().arg("new-token").output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        (field("token:"), field("token_sha256:"))
+    };
+    let (t1, h1) = run();
+    let (t2, _) = run();
+    assert_ne!(t1, t2);
+    assert!(t1.len() >= 64, "at least 256 bits in hex");
+    assert_eq!(h1, sha256_hex(&t1));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["serve", "check-config", "new-token", "mock-upstream", "demo"] {
+        let out = bin().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{sub}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage:"), "{sub}: {text}");
+    }
+}
+
+/// Seeds unique upstream keys and caller tokens, drives every path (errors
+/// included) through the real binary, then searches the logs (at debug level),
+/// every response header and body for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_secrets_never_leak_into_logs_or_responses() {
+    let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Keys from a file and from the environment, as in production.
+    let key_file = dir.path().join("acme.key");
+    std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).unwrap();
+    let text = config_toml(&mock.base_url(), "", "")
+        .replacen(
+            &format!("api_key = {{ value = \"{UPSTREAM_KEY}\" }}"),
+            &format!("api_key = {{ file = \"{}\" }}", key_file.display()),
+            2,
+        )
+        .replace(
+            &format!("api_key = {{ value = \"{WRONG_UPSTREAM_KEY}\" }}"),
+            "api_key = { env = \"CANARY_WRONG_KEY\" }",
+        );
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(&cfg, text).unwrap();
+
+    let mut child = bin()
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "debug")
+        .env("CANARY_WRONG_KEY", WRONG_UPSTREAM_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = line_tx.send(line);
+        }
+    });
+    let mut logs = String::new();
+    let addr = loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the gateway did not log its address");
+        logs.push_str(&line);
+        logs.push('\n');
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "gateway listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let base = format!("http://{addr}");
+    let mut captured = String::new();
+    let clients = [TestClient::http1(), TestClient::h2c()];
+    let create = r#"{"name":"c","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/x"}}"#;
+    for c in &clients {
+        let rw = bearer(TOKEN_RW);
+        let requests: Vec<(Method, String, Vec<(&str, &str)>, Option<&str>)> = vec![
+            (Method::GET, "/app".into(), vec![("authorization", &rw)], None),
+            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_RW), ("x-team-id", TEAM_ID)], None),
+            (Method::POST, "/app".into(), vec![("authorization", &rw), ("content-type", "application/json")], Some(create)),
+            (Method::POST, "/app".into(), vec![("authorization", &rw)], Some("not json")),
+            (Method::GET, "/app/missing-id".into(), vec![("authorization", &rw)], None),
+            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_BROKEN)], None),
+            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_RO)], None),
+            (Method::POST, "/app".into(), vec![("x-api-key", TOKEN_RO)], Some("{}")),
+            (Method::GET, "/app".into(), vec![("authorization", &rw), ("x-team-id", OTHER_TEAM_ID)], None),
+            (Method::GET, "/app".into(), vec![("authorization", "Bearer canary-caller-token-unknown-77")], None),
+            (Method::GET, "/nowhere".into(), vec![("authorization", &rw)], None),
+            (Method::GET, "/app".into(), vec![("authorization", &rw), ("cookie", "s=canary-caller-token-rw-8a1f2e")], None),
+        ];
+        for (method, path, headers, body) in requests {
+            let r = c.send(method.clone(), &format!("{base}{path}"), &headers, body).await;
+            captured.push_str(&format!("{method} {path} -> {} {:?} {}\n", r.status, r.headers, r.text()));
+        }
+        // Upstream failures: 5xx, dropped connection, timeout.
+        for faults in [
+            Faults { fail_status: Some(503), ..Faults::default() },
+            Faults { drop_connections: true, ..Faults::default() },
+            Faults { latency_ms: 2_500, ..Faults::default() },
+        ] {
+            mock.set_faults(faults);
+            let r = c.get(&format!("{base}/app"), &[("authorization", &rw)]).await;
+            assert!(r.status.is_server_error(), "{r:?}");
+            captured.push_str(&format!("fault -> {} {:?} {}\n", r.status, r.headers, r.text()));
+        }
+        mock.set_faults(Faults::default());
+    }
+    assert!(captured.contains("-> 200"));
+    assert!(captured.contains("-> 401"));
+    assert!(captured.contains("-> 403"));
+    assert!(captured.contains("-> 502"));
+    assert!(captured.contains("-> 504"));
+
+    // SIGTERM: the gateway drains and exits 0.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    reader.join().unwrap();
+    while let Ok(line) = line_rx.try_recv() {
+        logs.push_str(&line);
+        logs.push('\n');
+    }
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    logs.push_str(&stdout);
+    assert!(logs.contains("shutdown signal received"), "{logs}");
+    assert!(logs.contains("\"status\":200"), "the access log has lines: {logs}");
+    assert!(logs.contains("upstream rejected the gateway credential"), "{logs}");
+
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        OTHER_UPSTREAM_KEY,
+        TOKEN_RW,
+        TOKEN_RO,
+        TOKEN_BROKEN,
+        "canary-caller-token-unknown-77",
+    ] {
+        assert!(!logs.contains(canary), "{canary} leaked into the logs");
+        assert!(!captured.contains(canary), "{canary} leaked into a response");
+    }
+    // The upstream saw the keys (so the canaries were really in play) and
+    // never a caller token.
+    let seen = format!("{:?}", mock.requests());
+    assert!(seen.contains(UPSTREAM_KEY) && seen.contains(WRONG_UPSTREAM_KEY));
+    for token in [TOKEN_RW, TOKEN_RO, TOKEN_BROKEN] {
+        assert!(!seen.contains(token), "{token} reached the upstream");
+    }
+    mock.shutdown();
+}
