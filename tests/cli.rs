@@ -1,6 +1,6 @@
 //! The binary as an operator runs it: check-config, new-token, serve with
 //! signals, and the canary test that searches everything captured for secrets.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
 
 mod common;
 
@@ -49,7 +49,10 @@ fn every_shipped_config_passes_check_config() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "config/ should hold demo.toml and gateway.example.toml");
+    assert!(
+        checked >= 2,
+        "config/ should hold demo.toml and gateway.example.toml"
+    );
 }
 
 #[test]
@@ -107,7 +110,10 @@ fn check_config_names_the_file_the_field_and_the_reason() {
         let (ok, _, err) = check_config(&path);
         assert!(!ok, "case {i} should fail");
         assert!(err.contains(&path.display().to_string()), "case {i}: {err}");
-        assert!(err.contains(field), "case {i}: expected field {field}: {err}");
+        assert!(
+            err.contains(field),
+            "case {i}: expected field {field}: {err}"
+        );
         assert!(err.contains(reason), "case {i}: expected {reason}: {err}");
         // Secrets of the file are never echoed.
         assert!(!err.contains(UPSTREAM_KEY), "case {i}: {err}");
@@ -115,10 +121,17 @@ fn check_config_names_the_file_the_field_and_the_reason() {
     // A missing file is an error too.
     let (ok, _, err) = check_config(&dir.path().join("absent.toml"));
     assert!(!ok);
-    assert!(err.contains("absent.toml") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("absent.toml") && err.contains("cannot read"),
+        "{err}"
+    );
     // serve refuses the same bad config at start.
     let path = dir.path().join("bad0.toml");
-    let out = bin().args(["serve", "--config"]).arg(&path).output().unwrap();
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.request_timeout"));
 }
@@ -147,7 +160,13 @@ fn new_token_prints_a_256_bit_token_and_its_sha256() {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["serve", "check-config", "new-token", "mock-upstream", "demo"] {
+    for sub in [
+        "serve",
+        "check-config",
+        "new-token",
+        "mock-upstream",
+        "demo",
+    ] {
         let out = bin().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub}");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -216,33 +235,119 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
     for c in &clients {
         let rw = bearer(TOKEN_RW);
         let requests: Vec<(Method, String, Vec<(&str, &str)>, Option<&str>)> = vec![
-            (Method::GET, "/app".into(), vec![("authorization", &rw)], None),
-            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_RW), ("x-team-id", TEAM_ID)], None),
-            (Method::POST, "/app".into(), vec![("authorization", &rw), ("content-type", "application/json")], Some(create)),
-            (Method::POST, "/app".into(), vec![("authorization", &rw)], Some("not json")),
-            (Method::GET, "/app/missing-id".into(), vec![("authorization", &rw)], None),
-            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_BROKEN)], None),
-            (Method::GET, "/app".into(), vec![("x-api-key", TOKEN_RO)], None),
-            (Method::POST, "/app".into(), vec![("x-api-key", TOKEN_RO)], Some("{}")),
-            (Method::GET, "/app".into(), vec![("authorization", &rw), ("x-team-id", OTHER_TEAM_ID)], None),
-            (Method::GET, "/app".into(), vec![("authorization", "Bearer canary-caller-token-unknown-77")], None),
-            (Method::GET, "/nowhere".into(), vec![("authorization", &rw)], None),
-            (Method::GET, "/app".into(), vec![("authorization", &rw), ("cookie", "s=canary-caller-token-rw-8a1f2e")], None),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("authorization", &rw)],
+                None,
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("x-api-key", TOKEN_RW), ("x-team-id", TEAM_ID)],
+                None,
+            ),
+            (
+                Method::POST,
+                "/app".into(),
+                vec![("authorization", &rw), ("content-type", "application/json")],
+                Some(create),
+            ),
+            (
+                Method::POST,
+                "/app".into(),
+                vec![("authorization", &rw)],
+                Some("not json"),
+            ),
+            (
+                Method::GET,
+                "/app/missing-id".into(),
+                vec![("authorization", &rw)],
+                None,
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("x-api-key", TOKEN_BROKEN)],
+                None,
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("x-api-key", TOKEN_RO)],
+                None,
+            ),
+            (
+                Method::POST,
+                "/app".into(),
+                vec![("x-api-key", TOKEN_RO)],
+                Some("{}"),
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("authorization", &rw), ("x-team-id", OTHER_TEAM_ID)],
+                None,
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![("authorization", "Bearer canary-caller-token-unknown-77")],
+                None,
+            ),
+            (
+                Method::GET,
+                "/nowhere".into(),
+                vec![("authorization", &rw)],
+                None,
+            ),
+            (
+                Method::GET,
+                "/app".into(),
+                vec![
+                    ("authorization", &rw),
+                    ("cookie", "s=canary-caller-token-rw-8a1f2e"),
+                ],
+                None,
+            ),
         ];
         for (method, path, headers, body) in requests {
-            let r = c.send(method.clone(), &format!("{base}{path}"), &headers, body).await;
-            captured.push_str(&format!("{method} {path} -> {} {:?} {}\n", r.status, r.headers, r.text()));
+            let r = c
+                .send(method.clone(), &format!("{base}{path}"), &headers, body)
+                .await;
+            captured.push_str(&format!(
+                "{method} {path} -> {} {:?} {}\n",
+                r.status,
+                r.headers,
+                r.text()
+            ));
         }
         // Upstream failures: 5xx, dropped connection, timeout.
         for faults in [
-            Faults { fail_status: Some(503), ..Faults::default() },
-            Faults { drop_connections: true, ..Faults::default() },
-            Faults { latency_ms: 2_500, ..Faults::default() },
+            Faults {
+                fail_status: Some(503),
+                ..Faults::default()
+            },
+            Faults {
+                drop_connections: true,
+                ..Faults::default()
+            },
+            Faults {
+                latency_ms: 2_500,
+                ..Faults::default()
+            },
         ] {
             mock.set_faults(faults);
-            let r = c.get(&format!("{base}/app"), &[("authorization", &rw)]).await;
+            let r = c
+                .get(&format!("{base}/app"), &[("authorization", &rw)])
+                .await;
             assert!(r.status.is_server_error(), "{r:?}");
-            captured.push_str(&format!("fault -> {} {:?} {}\n", r.status, r.headers, r.text()));
+            captured.push_str(&format!(
+                "fault -> {} {:?} {}\n",
+                r.status,
+                r.headers,
+                r.text()
+            ));
         }
         mock.set_faults(Faults::default());
     }
@@ -254,7 +359,13 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
 
     // SIGTERM: the gateway drains and exits 0.
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
     reader.join().unwrap();
@@ -263,11 +374,22 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         logs.push('\n');
     }
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     logs.push_str(&stdout);
     assert!(logs.contains("shutdown signal received"), "{logs}");
-    assert!(logs.contains("\"status\":200"), "the access log has lines: {logs}");
-    assert!(logs.contains("upstream rejected the gateway credential"), "{logs}");
+    assert!(
+        logs.contains("\"status\":200"),
+        "the access log has lines: {logs}"
+    );
+    assert!(
+        logs.contains("upstream rejected the gateway credential"),
+        "{logs}"
+    );
 
     for canary in [
         UPSTREAM_KEY,
@@ -279,7 +401,10 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         "canary-caller-token-unknown-77",
     ] {
         assert!(!logs.contains(canary), "{canary} leaked into the logs");
-        assert!(!captured.contains(canary), "{canary} leaked into a response");
+        assert!(
+            !captured.contains(canary),
+            "{canary} leaked into a response"
+        );
     }
     // The upstream saw the keys (so the canaries were really in play) and
     // never a caller token.

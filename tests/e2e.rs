@@ -1,6 +1,6 @@
 //! End to end: the real gateway in front of the mock upstream, over real
 //! HTTP/1.1 and h2c on 127.0.0.1, counting what reached the upstream.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
 
 mod common;
 
