@@ -82,6 +82,8 @@ struct RawConfig {
     #[serde(default)]
     logging: RawLogging,
     #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
     teams: Vec<RawTeam>,
     #[serde(default)]
     clients: Vec<RawClient>,
@@ -160,6 +162,47 @@ impl Default for RawLogging {
             format: defaults::log_format(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "defaults::yes")]
+    enabled: bool,
+    #[serde(default = "defaults::cache_max_bytes")]
+    max_bytes: u64,
+    #[serde(default = "defaults::cache_max_entry_bytes")]
+    max_entry_bytes: usize,
+    #[serde(default = "defaults::coalesce_timeout")]
+    coalesce_timeout: String,
+    #[serde(default)]
+    routes: std::collections::BTreeMap<String, RawRoutePolicy>,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: defaults::cache_max_bytes(),
+            max_entry_bytes: defaults::cache_max_entry_bytes(),
+            coalesce_timeout: defaults::coalesce_timeout(),
+            routes: Default::default(),
+        }
+    }
+}
+
+/// One route's cache policy; absent fields keep that route's default.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRoutePolicy {
+    ttl: Option<String>,
+    stale_while_revalidate: Option<String>,
+    stale_if_error: Option<String>,
+    negative_ttl: Option<String>,
+    follow_upstream_freshness: Option<bool>,
+    allow_client_revalidate: Option<bool>,
+    terminal_ttl: Option<String>,
+    url_expiry_margin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +299,18 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn cache_max_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn cache_max_entry_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn coalesce_timeout() -> String {
+        "20s".into()
+    }
     pub fn listen() -> String {
         "0.0.0.0:8080".into()
     }
@@ -319,6 +374,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub logging: LoggingConfig,
+    pub cache: crate::cache::CacheSettings,
     pub teams: Vec<Arc<Team>>,
     pub clients: Vec<Arc<Client>>,
     /// Non-fatal findings (inline secrets, ...) to log at start.
@@ -416,6 +472,91 @@ impl Config {
             }])
         })?;
         validate(path, raw)
+    }
+}
+
+/// Like `parse_duration`, but zero is allowed ("off").
+fn parse_duration_or_zero(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
+    match humantime::parse_duration(value) {
+        Ok(d) => d,
+        Err(e) => {
+            p.push(
+                field,
+                format!("`{value}` is not a duration like \"5s\", \"1h\" or \"0s\": {e}"),
+            );
+            Duration::ZERO
+        }
+    }
+}
+
+fn validate_cache(p: &mut Problems<'_>, raw: &RawCache) -> crate::cache::CacheSettings {
+    use crate::cache::policy::{CachePolicies, RoutePolicy};
+    let mut policies = CachePolicies::default();
+    for (route, r) in &raw.routes {
+        let field = |f: &str| format!("cache.routes.\"{route}\".{f}");
+        let target: &mut RoutePolicy = match route.as_str() {
+            "/app" => &mut policies.app_list,
+            "/app/{id}" => &mut policies.app,
+            "/app/{id}/job/{job_id}" => &mut policies.job,
+            "other" => &mut policies.other,
+            _ => {
+                p.push(
+                    format!("cache.routes.\"{route}\""),
+                    "unknown route: use \"/app\", \"/app/{id}\", \"/app/{id}/job/{job_id}\" or \"other\"",
+                );
+                continue;
+            }
+        };
+        let mut set = |slot: &mut Duration, name: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                *slot = parse_duration_or_zero(p, &field(name), v);
+            }
+        };
+        set(&mut target.ttl, "ttl", &r.ttl);
+        set(
+            &mut target.stale_while_revalidate,
+            "stale_while_revalidate",
+            &r.stale_while_revalidate,
+        );
+        set(
+            &mut target.stale_if_error,
+            "stale_if_error",
+            &r.stale_if_error,
+        );
+        set(&mut target.negative_ttl, "negative_ttl", &r.negative_ttl);
+        set(&mut target.terminal_ttl, "terminal_ttl", &r.terminal_ttl);
+        set(
+            &mut target.url_expiry_margin,
+            "url_expiry_margin",
+            &r.url_expiry_margin,
+        );
+        if let Some(b) = r.follow_upstream_freshness {
+            target.follow_upstream_freshness = b;
+        }
+        if let Some(b) = r.allow_client_revalidate {
+            target.allow_client_revalidate = b;
+        }
+        if route != "/app/{id}/job/{job_id}"
+            && (r.terminal_ttl.is_some() || r.url_expiry_margin.is_some())
+        {
+            p.push(field("terminal_ttl"), "only the job route \"/app/{id}/job/{job_id}\" has terminal_ttl and url_expiry_margin");
+        }
+    }
+    if raw.max_bytes < 1024 * 1024 {
+        p.push("cache.max_bytes", "must be at least 1048576 (1 MiB)");
+    }
+    if raw.max_entry_bytes == 0 || raw.max_entry_bytes as u64 > raw.max_bytes / 4 {
+        p.push(
+            "cache.max_entry_bytes",
+            "must be between 1 and a quarter of cache.max_bytes",
+        );
+    }
+    crate::cache::CacheSettings {
+        enabled: raw.enabled,
+        max_bytes: raw.max_bytes,
+        max_entry_bytes: raw.max_entry_bytes,
+        coalesce_timeout: parse_duration(p, "cache.coalesce_timeout", &raw.coalesce_timeout),
+        policies,
     }
 }
 
@@ -586,6 +727,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         format,
     };
 
+    // [cache]
+    let cache = validate_cache(&mut p, &raw.cache);
+
     // [[teams]]
     if raw.teams.is_empty() {
         p.push("teams", "at least one [[teams]] entry is needed");
@@ -747,6 +891,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         server,
         upstream,
         logging,
+        cache,
         teams,
         clients,
         warnings,
@@ -879,6 +1024,33 @@ teams = ["acme"]
         assert!(fields.contains(&"clients[0].token_sha256".to_string()));
         assert!(fields.contains(&"clients[0].methods[1]".to_string()));
         assert!(fields.contains(&"upstream.base_url".to_string()));
+    }
+
+    #[test]
+    fn cache_routes_override_defaults_and_unknown_routes_fail() {
+        let text = format!(
+            "{}\n[cache]\nmax_bytes = 8388608\n[cache.routes.\"/app\"]\nttl = \"2s\"\nnegative_ttl = \"1s\"\n[cache.routes.\"/app/{{id}}/job/{{job_id}}\"]\nterminal_ttl = \"30m\"\n",
+            base("")
+        );
+        let c = Config::from_toml(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.cache.policies.app_list.ttl, Duration::from_secs(2));
+        assert_eq!(
+            c.cache.policies.app_list.negative_ttl,
+            Duration::from_secs(1)
+        );
+        // Untouched fields keep the route's default.
+        assert_eq!(
+            c.cache.policies.app_list.stale_if_error,
+            Duration::from_secs(60)
+        );
+        assert_eq!(c.cache.policies.job.terminal_ttl, Duration::from_secs(1800));
+        assert_eq!(c.cache.max_bytes, 8_388_608);
+
+        let bad = format!("{}\n[cache.routes.\"/apps\"]\nttl = \"2s\"\n", base(""));
+        let e = errors(&bad);
+        assert!(e[0].field.contains("/apps"), "{e:?}");
+        let bad = format!("{}\n[cache.routes.\"/app\"]\nttl = \"often\"\n", base(""));
+        assert_eq!(errors(&bad)[0].field, "cache.routes.\"/app\".ttl");
     }
 
     #[test]

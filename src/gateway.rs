@@ -1,5 +1,6 @@
 //! The whole request path, in one place, in request order.
 
+use crate::cache::{Cache, CacheLayer};
 use crate::caller_auth::{CallerAuthLayer, Credentials};
 use crate::config::Config;
 use crate::error::{Body, RescueLayer};
@@ -17,7 +18,7 @@ use tower::util::BoxCloneSyncService;
 pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// Composes the request path. The layer added first sees the request first.
-pub fn build(config: &Config, client: HttpClient) -> GatewayService {
+pub fn build(config: &Config, client: HttpClient, cache: Arc<Cache>) -> GatewayService {
     let credentials = Arc::new(Credentials::new(&config.clients));
     let service = ServiceBuilder::new()
         // request id, one access-log line per request
@@ -32,6 +33,8 @@ pub fn build(config: &Config, client: HttpClient) -> GatewayService {
         ))
         // 3. caller auth: token -> client -> team scope, method check
         .layer(CallerAuthLayer::new(credentials))
+        // 5. cache: lookup, coalescing, store, stale serving, invalidation on writes
+        .layer(CacheLayer::new(cache, &config.teams))
         // 6. credential injection: strip caller headers, set x-api-key / x-team-id
         .layer(UpstreamCredentialsLayer)
         // 7. upstream: pooled client, timeouts, errors tagged with their source

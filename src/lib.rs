@@ -5,8 +5,10 @@
 //! credential injection (`upstream_credentials`), upstream (`upstream`).
 //! Beside it: `config`, `error`, `telemetry`, `mock_upstream`.
 
+pub mod cache;
 pub mod caller_auth;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -1,6 +1,8 @@
 //! Process wiring: build the upstream client and the gateway service from a
 //! config, bind the listener, and run until told to stop.
 
+use crate::cache::Cache;
+use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
 use crate::listener;
@@ -15,6 +17,7 @@ use tokio::task::JoinHandle;
 /// A running gateway.
 pub struct Running {
     addr: SocketAddr,
+    cache: Arc<Cache>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -23,6 +26,11 @@ impl Running {
     /// The bound address (the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The response cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     /// Stops accepting and starts draining; `wait` finishes when drained.
@@ -56,8 +64,14 @@ pub enum StartError {
 
 /// Starts serving `config` and returns at once.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, Arc::new(SystemClock)).await
+}
+
+/// Like [`start`], with a given clock (tests move time by hand).
+pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, StartError> {
     let client = upstream::build_client(&config.upstream).map_err(StartError::Upstream)?;
-    let service: GatewayService = gateway::build(&config, client);
+    let cache = Cache::new(config.cache.clone(), clock);
+    let service: GatewayService = gateway::build(&config, client, cache.clone());
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -78,5 +92,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .await;
     });
     tracing::info!(%addr, upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority), "gateway listening");
-    Ok(Running { addr, stop, task })
+    Ok(Running {
+        addr,
+        cache,
+        stop,
+        task,
+    })
 }

@@ -2,6 +2,7 @@
 //! request id (`x-request-id`, kept from the caller if well-formed, otherwise
 //! generated) on the request going upstream and on every response.
 
+use crate::cache::CacheLog;
 use crate::caller_auth::CallerLog;
 use crate::config::LogFormat;
 use crate::error::{Body, ErrorKind};
@@ -105,6 +106,7 @@ where
             let route = ext.get::<Route>().map_or("-", |r| r.as_str());
             let error = ext.get::<ErrorKind>();
             let upstream = ext.get::<UpstreamInfo>();
+            let cache = ext.get::<CacheLog>().map_or("-", |c| c.0);
             tracing::info!(
                 target: "rungen_gateway::access",
                 request_id = %request_id.to_str().unwrap_or("-"),
@@ -114,6 +116,7 @@ where
                 status = res.status().as_u16(),
                 client,
                 scope,
+                cache,
                 error = error.map_or("-", |e| e.kind),
                 error_source = error.map_or("-", |e| e.source.as_str()),
                 upstream_status = upstream.map_or(0, |u| u.status),

@@ -1,0 +1,973 @@
+//! The response cache: team-isolated, coalescing, stale-serving,
+//! write-invalidating, on moka.
+//!
+//! Per request: reads (GET/HEAD) of a cached route are answered from a fresh
+//! entry, or from a stale one within its stale-while-revalidate window (and
+//! refreshed once in the background); otherwise one upstream fetch per key is
+//! made however many callers wait for it (a single flight, spawned so it
+//! completes even if its first caller goes away), and its result is stored if
+//! the policy allows. If the upstream fails (5xx, 429, timeout, connection),
+//! a stale entry within its stale-if-error window is served instead. Writes go
+//! straight through and, when they succeed, drop the reads they change in the
+//! same team scope.
+//!
+//! Modules: `policy` (pure rules), `key`, `store` (moka), `status` (RFC 9211).
+
+pub mod key;
+pub mod policy;
+pub mod status;
+pub mod store;
+
+use crate::caller_auth::Caller;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError, full_body};
+use crate::routing::Route;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use key::CacheKey;
+use policy::{CachePolicies, NoStoreReason, RoutePolicy};
+use status::CacheStatus;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use store::{CachedResponse, Entries, VaryIndex};
+use tower::ServiceExt;
+
+/// Cache settings from `[cache]`.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    /// Bound of the whole store, in bytes.
+    pub max_bytes: u64,
+    /// Responses larger than this stream through uncached.
+    pub max_entry_bytes: usize,
+    /// How long a caller waits for another caller's fetch of the same key.
+    pub coalesce_timeout: Duration,
+    pub policies: CachePolicies,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+            coalesce_timeout: Duration::from_secs(20),
+            policies: CachePolicies::default(),
+        }
+    }
+}
+
+/// What a cache fill produced; shared by every caller waiting on it.
+#[derive(Clone)]
+enum FetchResult {
+    /// Stored (or refreshed by a 304); served to every waiter.
+    Stored {
+        entry: Arc<CachedResponse>,
+        fwd_status: u16,
+    },
+    /// A complete (small) response that is not stored; served to every waiter.
+    NotStored {
+        response: Arc<Buffered>,
+        reason: NoStoreReason,
+    },
+    /// Too large to buffer: only the first taker gets it, the others fetch alone.
+    Streaming(Arc<Mutex<Option<Response<Body>>>>),
+    /// No response.
+    Failed(GatewayError),
+}
+
+/// A complete response held in memory.
+struct Buffered {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    extensions: http::Extensions,
+}
+
+type Flight = Shared<BoxFuture<'static, FetchResult>>;
+
+/// Marks the response with what the cache did, for the access log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLog(pub &'static str);
+
+/// The cache's shared state (one per process, kept across config reloads).
+pub struct Cache {
+    settings: CacheSettings,
+    entries: Entries,
+    vary: VaryIndex,
+    flights: Mutex<HashMap<CacheKey, Flight>>,
+    /// Bumped by every invalidation: a fill that raced a write is not stored.
+    epoch: AtomicU64,
+    /// Scopes whose upstream said 429, until when.
+    backoff: Mutex<HashMap<Arc<str>, Instant>>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("entries", &self.entries.entry_count())
+            .field("bytes", &self.entries.weighted_size())
+            .finish()
+    }
+}
+
+/// What an admin purge drops.
+#[derive(Debug, Clone, Default)]
+pub struct PurgeScope {
+    pub scope: Option<String>,
+    /// A path prefix within the scope (segment-wise: `/app/x` drops `/app/x` and `/app/x/...`).
+    pub path_prefix: Option<String>,
+}
+
+impl Cache {
+    pub fn new(settings: CacheSettings, clock: SharedClock) -> Arc<Self> {
+        Arc::new(Self {
+            entries: store::build_entries(settings.max_bytes),
+            vary: store::build_vary_index(),
+            settings,
+            flights: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            backoff: Mutex::new(HashMap::new()),
+            clock,
+        })
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.entries.weighted_size()
+    }
+
+    /// Runs moka's pending maintenance (counts become exact).
+    pub async fn sync(&self) {
+        self.entries.run_pending_tasks().await;
+        self.vary.run_pending_tasks().await;
+    }
+
+    /// Drops entries of `scopes` whose path matches, then bumps the epoch.
+    fn invalidate(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let scopes: Vec<Arc<str>> = scopes.to_vec();
+        let exact = exact.to_vec();
+        let prefixes = prefixes.to_vec();
+        let matches = move |k: &CacheKey| {
+            scopes.iter().any(|s| *s == k.scope)
+                && (exact.iter().any(|p| **p == *k.path)
+                    || prefixes.iter().any(|p| k.path.starts_with(p.as_str())))
+        };
+        let m2 = matches.clone();
+        if let Err(e) = self.entries.invalidate_entries_if(move |k, _| matches(k)) {
+            tracing::error!(error = %e, "cache invalidation failed; dropping everything");
+            self.entries.invalidate_all();
+        }
+        let _ = self.vary.invalidate_entries_if(move |k, _| m2(k));
+    }
+
+    /// Admin purge: everything, one scope, or a path prefix in a scope.
+    /// Returns the number of entries before the purge (an upper bound of what it dropped).
+    pub fn purge(&self, what: &PurgeScope) -> u64 {
+        let before = self.entries.entry_count();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        match (&what.scope, &what.path_prefix) {
+            (None, None) => {
+                self.entries.invalidate_all();
+                self.vary.invalidate_all();
+            }
+            (scope, prefix) => {
+                let scope = scope.clone();
+                let prefix = prefix.clone();
+                let pred = move |k: &CacheKey| {
+                    scope.as_deref().is_none_or(|s| *k.scope == *s)
+                        && prefix.as_deref().is_none_or(|p| {
+                            k.path.starts_with(p)
+                                && (k.path.len() == p.len()
+                                    || p.ends_with('/')
+                                    || k.path.as_bytes().get(p.len()) == Some(&b'/'))
+                        })
+                };
+                let p2 = pred.clone();
+                if self
+                    .entries
+                    .invalidate_entries_if(move |k, _| pred(k))
+                    .is_err()
+                {
+                    self.entries.invalidate_all();
+                }
+                let _ = self.vary.invalidate_entries_if(move |k, _| p2(k));
+            }
+        }
+        metrics::counter!("rungen_gateway_cache_purges_total").increment(1);
+        before
+    }
+
+    fn in_backoff(&self, scope: &Arc<str>, now: Instant) -> bool {
+        let map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(scope).is_some_and(|until| now < *until)
+    }
+
+    fn set_backoff(&self, scope: &Arc<str>, until: Instant) {
+        let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, t| *t > self.clock.now());
+        map.insert(scope.clone(), until);
+    }
+}
+
+/// The reads a successful write changes (section 3.3 of rungen-api.md):
+/// `(exact paths, path prefixes)`.
+pub fn invalidations(method: &Method, route: &Route, path: &str) -> (Vec<String>, Vec<String>) {
+    let app = |id: &str| format!("/app/{id}");
+    match (method, route) {
+        (&Method::POST, Route::AppList) => (vec!["/app".into()], vec![]),
+        (&Method::PUT | &Method::PATCH, Route::App { app_id }) => {
+            (vec![app(app_id), "/app".into()], vec![])
+        }
+        (&Method::DELETE, Route::App { app_id }) => (
+            vec![app(app_id), "/app".into()],
+            vec![format!("/app/{app_id}/")],
+        ),
+        (&Method::POST, Route::RunAsync { app_id }) => (vec![app(app_id), "/app".into()], vec![]),
+        (_, Route::Job { app_id, .. }) => {
+            (vec![path.to_string(), app(app_id), "/app".into()], vec![])
+        }
+        _ => (vec![path.to_string()], vec![]),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The layer
+
+#[derive(Clone)]
+pub struct CacheLayer {
+    cache: Arc<Cache>,
+    /// Scope name -> every scope name that shares its upstream team (for
+    /// invalidation: a team app changed through one key is stale under all).
+    scope_groups: Arc<HashMap<Arc<str>, Arc<[Arc<str>]>>>,
+}
+
+impl CacheLayer {
+    pub fn new(cache: Arc<Cache>, teams: &[Arc<crate::config::Team>]) -> Self {
+        let mut groups = HashMap::new();
+        for t in teams {
+            let members: Vec<Arc<str>> = teams
+                .iter()
+                .filter(|o| o.name == t.name || (t.team_id.is_some() && o.team_id == t.team_id))
+                .map(|o| Arc::from(o.name.as_str()))
+                .collect();
+            groups.insert(Arc::from(t.name.as_str()), Arc::from(members));
+        }
+        Self {
+            cache,
+            scope_groups: Arc::new(groups),
+        }
+    }
+}
+
+/// The steps after the cache, boxed: fills run in their own tasks and need a
+/// concrete, `Send` future type.
+pub type Inner = tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, GatewayError>;
+
+impl<S> tower::Layer<S> for CacheLayer
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = CacheService;
+    fn layer(&self, inner: S) -> CacheService {
+        CacheService {
+            inner: Inner::new(inner),
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CacheService {
+    inner: Inner,
+    layer: CacheLayer,
+}
+
+fn finish(mut res: Response<Body>, status: CacheStatus) -> Response<Body> {
+    res.headers_mut().insert(
+        HeaderName::from_static("cache-status"),
+        status.header_value(),
+    );
+    res.extensions_mut().insert(CacheLog(status.as_str()));
+    res
+}
+
+/// A response from a stored entry (GET body or HEAD without one; 304 when the
+/// caller's `If-None-Match` matches).
+fn from_entry(
+    entry: &CachedResponse,
+    method: &Method,
+    if_none_match: Option<&HeaderValue>,
+    now: Instant,
+    status: CacheStatus,
+) -> Response<Body> {
+    let age = entry.age_secs(now);
+    let not_modified = if_none_match.is_some_and(|inm| entry.matches_if_none_match(inm));
+    let mut res = if not_modified {
+        let mut res = Response::new(crate::error::empty_body());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in [
+            header::ETAG,
+            header::CACHE_CONTROL,
+            header::DATE,
+            header::EXPIRES,
+            header::VARY,
+            header::LAST_MODIFIED,
+        ] {
+            if let Some(v) = entry.headers.get(&name) {
+                res.headers_mut().insert(name, v.clone());
+            }
+        }
+        res
+    } else {
+        let body = if method == Method::HEAD {
+            crate::error::empty_body()
+        } else {
+            full_body(entry.body.clone())
+        };
+        let mut res = Response::new(body);
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = entry.headers.clone();
+        res
+    };
+    if status.from_store() || age > 0 {
+        res.headers_mut()
+            .insert(header::AGE, HeaderValue::from(age));
+    }
+    finish(res, status)
+}
+
+fn from_buffered(b: &Buffered, method: &Method, status: CacheStatus) -> Response<Body> {
+    let body = if method == Method::HEAD {
+        crate::error::empty_body()
+    } else {
+        full_body(b.body.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = b.status;
+    *res.headers_mut() = b.headers.clone();
+    *res.extensions_mut() = b.extensions.clone();
+    finish(res, status)
+}
+
+/// Upstream answers after which a stale entry may be served instead.
+fn is_upstream_error(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+fn retry_after(headers: &HeaderMap, now_wall: std::time::SystemTime) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    httpdate::parse_http_date(v)
+        .ok()?
+        .duration_since(now_wall)
+        .ok()
+}
+
+/// Calls the inner service. A plain function returning a boxed future: inside
+/// async blocks, rustc cannot prove `Send` for the `Oneshot` of a service whose
+/// request type contains a `dyn Error` (the witness loses its lifetime).
+fn call_inner(
+    inner: Inner,
+    req: Request<Body>,
+) -> BoxFuture<'static, Result<Response<Body>, GatewayError>> {
+    Box::pin(inner.oneshot(req))
+}
+
+/// Everything a fill needs, owned, so that it can run in its own task.
+struct Fill {
+    inner: Inner,
+    cache: Arc<Cache>,
+    template: http::request::Parts,
+    key: CacheKey,
+    stale: Option<Arc<CachedResponse>>,
+    policy: RoutePolicy,
+    route: Route,
+}
+
+const CONDITIONAL: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+impl Fill {
+    /// One upstream GET for `key`; stores what the policy allows.
+    async fn run(self) -> FetchResult {
+        let Fill {
+            inner,
+            cache,
+            template,
+            key,
+            stale,
+            policy,
+            route,
+        } = self;
+        let mut req = Request::from_parts(template, crate::error::empty_body());
+        *req.method_mut() = Method::GET;
+        for name in &CONDITIONAL {
+            req.headers_mut().remove(name);
+        }
+        req.headers_mut().remove(header::CONTENT_LENGTH);
+        if let Some(stale) = &stale {
+            if let Some(etag) = &stale.upstream_etag {
+                req.headers_mut()
+                    .insert(header::IF_NONE_MATCH, etag.clone());
+            }
+            if let Some(lm) = &stale.last_modified {
+                req.headers_mut()
+                    .insert(header::IF_MODIFIED_SINCE, lm.clone());
+            }
+        }
+        let request_headers = req.headers().clone();
+        let epoch = cache.epoch.load(Ordering::SeqCst);
+        metrics::counter!("rungen_gateway_cache_fills_total", "route" => route.as_str().to_string(), "scope" => key.scope.to_string()).increment(1);
+
+        let res = match call_inner(inner, req).await {
+            Ok(res) => res,
+            Err(e) => return FetchResult::Failed(e),
+        };
+        let status = res.status();
+        let now = cache.clock.now();
+        let wall = cache.clock.wall();
+
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(wait) = retry_after(res.headers(), wall) {
+                cache.set_backoff(&key.scope, now + wait);
+            }
+        }
+
+        // 304 to our revalidation: the stale entry is good again.
+        if status == StatusCode::NOT_MODIFIED {
+            if let Some(stale) = &stale {
+                let mut headers = stale.headers.clone();
+                for (name, value) in res.headers() {
+                    if name != header::CONTENT_LENGTH && name != header::ETAG {
+                        headers.insert(name.clone(), value.clone());
+                    }
+                }
+                if let Some(etag) = &stale.upstream_etag {
+                    headers.insert(header::ETAG, etag.clone());
+                }
+                let refreshed = policy::response_freshness(
+                    &policy,
+                    &route,
+                    stale.status,
+                    &headers,
+                    &stale.body,
+                    wall,
+                );
+                if let Ok(freshness) = refreshed {
+                    let entry = Arc::new(CachedResponse::new(
+                        stale.status,
+                        headers,
+                        stale.body.clone(),
+                        now,
+                        freshness,
+                        stale.variant,
+                        stale.vary.clone(),
+                    ));
+                    if cache.epoch.load(Ordering::SeqCst) == epoch {
+                        cache.entries.insert(key.clone(), entry.clone()).await;
+                    }
+                    return FetchResult::Stored {
+                        entry,
+                        fwd_status: 304,
+                    };
+                }
+            }
+        }
+
+        let (parts, body) = res.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let limit = cache.settings.max_entry_bytes;
+        if declared.is_some_and(|len| len > limit) {
+            return FetchResult::Streaming(Arc::new(Mutex::new(Some(Response::from_parts(
+                parts, body,
+            )))));
+        }
+        // Buffer up to the entry limit; past it, hand on what was read plus the rest.
+        let mut body = body;
+        let mut buf = BytesMut::new();
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "upstream body failed while filling the cache");
+                    return FetchResult::Failed(GatewayError::UpstreamProtocol);
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                        if buf.len() > limit {
+                            let head = http_body_util::Full::new(buf.freeze())
+                                .map_err(|never| match never {});
+                            let rest = StreamBody::chain(head, body);
+                            return FetchResult::Streaming(Arc::new(Mutex::new(Some(
+                                Response::from_parts(parts, rest),
+                            ))));
+                        }
+                    }
+                }
+            }
+        }
+        let body = buf.freeze();
+        let verdict =
+            policy::response_freshness(&policy, &route, status, &parts.headers, &body, wall);
+        match verdict {
+            Ok(freshness) => {
+                let names = key::vary_names(&parts.headers);
+                let variant = key::variant(&names, &request_headers);
+                let entry = Arc::new(CachedResponse::new(
+                    status,
+                    parts.headers,
+                    body,
+                    now,
+                    freshness,
+                    variant,
+                    Arc::from(names.clone()),
+                ));
+                if cache.epoch.load(Ordering::SeqCst) != epoch {
+                    return FetchResult::NotStored {
+                        response: Arc::new(Buffered {
+                            status,
+                            headers: entry.headers.clone(),
+                            body: entry.body.clone(),
+                            extensions: parts.extensions,
+                        }),
+                        reason: NoStoreReason::Invalidated,
+                    };
+                }
+                let base = key.with_variant(0);
+                if names.is_empty() {
+                    cache.vary.invalidate(&base).await;
+                } else {
+                    cache.vary.insert(base.clone(), Arc::from(names)).await;
+                }
+                cache
+                    .entries
+                    .insert(base.with_variant(variant), entry.clone())
+                    .await;
+                metrics::counter!("rungen_gateway_cache_stores_total", "route" => route.as_str().to_string(), "scope" => key.scope.to_string()).increment(1);
+                FetchResult::Stored {
+                    entry,
+                    fwd_status: status.as_u16(),
+                }
+            }
+            Err(reason) => FetchResult::NotStored {
+                response: Arc::new(Buffered {
+                    status,
+                    headers: parts.headers,
+                    body,
+                    extensions: parts.extensions,
+                }),
+                reason,
+            },
+        }
+    }
+}
+
+/// Chains a buffered head onto the rest of a streaming body.
+struct StreamBody;
+
+impl StreamBody {
+    fn chain<H>(head: H, rest: Body) -> Body
+    where
+        H: http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + Unpin + 'static,
+    {
+        use futures_util::StreamExt;
+        let head = http_body_util::BodyStream::new(head.map_err(|never| match never {}));
+        let rest = http_body_util::BodyStream::new(rest);
+        http_body_util::StreamBody::new(head.chain(rest)).boxed_unsync()
+    }
+}
+
+impl CacheService {
+    /// Joins the flight for `key`, starting it if none is in the air.
+    /// Returns the flight and whether this call started it.
+    fn flight(&self, fill: Fill) -> (Flight, bool) {
+        let cache = &self.layer.cache;
+        let mut flights = cache.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = flights.get(&fill.key) {
+            return (f.clone(), false);
+        }
+        let key = fill.key.clone();
+        let cache2 = cache.clone();
+        let key2 = key.clone();
+        let task = tokio::spawn(async move {
+            let result = fill.run().await;
+            cache2
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key2);
+            result
+        });
+        let flight: Flight = async move {
+            task.await
+                .unwrap_or(FetchResult::Failed(GatewayError::Internal))
+        }
+        .boxed()
+        .shared();
+        flights.insert(key, flight.clone());
+        (flight, true)
+    }
+
+    async fn handle(
+        self,
+        req: Request<Body>,
+        route: Route,
+        policy: RoutePolicy,
+        scope: Arc<str>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let cache = self.layer.cache.clone();
+        let now = cache.clock.now();
+        let method = req.method().clone();
+        let base = CacheKey::new(&scope, req.uri().path(), req.uri().query());
+        let key = match cache.vary.get(&base).await {
+            Some(names) => base.with_variant(key::variant(&names, req.headers())),
+            None => base,
+        };
+        let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
+        let client_revalidate =
+            policy.allow_client_revalidate && policy::client_wants_revalidation(req.headers());
+        let entry = cache.entries.get(&key).await;
+        let route_label = route.as_str().to_string();
+
+        if let Some(entry) = &entry {
+            if !client_revalidate && entry.is_fresh(now) {
+                count(&route_label, &scope, "hit");
+                return Ok(from_entry(
+                    entry,
+                    &method,
+                    if_none_match.as_ref(),
+                    now,
+                    CacheStatus::Hit,
+                ));
+            }
+            if !client_revalidate && entry.usable(now) && cache.in_backoff(&scope, now) {
+                count(&route_label, &scope, "stale-backoff");
+                return Ok(from_entry(
+                    entry,
+                    &method,
+                    if_none_match.as_ref(),
+                    now,
+                    CacheStatus::StaleBackoff,
+                ));
+            }
+            if !client_revalidate && entry.within_stale_while_revalidate(now) {
+                // Refresh once in the background (joins a refresh already in the air).
+                let (parts, _) = clone_parts(&req);
+                let _ = self.flight(Fill {
+                    inner: self.inner.clone(),
+                    cache: cache.clone(),
+                    template: parts,
+                    key: key.clone(),
+                    stale: Some(entry.clone()),
+                    policy: policy.clone(),
+                    route: route.clone(),
+                });
+                count(&route_label, &scope, "stale");
+                return Ok(from_entry(
+                    entry,
+                    &method,
+                    if_none_match.as_ref(),
+                    now,
+                    CacheStatus::StaleWhileRevalidate,
+                ));
+            }
+        }
+
+        let stale = entry.filter(|e| {
+            // Validators of an entry past its lifetime are still worth sending,
+            // except for job results, whose signed URLs may have expired.
+            e.usable(now) || !matches!(route, Route::Job { .. })
+        });
+        let (parts, _) = clone_parts(&req);
+        let (flight, led) = self.flight(Fill {
+            inner: self.inner.clone(),
+            cache: cache.clone(),
+            template: parts,
+            key: key.clone(),
+            stale: stale.clone(),
+            policy: policy.clone(),
+            route: route.clone(),
+        });
+        let collapsed = !led;
+        let result = match tokio::time::timeout(cache.settings.coalesce_timeout, flight).await {
+            Ok(r) => r,
+            Err(_) => FetchResult::Failed(GatewayError::UpstreamTimeout),
+        };
+        let now = cache.clock.now();
+        let had_stale = stale.is_some();
+        let outcome = |fwd_status: u16, stored: bool, reason: Option<NoStoreReason>| {
+            if client_revalidate {
+                CacheStatus::ClientRevalidate { fwd_status, stored }
+            } else if had_stale {
+                CacheStatus::Revalidated {
+                    fwd_status,
+                    stored,
+                    collapsed,
+                }
+            } else {
+                CacheStatus::Miss {
+                    fwd_status,
+                    stored,
+                    collapsed,
+                    reason,
+                }
+            }
+        };
+        let serve_stale = |fwd_status: Option<u16>| {
+            stale
+                .as_ref()
+                .filter(|s| s.within_stale_if_error(now))
+                .map(|s| {
+                    count(&route_label, &scope, "stale-if-error");
+                    from_entry(
+                        s,
+                        &method,
+                        if_none_match.as_ref(),
+                        now,
+                        CacheStatus::StaleIfError { fwd_status },
+                    )
+                })
+        };
+        match result {
+            FetchResult::Stored { entry, fwd_status } => {
+                if entry.variant != key.variant && entry.variant != 0 && collapsed {
+                    // Another variant filled this flight: fetch our own, uncoalesced.
+                    count(&route_label, &scope, "bypass");
+                    let res = call_inner(self.inner.clone(), req).await?;
+                    return Ok(finish(res, CacheStatus::Bypass(NoStoreReason::Status)));
+                }
+                count(
+                    &route_label,
+                    &scope,
+                    if collapsed { "collapsed" } else { "miss" },
+                );
+                Ok(from_entry(
+                    &entry,
+                    &method,
+                    if_none_match.as_ref(),
+                    now,
+                    outcome(fwd_status, true, None),
+                ))
+            }
+            FetchResult::NotStored { response, reason } => {
+                if is_upstream_error(response.status) {
+                    if let Some(res) = serve_stale(Some(response.status.as_u16())) {
+                        return Ok(res);
+                    }
+                }
+                count(
+                    &route_label,
+                    &scope,
+                    if collapsed { "collapsed" } else { "miss" },
+                );
+                let status = outcome(response.status.as_u16(), false, Some(reason));
+                Ok(from_buffered(&response, &method, status))
+            }
+            FetchResult::Streaming(slot) => {
+                let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                count(&route_label, &scope, "bypass");
+                match taken {
+                    Some(mut res) => {
+                        if method == Method::HEAD {
+                            *res.body_mut() = crate::error::empty_body();
+                        }
+                        Ok(finish(res, CacheStatus::Bypass(NoStoreReason::TooLarge)))
+                    }
+                    None => {
+                        let res = call_inner(self.inner.clone(), req).await?;
+                        Ok(finish(res, CacheStatus::Bypass(NoStoreReason::TooLarge)))
+                    }
+                }
+            }
+            FetchResult::Failed(err) => {
+                if let Some(res) = serve_stale(None) {
+                    return Ok(res);
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+fn count(route: &str, scope: &Arc<str>, outcome: &'static str) {
+    metrics::counter!(
+        "rungen_gateway_cache_requests_total",
+        "route" => route.to_string(),
+        "scope" => scope.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// A copy of a request's head (method, URI, headers, extensions).
+fn clone_parts(req: &Request<Body>) -> (http::request::Parts, ()) {
+    let mut builder = Request::builder()
+        .method(req.method().clone())
+        .uri(req.uri().clone())
+        .version(req.version());
+    if let Some(h) = builder.headers_mut() {
+        *h = req.headers().clone();
+    }
+    if let Some(ext) = builder.extensions_mut() {
+        *ext = req.extensions().clone();
+    }
+    let (parts, ()) = builder
+        .body(())
+        .unwrap_or_else(|_| Request::new(()))
+        .into_parts();
+    (parts, ())
+}
+
+impl tower::Service<Request<Body>> for CacheService {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (Some(route), Some(caller)) = (
+            req.extensions().get::<Route>().cloned(),
+            req.extensions().get::<Caller>(),
+        ) else {
+            return self.inner.call(req).boxed();
+        };
+        let scope: Arc<str> = Arc::from(caller.scope.name.as_str());
+        let settings = &self.layer.cache.settings;
+        let policy = if settings.enabled {
+            settings.policies.for_route(&route).cloned()
+        } else {
+            None
+        };
+
+        let cacheable = policy
+            .as_ref()
+            .map(|_| policy::request_cacheable(req.method(), req.headers()));
+        match (policy, cacheable) {
+            (Some(policy), Some(Ok(()))) => {
+                let this = self.clone();
+                // The clone in `self` was ready; swap so the ready one is used.
+                let this = CacheService {
+                    inner: std::mem::replace(&mut self.inner, this.inner),
+                    layer: this.layer,
+                };
+                this.handle(req, route, policy, scope).boxed()
+            }
+            (policy, reason) => {
+                let unsafe_method =
+                    !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+                let mark = policy.is_some()
+                    || unsafe_method
+                        && matches!(
+                            route,
+                            Route::AppList
+                                | Route::App { .. }
+                                | Route::RunAsync { .. }
+                                | Route::Job { .. }
+                        );
+                let reason = match reason {
+                    Some(Err(r)) => r,
+                    _ => NoStoreReason::Route,
+                };
+                let invalidate = unsafe_method.then(|| {
+                    let (exact, prefixes) = invalidations(req.method(), &route, req.uri().path());
+                    let scopes = self
+                        .layer
+                        .scope_groups
+                        .get(&scope)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::from(vec![scope.clone()]));
+                    (scopes, exact, prefixes)
+                });
+                let cache = self.layer.cache.clone();
+                let fut = self.inner.call(req);
+                async move {
+                    let res = fut.await?;
+                    if let Some((scopes, exact, prefixes)) = invalidate {
+                        if res.status().is_success() {
+                            cache.invalidate(&scopes, &exact, &prefixes);
+                            metrics::counter!("rungen_gateway_cache_invalidations_total", "route" => route.as_str().to_string()).increment(1);
+                        }
+                    }
+                    Ok(if mark { finish(res, CacheStatus::Bypass(reason)) } else { res })
+                }
+                .boxed()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_invalidate_what_they_change() {
+        let app = Route::App {
+            app_id: "a1".into(),
+        };
+        assert_eq!(
+            invalidations(&Method::POST, &Route::AppList, "/app").0,
+            vec!["/app"]
+        );
+        assert_eq!(
+            invalidations(&Method::PUT, &app, "/app/a1").0,
+            vec!["/app/a1", "/app"]
+        );
+        let (exact, prefixes) = invalidations(&Method::DELETE, &app, "/app/a1");
+        assert_eq!(exact, vec!["/app/a1", "/app"]);
+        assert_eq!(prefixes, vec!["/app/a1/"]);
+        let run = Route::RunAsync {
+            app_id: "a1".into(),
+        };
+        assert_eq!(
+            invalidations(&Method::POST, &run, "/app/a1/run_async").0,
+            vec!["/app/a1", "/app"]
+        );
+        let job = Route::Job {
+            app_id: "a1".into(),
+            job_id: "j1".into(),
+        };
+        assert_eq!(
+            invalidations(&Method::PUT, &job, "/app/a1/job/j1").0,
+            vec!["/app/a1/job/j1", "/app/a1", "/app"]
+        );
+        let other = Route::Other {
+            template: "/app/*".into(),
+        };
+        assert_eq!(
+            invalidations(&Method::DELETE, &other, "/app/a1/x/y").0,
+            vec!["/app/a1/x/y"]
+        );
+    }
+}

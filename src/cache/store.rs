@@ -1,0 +1,256 @@
+//! The moka store: entries ready to send, bounded by bytes (weigher +
+//! `max_capacity`), each expiring after its own lifetime (`Expiry`), plus the
+//! index of which paths vary on which request headers.
+
+use super::key::CacheKey;
+use super::policy::Freshness;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use moka::Expiry;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A stored response: status, headers ready to send, body as `Bytes`.
+#[derive(Debug)]
+pub struct CachedResponse {
+    pub status: StatusCode,
+    /// Sent as they are: no hop-by-hop headers, no `Age`, with `ETag`.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The strong `ETag` served (upstream's if strong, else computed from the body).
+    pub etag: HeaderValue,
+    /// Upstream's validators, for revalidation.
+    pub upstream_etag: Option<HeaderValue>,
+    pub last_modified: Option<HeaderValue>,
+    pub stored_at: Instant,
+    /// `Age` the upstream reported when it was stored.
+    pub initial_age: Duration,
+    pub freshness: Freshness,
+    /// The variant of the request that filled it (0: the upstream does not vary).
+    pub variant: u64,
+    pub vary: Arc<[HeaderName]>,
+}
+
+impl CachedResponse {
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        stored_at: Instant,
+        freshness: Freshness,
+        variant: u64,
+        vary: Arc<[HeaderName]>,
+    ) -> Self {
+        let initial_age = headers
+            .get(header::AGE)
+            .and_then(|a| a.to_str().ok())
+            .and_then(|a| a.parse::<u64>().ok())
+            .map_or(Duration::ZERO, Duration::from_secs);
+        headers.remove(header::AGE);
+        let upstream_etag = headers.get(header::ETAG).cloned();
+        let last_modified = headers.get(header::LAST_MODIFIED).cloned();
+        let etag = match &upstream_etag {
+            Some(e) if !e.as_bytes().starts_with(b"W/") => e.clone(),
+            _ => computed_etag(&body),
+        };
+        headers.insert(header::ETAG, etag.clone());
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Self {
+            status,
+            headers,
+            body,
+            etag,
+            upstream_etag,
+            last_modified,
+            stored_at,
+            initial_age,
+            freshness,
+            variant,
+            vary,
+        }
+    }
+
+    fn since_stored(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.since_stored(now) < self.freshness.ttl
+    }
+
+    /// Stale, but within the stale-while-revalidate window.
+    pub fn within_stale_while_revalidate(&self, now: Instant) -> bool {
+        self.since_stored(now) < self.freshness.ttl + self.freshness.stale_while_revalidate
+    }
+
+    /// Stale, but within the stale-if-error window.
+    pub fn within_stale_if_error(&self, now: Instant) -> bool {
+        self.since_stored(now) < self.freshness.ttl + self.freshness.stale_if_error
+    }
+
+    /// Within any window at all.
+    pub fn usable(&self, now: Instant) -> bool {
+        self.since_stored(now) < self.freshness.lifetime()
+    }
+
+    /// Whole seconds of `Age`.
+    pub fn age_secs(&self, now: Instant) -> u64 {
+        (self.initial_age + self.since_stored(now)).as_secs()
+    }
+
+    /// Approximate memory held, for the weigher.
+    pub fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        self.body.len() + headers + 256
+    }
+
+    /// Whether `If-None-Match` matches this entry (weak comparison, RFC 9110 §13.1.2).
+    pub fn matches_if_none_match(&self, inm: &HeaderValue) -> bool {
+        let Ok(list) = inm.to_str() else { return false };
+        let ours = strip_weak(self.etag.as_bytes());
+        list.split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || strip_weak(tag.as_bytes()) == ours)
+    }
+}
+
+fn strip_weak(tag: &[u8]) -> &[u8] {
+    tag.strip_prefix(b"W/").unwrap_or(tag)
+}
+
+/// A strong `ETag` from the body's SHA-256.
+pub fn computed_etag(body: &[u8]) -> HeaderValue {
+    let digest = Sha256::digest(body);
+    let tag = format!("\"{}\"", hex::encode(&digest[..16]));
+    HeaderValue::from_str(&tag).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// Each entry lives for its own lifetime (fresh + the longer stale window).
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(keep_for(value))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(keep_for(value))
+    }
+}
+
+/// An entry with validators but no freshness (`no-cache`) is kept a minute to
+/// revalidate with; everything else exactly as long as it may be used.
+fn keep_for(value: &CachedResponse) -> Duration {
+    let lifetime = value.freshness.lifetime();
+    if lifetime.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        lifetime
+    }
+}
+
+pub type Entries = moka::future::Cache<CacheKey, Arc<CachedResponse>>;
+
+/// Builds the bounded entry store.
+pub fn build_entries(max_bytes: u64) -> Entries {
+    moka::future::Cache::builder()
+        .name("rungen-gateway-responses")
+        .max_capacity(max_bytes)
+        .weigher(|k: &CacheKey, v: &Arc<CachedResponse>| {
+            u32::try_from(k.weight() + v.weight()).unwrap_or(u32::MAX)
+        })
+        .expire_after(EntryExpiry)
+        .support_invalidation_closures()
+        .eviction_listener(|_k, _v, cause| {
+            if cause.was_evicted() && cause == moka::notification::RemovalCause::Size {
+                metrics::counter!("rungen_gateway_cache_evictions_total").increment(1);
+            }
+        })
+        .build()
+}
+
+/// Which base keys vary on which request headers (absent: they do not vary).
+pub type VaryIndex = moka::future::Cache<CacheKey, Arc<[HeaderName]>>;
+
+pub fn build_vary_index() -> VaryIndex {
+    moka::future::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_idle(Duration::from_secs(3600))
+        .support_invalidation_closures()
+        .build()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn entry(etag: Option<&'static str>, ttl: u64, swr: u64, sie: u64) -> CachedResponse {
+        let mut h = HeaderMap::new();
+        if let Some(e) = etag {
+            h.insert(header::ETAG, HeaderValue::from_static(e));
+        }
+        h.insert(header::AGE, HeaderValue::from_static("2"));
+        CachedResponse::new(
+            StatusCode::OK,
+            h,
+            Bytes::from_static(b"{\"data\":[]}"),
+            Instant::now(),
+            Freshness {
+                ttl: Duration::from_secs(ttl),
+                stale_while_revalidate: Duration::from_secs(swr),
+                stale_if_error: Duration::from_secs(sie),
+            },
+            0,
+            Arc::from(Vec::new()),
+        )
+    }
+
+    #[test]
+    fn windows_follow_the_freshness() {
+        let e = entry(None, 5, 5, 60);
+        let t = e.stored_at;
+        assert!(e.is_fresh(t + Duration::from_secs(4)));
+        assert!(!e.is_fresh(t + Duration::from_secs(5)));
+        assert!(e.within_stale_while_revalidate(t + Duration::from_secs(9)));
+        assert!(!e.within_stale_while_revalidate(t + Duration::from_secs(10)));
+        assert!(e.within_stale_if_error(t + Duration::from_secs(64)));
+        assert!(!e.usable(t + Duration::from_secs(65)));
+        // Age includes what the upstream reported.
+        assert_eq!(e.age_secs(t + Duration::from_secs(3)), 5);
+        assert!(!e.headers.contains_key(header::AGE));
+    }
+
+    #[test]
+    fn etag_is_upstreams_when_strong_else_computed() {
+        let e = entry(Some("\"v1\""), 5, 0, 0);
+        assert_eq!(e.etag, "\"v1\"");
+        let w = entry(Some("W/\"v1\""), 5, 0, 0);
+        assert_ne!(w.etag, "W/\"v1\"");
+        assert!(!w.etag.as_bytes().starts_with(b"W/"));
+        assert_eq!(w.upstream_etag.as_ref().unwrap(), "W/\"v1\"");
+        let n = entry(None, 5, 0, 0);
+        assert_eq!(n.etag, computed_etag(b"{\"data\":[]}"));
+        assert!(n.matches_if_none_match(&n.etag));
+        assert!(n.matches_if_none_match(&HeaderValue::from_static("\"x\", *")));
+        assert!(!n.matches_if_none_match(&HeaderValue::from_static("\"x\"")));
+        let weak = HeaderValue::from_str(&format!("W/{}", n.etag.to_str().unwrap())).unwrap();
+        assert!(n.matches_if_none_match(&weak));
+    }
+}
