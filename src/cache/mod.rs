@@ -159,7 +159,7 @@ impl Cache {
         let exact = exact.to_vec();
         let prefixes = prefixes.to_vec();
         let matches = move |k: &CacheKey| {
-            scopes.iter().any(|s| *s == k.scope)
+            scopes.contains(&k.scope)
                 && (exact.iter().any(|p| **p == *k.path)
                     || prefixes.iter().any(|p| k.path.starts_with(p.as_str())))
         };
@@ -244,12 +244,15 @@ pub fn invalidations(method: &Method, route: &Route, path: &str) -> (Vec<String>
 // ---------------------------------------------------------------------------
 // The layer
 
+/// Scope name -> the scope names sharing its upstream team.
+type ScopeGroups = HashMap<Arc<str>, Arc<[Arc<str>]>>;
+
 #[derive(Clone)]
 pub struct CacheLayer {
     cache: Arc<Cache>,
     /// Scope name -> every scope name that shares its upstream team (for
     /// invalidation: a team app changed through one key is stale under all).
-    scope_groups: Arc<HashMap<Arc<str>, Arc<[Arc<str>]>>>,
+    scope_groups: Arc<ScopeGroups>,
 }
 
 impl CacheLayer {

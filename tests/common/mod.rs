@@ -8,11 +8,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rungen_gateway::clock::{SharedClock, SystemClock};
 use rungen_gateway::config::Config;
 use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle, MockUser};
 use rungen_gateway::server::{self, Running};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 pub const TEAM_ID: &str = "123e4567-e89b-12d3-a456-426614174000";
 pub const OTHER_TEAM_ID: &str = "99999999-e89b-12d3-a456-426614174000";
@@ -52,6 +54,16 @@ pub fn mock_config() -> MockConfig {
 /// A gateway config pointing at `upstream`; `server_extra` goes into [server],
 /// `upstream_extra` into [upstream].
 pub fn config_toml(upstream: &str, server_extra: &str, upstream_extra: &str) -> String {
+    config_toml_with(upstream, server_extra, upstream_extra, "")
+}
+
+/// As [`config_toml`], with `sections` (whole tables such as `[cache]`) appended.
+pub fn config_toml_with(
+    upstream: &str,
+    server_extra: &str,
+    upstream_extra: &str,
+    sections: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -102,6 +114,8 @@ teams = ["acme"]
 name = "misconfigured"
 token_sha256 = "{broken}"
 teams = ["broken"]
+
+{sections}
 "#,
         rw = sha256_hex(TOKEN_RW),
         ro = sha256_hex(TOKEN_RO),
@@ -121,18 +135,37 @@ impl Harness {
     }
 
     pub async fn start_with(server_extra: &str, upstream_extra: &str) -> Harness {
+        Self::start_full(server_extra, upstream_extra, "", Arc::new(SystemClock)).await
+    }
+
+    /// The gateway with extra config tables and a given clock.
+    pub async fn start_full(
+        server_extra: &str,
+        upstream_extra: &str,
+        sections: &str,
+        clock: SharedClock,
+    ) -> Harness {
         let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let text = config_toml(&mock.base_url(), server_extra, upstream_extra);
+        let text = config_toml_with(&mock.base_url(), server_extra, upstream_extra, sections);
         let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
-        let gateway = server::start(config).await.unwrap();
+        let gateway = server::start_with(config, clock).await.unwrap();
         let addr = gateway.local_addr();
         Harness {
             mock,
             gateway: Some(gateway),
             addr,
         }
+    }
+
+    pub fn gateway(&self) -> &Running {
+        self.gateway.as_ref().unwrap()
+    }
+
+    /// Upstream requests counted by route template, e.g. "GET /app".
+    pub fn upstream_count(&self, route: &str) -> u64 {
+        self.mock.stats().by_route.get(route).copied().unwrap_or(0)
     }
 
     pub fn url(&self, path: &str) -> String {

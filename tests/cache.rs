@@ -1,0 +1,798 @@
+//! The response cache end to end: the real gateway and the mock upstream on
+//! 127.0.0.1, counting what reached the upstream. Time moves by hand
+//! (`ManualClock`); the only waits are bounded polls for background work.
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use rungen_gateway::clock::ManualClock;
+use rungen_gateway::mock_upstream::Faults;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn start(sections: &str) -> (Harness, ManualClock) {
+    let clock = ManualClock::new();
+    let h = Harness::start_full("", "", sections, Arc::new(clock.clone())).await;
+    (h, clock)
+}
+
+fn rw() -> String {
+    bearer(TOKEN_RW)
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn cache_status(r: &Reply) -> String {
+    r.headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn concurrent_cold_requests_make_one_upstream_request() {
+    let (h, _clock) = start("").await;
+    h.mock.set_faults(Faults {
+        latency_ms: 300,
+        ..Faults::default()
+    });
+    let c = TestClient::http1();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let c = c.clone();
+        let url = h.url("/app");
+        let auth = rw();
+        tasks.push(tokio::spawn(async move {
+            c.get(&url, &[("authorization", &auth)]).await
+        }));
+    }
+    let mut bodies = std::collections::HashSet::new();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        bodies.insert(r.body.clone());
+        statuses.push(cache_status(&r));
+    }
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        1,
+        "one upstream request for 100 callers"
+    );
+    assert_eq!(bodies.len(), 1, "every caller got the same answer");
+    let stored = statuses
+        .iter()
+        .filter(|s| s.contains("stored") && !s.contains("collapsed"))
+        .count();
+    assert_eq!(stored, 1, "{statuses:?}");
+    assert!(
+        statuses.iter().any(|s| s.contains("collapsed")),
+        "{statuses:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn reads_within_ttl_are_hits_and_expiry_refetches() {
+    let (h, clock) = start("[cache.routes.\"/app\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let first = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert!(cache_status(&first).contains("fwd=uri-miss"));
+    for _ in 0..20 {
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, first.body);
+        assert_eq!(cache_status(&r), "rungen-gateway; hit");
+    }
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    clock.advance(Duration::from_secs(3));
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.headers["age"], "3");
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    clock.advance(Duration::from_secs(3));
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert!(cache_status(&r).contains("fwd="), "{}", cache_status(&r));
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        2,
+        "expired entry refetched once"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn head_is_answered_from_the_get_entry() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let get = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let head = c
+        .send(
+            Method::HEAD,
+            &h.url("/app"),
+            &[("authorization", &auth)],
+            None,
+        )
+        .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(
+        head.headers["content-length"],
+        get.body.len().to_string().as_str()
+    );
+    assert_eq!(head.headers["etag"], get.headers["etag"]);
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    assert_eq!(h.upstream_count("HEAD /app"), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn scopes_never_share_entries_and_clients_of_one_scope_do() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    // writer, default (personal) scope
+    let personal = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    // writer, team scope by x-team-id
+    let team = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &auth), ("x-team-id", TEAM_ID)],
+        )
+        .await;
+    assert_eq!(h.upstream_count("GET /app"), 2, "two scopes, two entries");
+    assert_ne!(personal.body, team.body, "the scopes' data differ");
+    // reader, whose default scope is acme: shares the writer's acme entry
+    let reader = c.get(&h.url("/app"), &[("x-api-key", TOKEN_RO)]).await;
+    assert_eq!(reader.body, team.body);
+    assert_eq!(cache_status(&reader), "rungen-gateway; hit");
+    // the writer's personal entry is never served to the reader's scope, nor the reverse
+    let again = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(again.body, personal.body);
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn writes_invalidate_the_reads_they_change() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let team = [("authorization", auth.as_str()), ("x-team-id", TEAM_ID)];
+    let json = [
+        ("authorization", auth.as_str()),
+        ("x-team-id", TEAM_ID),
+        ("content-type", "application/json"),
+    ];
+    let list = c.get(&h.url("/app"), &team).await;
+    let app_id = list.json()["data"][0]["id"].as_str().unwrap().to_string();
+    let app_path = format!("/app/{app_id}");
+    let warm = |c: &TestClient| {
+        let c = c.clone();
+        let list_url = h.url("/app");
+        let app_url = h.url(&app_path);
+        let auth = auth.clone();
+        async move {
+            c.get(
+                &list_url,
+                &[("authorization", &auth), ("x-team-id", TEAM_ID)],
+            )
+            .await;
+            c.get(
+                &app_url,
+                &[("authorization", &auth), ("x-team-id", TEAM_ID)],
+            )
+            .await;
+        }
+    };
+    warm(&c).await;
+    let counts = || {
+        (
+            h.upstream_count("GET /app"),
+            h.upstream_count("GET /app/{id}"),
+        )
+    };
+    assert_eq!(counts(), (1, 1));
+
+    // POST /app -> the list only
+    let r = c
+        .send(
+            Method::POST,
+            &h.url("/app"),
+            &json,
+            Some(r#"{"name":"n","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#),
+        )
+        .await;
+    assert!(r.status.is_success());
+    assert!(
+        cache_status(&r).contains("fwd=bypass"),
+        "writes say they bypassed"
+    );
+    warm(&c).await;
+    assert_eq!(counts(), (2, 1));
+    let new_list = c.get(&h.url("/app"), &team).await;
+    assert!(
+        new_list.text().contains("\"name\":\"n\""),
+        "the list shows the new app"
+    );
+
+    // PUT /app/{id} -> that app and the list
+    let r = c
+        .send(
+            Method::PUT,
+            &h.url(&app_path),
+            &json,
+            Some(r#"{"description":"changed"}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    warm(&c).await;
+    assert_eq!(counts(), (3, 2));
+    assert!(
+        c.get(&h.url(&app_path), &team)
+            .await
+            .text()
+            .contains("changed")
+    );
+
+    // run_async -> that app and the list
+    let r = c
+        .send(
+            Method::POST,
+            &h.url(&format!("{app_path}/run_async")),
+            &json,
+            Some(r#"{"input":{"prompt":"p"}}"#),
+        )
+        .await;
+    assert!(r.status.is_success());
+    let job_id = r.json()["data"]["id"].as_str().unwrap().to_string();
+    warm(&c).await;
+    assert_eq!(counts(), (4, 3));
+
+    // cancel -> that job, that app and the list
+    let job_path = format!("{app_path}/job/{job_id}");
+    c.get(&h.url(&job_path), &team).await;
+    let jobs = || h.upstream_count("GET /app/{id}/job/{job_id}");
+    assert_eq!(jobs(), 1);
+    c.get(&h.url(&job_path), &team).await;
+    assert_eq!(jobs(), 1, "the job status is cached for a second");
+    let r = c.send(Method::PUT, &h.url(&job_path), &team, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    warm(&c).await;
+    assert_eq!(counts(), (5, 4));
+    let job = c.get(&h.url(&job_path), &team).await;
+    assert_eq!(jobs(), 2);
+    assert_eq!(job.json()["data"]["status"], "CANCELED");
+
+    // DELETE /app/{id} -> that app, the list and its jobs
+    let r = c.send(Method::DELETE, &h.url(&app_path), &team, None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let gone = c.get(&h.url(&app_path), &team).await;
+    assert_eq!(
+        gone.status,
+        StatusCode::NOT_FOUND,
+        "a deleted app is not served from cache"
+    );
+    let gone_job = c.get(&h.url(&job_path), &team).await;
+    assert_eq!(gone_job.status, StatusCode::NOT_FOUND);
+    assert_eq!(jobs(), 3);
+    c.get(&h.url("/app"), &team).await;
+    assert_eq!(counts().0, 6);
+
+    // A failed write invalidates nothing.
+    c.get(&h.url("/app"), &team).await;
+    let before = counts();
+    let r = c
+        .send(Method::POST, &h.url("/app"), &json, Some("not json"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    c.get(&h.url("/app"), &team).await;
+    assert_eq!(counts(), before);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_directives_no_store_private_set_cookie_and_vary() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    for headers in [
+        vec![("cache-control", "no-store")],
+        vec![("cache-control", "private, max-age=60")],
+        vec![("set-cookie", "session=abc")],
+        vec![("vary", "*")],
+    ] {
+        h.mock.reset_stats();
+        h.mock.set_faults(Faults {
+            extra_response_headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Faults::default()
+        });
+        for _ in 0..3 {
+            let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(
+                cache_status(&r).contains("fwd=uri-miss"),
+                "{headers:?}: {}",
+                cache_status(&r)
+            );
+            assert!(!cache_status(&r).contains("stored"));
+        }
+        assert_eq!(
+            h.upstream_count("GET /app"),
+            3,
+            "{headers:?} must not be stored"
+        );
+    }
+
+    // Vary: accept -> one entry per Accept value.
+    h.mock.reset_stats();
+    h.mock.set_faults(Faults {
+        extra_response_headers: vec![("vary".into(), "Accept".into())],
+        ..Faults::default()
+    });
+    let get = |accept: &'static str| {
+        let c = c.clone();
+        let url = h.url("/app");
+        let auth = auth.clone();
+        async move {
+            c.get(
+                &url,
+                &[
+                    ("authorization", &auth),
+                    ("accept", accept),
+                    ("x-team-id", TEAM_ID),
+                ],
+            )
+            .await
+        }
+    };
+    get("application/json").await;
+    get("application/json").await;
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    get("text/plain").await;
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        2,
+        "another variant is another entry"
+    );
+    get("text/plain").await;
+    get("application/json").await;
+    assert_eq!(h.upstream_count("GET /app"), 2, "both variants are stored");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_max_age_shortens_the_ttl() {
+    let (h, clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    h.mock.set_faults(Faults {
+        extra_response_headers: vec![(
+            "cache-control".into(),
+            "max-age=1, stale-while-revalidate=0, stale-if-error=0".into(),
+        )],
+        ..Faults::default()
+    });
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    clock.advance(Duration::from_secs(2));
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        2,
+        "max-age=1 beat the route's 5 s"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+    let (h, clock) = start("").await; // /app: ttl 5s, swr 5s
+    let c = TestClient::http1();
+    let auth = rw();
+    let first = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    clock.advance(Duration::from_secs(6));
+    h.mock.set_faults(Faults {
+        latency_ms: 200,
+        ..Faults::default()
+    });
+    for _ in 0..5 {
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        assert_eq!(r.body, first.body);
+        assert_eq!(
+            cache_status(&r),
+            "rungen-gateway; hit; detail=stale-while-revalidate"
+        );
+        assert_eq!(r.headers["age"], "6");
+    }
+    wait_for("the background refresh", || {
+        h.upstream_count("GET /app") == 2
+    })
+    .await;
+    // Refreshed: fresh again, and only one refresh went upstream.
+    let mut fresh = false;
+    for _ in 0..100 {
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        if cache_status(&r) == "rungen-gateway; hit" {
+            fresh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fresh);
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_a_failing_upstream_within_its_window() {
+    let (h, clock) = start("[cache.routes.\"/app\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"60s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let first = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    clock.advance(Duration::from_secs(10));
+    for (faults, fwd) in [
+        (
+            Faults {
+                fail_status: Some(503),
+                ..Faults::default()
+            },
+            "fwd-status=503",
+        ),
+        (
+            Faults {
+                fail_status: Some(500),
+                ..Faults::default()
+            },
+            "fwd-status=500",
+        ),
+        (
+            Faults {
+                drop_connections: true,
+                ..Faults::default()
+            },
+            "detail=stale-if-error",
+        ),
+        (
+            Faults {
+                latency_ms: 2500,
+                ..Faults::default()
+            },
+            "detail=stale-if-error",
+        ),
+    ] {
+        h.mock.set_faults(faults);
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, first.body);
+        let cs = cache_status(&r);
+        assert!(cs.contains("fwd=stale") && cs.contains(fwd), "{cs}");
+    }
+    // Past the window, the failure is the answer; and errors were never stored.
+    clock.advance(Duration::from_secs(60));
+    h.mock.set_faults(Faults {
+        fail_status: Some(503),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    h.mock.set_faults(Faults::default());
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(cache_status(&r).contains("stored"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn errors_are_not_cached_and_do_not_poison_followers() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    h.mock.set_faults(Faults {
+        fail_status: Some(503),
+        fail_count: Some(1),
+        latency_ms: 200,
+        ..Faults::default()
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let c = c.clone();
+        let url = h.url("/app");
+        let auth = auth.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get(&url, &[("authorization", &auth)]).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        1,
+        "the failure was shared, not multiplied"
+    );
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK, "the error was not stored");
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_429_backs_off_the_scope_refreshes() {
+    let (h, clock) = start("[cache.routes.\"/app\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"120s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    clock.advance(Duration::from_secs(10));
+    h.mock.set_faults(Faults {
+        fail_status: Some(429),
+        retry_after_secs: Some(30),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        cache_status(&r).contains("fwd-status=429"),
+        "{}",
+        cache_status(&r)
+    );
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    // Within Retry-After: served stale without asking upstream.
+    for _ in 0..5 {
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(
+            cache_status(&r),
+            "rungen-gateway; hit; detail=upstream-backoff"
+        );
+    }
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    // After it: upstream again.
+    clock.advance(Duration::from_secs(31));
+    h.mock.set_faults(Faults::default());
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert!(cache_status(&r).contains("stored"), "{}", cache_status(&r));
+    assert_eq!(h.upstream_count("GET /app"), 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn if_none_match_gets_304_from_the_cache() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let first = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let etag = first.headers["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"'), "a strong ETag: {etag}");
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &auth), ("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(r.body.is_empty());
+    assert_eq!(r.headers["etag"], etag.as_str());
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &auth), ("if-none-match", "\"other\"")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    // A cold key with a matching If-None-Match: one fill, then 304.
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[
+                ("authorization", &auth),
+                ("x-team-id", TEAM_ID),
+                ("if-none-match", "*"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(
+        h.mock
+            .requests()
+            .iter()
+            .all(|r| r.header("if-none-match").is_none()),
+        "the caller's validators are not forwarded"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_validators_are_used_to_revalidate() {
+    let (h, clock) =
+        start("[cache.routes.\"/app\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    h.mock.set_faults(Faults {
+        extra_response_headers: vec![("etag".into(), "\"upstream-v1\"".into())],
+        ..Faults::default()
+    });
+    let first = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(first.headers["etag"], "\"upstream-v1\"");
+    clock.advance(Duration::from_secs(6));
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let seen = h.mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"upstream-v1\""));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn client_no_cache_is_ignored_unless_the_route_allows_it() {
+    let (h, _clock) = start("[cache.routes.\"/app/{id}\"]\nallow_client_revalidate = true\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let no_cache = [
+        ("authorization", auth.as_str()),
+        ("cache-control", "no-cache"),
+    ];
+    c.get(&h.url("/app"), &no_cache).await;
+    let r = c.get(&h.url("/app"), &no_cache).await;
+    assert_eq!(
+        cache_status(&r),
+        "rungen-gateway; hit",
+        "a client cannot force /app upstream"
+    );
+    assert_eq!(h.upstream_count("GET /app"), 1);
+    let id = r.json()["data"][0]["id"].as_str().unwrap().to_string();
+    c.get(&h.url(&format!("/app/{id}")), &no_cache).await;
+    let r = c.get(&h.url(&format!("/app/{id}")), &no_cache).await;
+    assert!(
+        cache_status(&r).contains("fwd=request"),
+        "{}",
+        cache_status(&r)
+    );
+    assert_eq!(h.upstream_count("GET /app/{id}"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn terminal_job_ttl_ends_before_the_result_urls_expire() {
+    // A long terminal TTL: only the signed URLs' expiry (7 days) bounds it.
+    let (h, clock) = start("[cache.routes.\"/app/{id}/job/{job_id}\"]\nterminal_ttl = \"30d\"\nurl_expiry_margin = \"10m\"\nstale_if_error = \"0s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let team = [("authorization", auth.as_str()), ("x-team-id", TEAM_ID)];
+    let list = c.get(&h.url("/app"), &team).await;
+    let app_id = list.json()["data"][0]["id"].as_str().unwrap().to_string();
+    let r = c
+        .send(
+            Method::POST,
+            &h.url(&format!("/app/{app_id}/run_async")),
+            &[
+                ("authorization", &auth),
+                ("x-team-id", TEAM_ID),
+                ("content-type", "application/json"),
+            ],
+            Some(r#"{"input":{"prompt":"p"}}"#),
+        )
+        .await;
+    let job_id = r.json()["data"]["id"].as_str().unwrap().to_string();
+    let job = h.url(&format!("/app/{app_id}/job/{job_id}"));
+    let jobs = || h.upstream_count("GET /app/{id}/job/{job_id}");
+    // Poll until COMPLETED (pending answers live 1 s).
+    let mut done = None;
+    for _ in 0..10 {
+        let r = c.get(&job, &team).await;
+        if r.json()["data"]["status"] == "COMPLETED" {
+            done = Some(r);
+            break;
+        }
+        clock.advance(Duration::from_secs(2));
+    }
+    let done = done.expect("the mock job completes");
+    assert!(done.text().contains("X-Amz-Expires=604800"));
+    let polls = jobs();
+    // 7 days minus the 10 minute margin, minus a minute of slack: still cached.
+    clock.advance(Duration::from_secs(7 * 86_400 - 600 - 60));
+    let r = c.get(&job, &team).await;
+    assert_eq!(cache_status(&r), "rungen-gateway; hit");
+    assert_eq!(jobs(), polls);
+    // Two minutes later the URLs are within the margin: never served from cache.
+    clock.advance(Duration::from_secs(120));
+    let r = c.get(&job, &team).await;
+    assert_ne!(cache_status(&r), "rungen-gateway; hit");
+    assert_eq!(jobs(), polls + 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_over_the_entry_limit_streams_through_intact() {
+    let (h, _clock) = start("[cache]\nmax_bytes = 1048576\nmax_entry_bytes = 8192\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    h.mock.set_faults(Faults {
+        large_body_bytes: Some(200_000),
+        ..Faults::default()
+    });
+    for _ in 0..2 {
+        let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.len() >= 200_000);
+        let v = r.json();
+        assert!(v["data"].is_array(), "the JSON arrived whole");
+        assert!(
+            cache_status(&r).contains("detail=too-large"),
+            "{}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn negative_caching_of_404_is_configurable() {
+    let (h, clock) = start("[cache.routes.\"/app/{id}\"]\nnegative_ttl = \"2s\"\n").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    for _ in 0..3 {
+        let r = c
+            .get(&h.url("/app/no-such-app"), &[("authorization", &auth)])
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(h.upstream_count("GET /app/{id}"), 1);
+    clock.advance(Duration::from_secs(3));
+    c.get(&h.url("/app/no-such-app"), &[("authorization", &auth)])
+        .await;
+    assert_eq!(h.upstream_count("GET /app/{id}"), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn purge_drops_everything_a_scope_or_a_prefix() {
+    use rungen_gateway::cache::PurgeScope;
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let personal = [("authorization", auth.as_str())];
+    let team = [("authorization", auth.as_str()), ("x-team-id", TEAM_ID)];
+    let warm = || async {
+        c.get(&h.url("/app"), &personal).await;
+        c.get(&h.url("/app"), &team).await;
+    };
+    warm().await;
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.gateway().cache().purge(&PurgeScope {
+        scope: Some("acme".into()),
+        path_prefix: None,
+    });
+    warm().await;
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        3,
+        "only acme's entry was dropped"
+    );
+    h.gateway().cache().purge(&PurgeScope {
+        scope: Some("personal".into()),
+        path_prefix: Some("/app".into()),
+    });
+    warm().await;
+    assert_eq!(h.upstream_count("GET /app"), 4);
+    h.gateway().cache().purge(&PurgeScope::default());
+    warm().await;
+    assert_eq!(h.upstream_count("GET /app"), 6);
+    h.stop().await;
+}
