@@ -722,7 +722,7 @@ mod tests {
             "COMPLETED",
             &[
                 &url("20250122T152228Z", 5000),
-                &url("20250122T150000Z", 2342),
+                &url("20250122T150000Z", 2348),
             ],
         );
         let f = response_freshness(&p, &job(), StatusCode::OK, &HeaderMap::new(), &body, now())
