@@ -323,7 +323,7 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
             ));
         }
         // Upstream failures: 5xx, dropped connection, timeout.
-        for faults in [
+        let faults = [
             Faults {
                 fail_status: Some(503),
                 ..Faults::default()
@@ -336,10 +336,13 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
                 latency_ms: 2_500,
                 ..Faults::default()
             },
-        ] {
-            mock.set_faults(faults);
+        ];
+        for (i, fault) in faults.into_iter().enumerate() {
+            mock.set_faults(fault);
+            // A path never read before: a cache miss that must go upstream.
+            let path = format!("/app/fault-{i}-{}", captured.len());
             let r = c
-                .get(&format!("{base}/app"), &[("authorization", &rw)])
+                .get(&format!("{base}{path}"), &[("authorization", &rw)])
                 .await;
             assert!(r.status.is_server_error(), "{r:?}");
             captured.push_str(&format!(
