@@ -161,6 +161,29 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// Runs until SIGTERM or SIGINT; each SIGHUP reloads the config.
+async fn serve_until_signal(state: std::sync::Arc<server::State>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            let stop = shutdown_signal();
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading the config");
+                        let _ = state.reload().await;
+                    }
+                }
+            }
+        }
+    }
+    let _ = state;
+    shutdown_signal().await;
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     #[cfg(unix)]
@@ -199,8 +222,11 @@ async fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown_signal().await;
-    tracing::info!("shutdown signal received");
+    serve_until_signal(running.state().clone()).await;
+    tracing::info!(
+        drain_delay = ?running.state().config().server.drain_delay,
+        "shutdown signal received: readiness is off; draining after the delay"
+    );
     running.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS

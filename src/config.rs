@@ -84,6 +84,10 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
     teams: Vec<RawTeam>,
     #[serde(default)]
     clients: Vec<RawClient>,
@@ -98,6 +102,8 @@ struct RawServer {
     header_read_timeout: String,
     #[serde(default = "defaults::shutdown_timeout")]
     shutdown_timeout: String,
+    #[serde(default = "defaults::drain_delay")]
+    drain_delay: String,
     #[serde(default = "defaults::max_header_bytes")]
     max_header_bytes: usize,
     #[serde(default = "defaults::max_headers")]
@@ -118,6 +124,7 @@ impl Default for RawServer {
             listen: defaults::listen(),
             header_read_timeout: defaults::header_read_timeout(),
             shutdown_timeout: defaults::shutdown_timeout(),
+            drain_delay: defaults::drain_delay(),
             max_header_bytes: defaults::max_header_bytes(),
             max_headers: defaults::max_headers(),
             max_uri_bytes: defaults::max_uri_bytes(),
@@ -160,6 +167,42 @@ impl Default for RawLogging {
         Self {
             level: defaults::log_level(),
             format: defaults::log_format(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "defaults::admin_listen")]
+    listen: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+            token_sha256: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    #[serde(default = "defaults::yes")]
+    watch: bool,
+    #[serde(default = "defaults::poll_interval")]
+    poll_interval: String,
+}
+
+impl Default for RawReload {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            poll_interval: defaults::poll_interval(),
         }
     }
 }
@@ -299,6 +342,15 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9090".into()
+    }
+    pub fn poll_interval() -> String {
+        "5s".into()
+    }
+    pub fn drain_delay() -> String {
+        "5s".into()
+    }
     pub fn yes() -> bool {
         true
     }
@@ -375,8 +427,12 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub logging: LoggingConfig,
     pub cache: crate::cache::CacheSettings,
+    pub admin: AdminConfig,
+    pub reload: ReloadConfig,
     pub teams: Vec<Arc<Team>>,
     pub clients: Vec<Arc<Client>>,
+    /// Files secrets were read from (watched for changes).
+    pub secret_files: Vec<PathBuf>,
     /// Non-fatal findings (inline secrets, ...) to log at start.
     pub warnings: Vec<String>,
 }
@@ -386,6 +442,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// On SIGTERM: time between readiness turning 503 and the listener closing.
+    pub drain_delay: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
@@ -407,6 +465,21 @@ pub struct UpstreamConfig {
     pub route_prefixes: Vec<String>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// The admin listener (health, readiness, metrics, config, reload, purge); `None`: off.
+    pub listen: Option<SocketAddr>,
+    /// SHA-256 of the admin token that mutating calls need; `None`: they are refused.
+    pub token_sha256: Option<[u8; 32]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReloadConfig {
+    /// Poll the config file and secret files for changes.
+    pub watch: bool,
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,6 +669,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     let header_read_timeout =
         parse_duration(&mut p, "server.header_read_timeout", &s.header_read_timeout);
     let shutdown_timeout = parse_duration(&mut p, "server.shutdown_timeout", &s.shutdown_timeout);
+    let drain_delay = parse_duration_or_zero(&mut p, "server.drain_delay", &s.drain_delay);
     if s.max_header_bytes < 8192 {
         p.push("server.max_header_bytes", "must be at least 8192");
     }
@@ -615,6 +689,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         listen,
         header_read_timeout,
         shutdown_timeout,
+        drain_delay,
         max_header_bytes: s.max_header_bytes,
         max_headers: s.max_headers,
         max_uri_bytes: s.max_uri_bytes,
@@ -730,6 +805,57 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     // [cache]
     let cache = validate_cache(&mut p, &raw.cache);
 
+    // [admin]
+    let admin_listen = if raw.admin.listen.is_empty() || raw.admin.listen == "off" {
+        None
+    } else {
+        match raw.admin.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(e) => {
+                p.push(
+                    "admin.listen",
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:9090 (or \"off\"): {e}",
+                        raw.admin.listen
+                    ),
+                );
+                None
+            }
+        }
+    };
+    if admin_listen.is_some() && admin_listen == Some(listen) && listen.port() != 0 {
+        p.push(
+            "admin.listen",
+            "must differ from server.listen: the admin API never shares the public port",
+        );
+    }
+    let admin_token = match &raw.admin.token_sha256 {
+        None => None,
+        Some(h) => match hex::decode(h.trim()) {
+            Ok(b) if b.len() == 32 => {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(&b);
+                Some(d)
+            }
+            _ => {
+                p.push(
+                    "admin.token_sha256",
+                    "must be 64 hex digits (`rungen-gateway new-token` prints one)",
+                );
+                None
+            }
+        },
+    };
+    let admin = AdminConfig {
+        listen: admin_listen,
+        token_sha256: admin_token,
+    };
+    let reload = ReloadConfig {
+        watch: raw.reload.watch,
+        poll_interval: parse_duration(&mut p, "reload.poll_interval", &raw.reload.poll_interval),
+    };
+    let mut secret_files = Vec::new();
+
     // [[teams]]
     if raw.teams.is_empty() {
         p.push("teams", "at least one [[teams]] entry is needed");
@@ -770,6 +896,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
                 }
             },
         };
+        if let SecretSource::File(f) = &t.api_key {
+            secret_files.push(f.clone());
+        }
         let api_key = match t.api_key.load() {
             Ok((secret, inline)) => {
                 if inline {
@@ -892,8 +1021,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         upstream,
         logging,
         cache,
+        admin,
+        reload,
         teams,
         clients,
+        secret_files,
         warnings,
     })
 }

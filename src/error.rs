@@ -15,8 +15,32 @@ use std::time::Duration;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The error of a body inside the gateway. A concrete type rather than a
+/// `Box<dyn Error>`: with a trait object in the body type, rustc cannot prove
+/// `Send` for futures of generic services whose request type contains it.
+#[derive(Debug)]
+pub struct BodyError(BoxError);
+
+impl BodyError {
+    pub fn new(e: impl Into<BoxError>) -> Self {
+        Self(e.into())
+    }
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
 /// The body type on every request and response inside the gateway.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
 
 /// A body from bytes.
 pub fn full_body(bytes: impl Into<Bytes>) -> Body {

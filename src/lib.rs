@@ -5,6 +5,7 @@
 //! credential injection (`upstream_credentials`), upstream (`upstream`).
 //! Beside it: `config`, `error`, `telemetry`, `mock_upstream`.
 
+pub mod admin;
 pub mod cache;
 pub mod caller_auth;
 pub mod cli;

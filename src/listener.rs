@@ -5,7 +5,7 @@
 //! service (swappable, so a config reload applies to the next request).
 
 use crate::config::ServerConfig;
-use crate::error::{Body, BoxError};
+use crate::error::{Body, BodyError};
 use crate::gateway::GatewayService;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
@@ -122,7 +122,7 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let svc = GatewayService::clone(&self.service.load());
-        let mut req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+        let mut req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
         req.extensions_mut().insert(PeerAddr(self.peer));
         Box::pin(svc.oneshot(req))
     }

@@ -5,7 +5,7 @@
 //! path into a [`Route`] that later steps (cache, metrics, logs) key on. Only
 //! paths under the configured prefixes are forwarded: this is not an open proxy.
 
-use crate::error::{Body, GatewayError, error_response};
+use crate::error::{Body, BodyError, GatewayError, error_response};
 use http::{Method, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
@@ -204,7 +204,9 @@ where
                 let (mut parts, body) = req.into_parts();
                 parts.extensions.insert(route.clone());
                 // Bodies without Content-Length (chunked, h2) are cut at the limit too.
-                let body = Limited::new(body, limit).boxed_unsync();
+                let body = Limited::new(body, limit)
+                    .map_err(BodyError::new)
+                    .boxed_unsync();
                 let fut = self.inner.call(Request::from_parts(parts, body));
                 fut.map(move |res| {
                     res.map(|mut res| {

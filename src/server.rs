@@ -1,46 +1,163 @@
-//! Process wiring: build the upstream client and the gateway service from a
-//! config, bind the listener, and run until told to stop.
+//! Process wiring: build the upstream client, the cache and the gateway
+//! service from a config, bind the public and admin listeners, hot-reload the
+//! config, and shut down in order (readiness off, drain delay, stop accepting,
+//! drain).
 
-use crate::cache::Cache;
+use crate::cache::{Cache, PurgeScope};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
-use crate::listener;
-use crate::upstream;
+use crate::{admin, listener, telemetry, upstream};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// A running gateway.
-pub struct Running {
-    addr: SocketAddr,
+/// What the listeners, the admin API and reload share.
+pub struct State {
+    config: ArcSwap<Config>,
+    service: Arc<ArcSwap<GatewayService>>,
     cache: Arc<Cache>,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    draining: AtomicBool,
+    generation: AtomicU64,
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
-impl Running {
-    /// The bound address (the real port when the config said port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+impl State {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
 
-    /// The response cache.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
     }
 
-    /// Stops accepting and starts draining; `wait` finishes when drained.
-    pub fn shutdown(&self) {
-        let _ = self.stop.send(true);
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
-    /// Waits until the server has stopped.
+    /// Bumped by every successful reload (1 at start).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Re-reads the config file (and the secrets it names) and applies it.
+    pub async fn reload(&self) -> Result<u64, String> {
+        let path = self.config().source.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))?;
+        match loaded {
+            Ok(config) => self.apply(config).await,
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "config reload refused; the previous config keeps serving");
+                metrics::counter!("rungen_gateway_config_reloads_total", "outcome" => "error")
+                    .increment(1);
+                Err(msg)
+            }
+        }
+    }
+
+    /// Swaps in a validated config: the next request uses it; in-flight
+    /// requests finish with the one they started with. Entries of scopes whose
+    /// key or team changed, or that were removed, are dropped.
+    pub async fn apply(&self, new: Config) -> Result<u64, String> {
+        let _guard = self.reload_lock.lock().await;
+        let old = self.config();
+        let client = match upstream::build_client(&new.upstream) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload refused; the previous config keeps serving");
+                metrics::counter!("rungen_gateway_config_reloads_total", "outcome" => "error")
+                    .increment(1);
+                return Err(e);
+            }
+        };
+        for team in &old.teams {
+            let same = new.teams.iter().any(|t| {
+                t.name == team.name && t.team_id == team.team_id && t.api_key == team.api_key
+            });
+            if !same {
+                tracing::info!(scope = %team.name, "scope removed or its key changed; dropping its cache entries");
+                self.cache.purge(&PurgeScope {
+                    scope: Some(team.name.clone()),
+                    path_prefix: None,
+                });
+            }
+        }
+        if new.server.listen != old.server.listen || new.admin.listen != old.admin.listen {
+            tracing::warn!("listen addresses changed; they take effect at the next restart");
+        }
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        let service = gateway::build(&new, client, self.cache.clone());
+        self.service.store(Arc::new(service));
+        self.config.store(Arc::new(new));
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::counter!("rungen_gateway_config_reloads_total", "outcome" => "success")
+            .increment(1);
+        metrics::gauge!("rungen_gateway_config_generation").set(generation as f64);
+        tracing::info!(generation, "config reloaded");
+        Ok(generation)
+    }
+}
+
+/// A running gateway.
+pub struct Running {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The bound public address (the real port when the config said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound admin address, if the admin listener is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// The response cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.state.cache
+    }
+
+    /// Begins the shutdown: readiness turns 503 at once; after
+    /// `server.drain_delay` the listener stops accepting and drains.
+    pub fn shutdown(&self) {
+        self.state.draining.store(true, Ordering::SeqCst);
+        let delay = self.state.config().server.drain_delay;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = stop.send(true);
+        });
+    }
+
+    /// Waits until the public listener has drained, then stops the admin listener.
     pub async fn wait(self) {
         let _ = self.task.await;
+        let _ = self.stop.send(true);
+        if let Some(admin) = self.admin_task {
+            let _ = admin.await;
+        }
     }
 
     /// Shuts down and waits.
@@ -62,6 +179,16 @@ pub enum StartError {
     Upstream(String),
 }
 
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
 /// Starts serving `config` and returns at once.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     start_with(config, Arc::new(SystemClock)).await
@@ -69,33 +196,107 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
 /// Like [`start`], with a given clock (tests move time by hand).
 pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, StartError> {
+    telemetry::metrics();
     let client = upstream::build_client(&config.upstream).map_err(StartError::Upstream)?;
     let cache = Cache::new(config.cache.clone(), clock);
     let service: GatewayService = gateway::build(&config, client, cache.clone());
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.server.listen,
-        source,
-    })?;
-    let (stop, mut stopped) = watch::channel(false);
-    let swap = Arc::new(ArcSwap::from_pointee(service));
+    let (listener, addr) = bind(config.server.listen).await?;
+    let admin_listener = match config.admin.listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+
     let server_cfg = config.server.clone();
-    let task = tokio::spawn(async move {
-        listener::serve(listener, swap, server_cfg, async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await;
+    let watch_cfg = config.reload.clone();
+    let state = Arc::new(State {
+        config: ArcSwap::from_pointee(config),
+        service: Arc::new(ArcSwap::from_pointee(service)),
+        cache,
+        draining: AtomicBool::new(false),
+        generation: AtomicU64::new(1),
+        reload_lock: tokio::sync::Mutex::new(()),
     });
-    tracing::info!(%addr, upstream = %format!("{}://{}", config.upstream.scheme, config.upstream.authority), "gateway listening");
+    metrics::gauge!("rungen_gateway_config_generation").set(1.0);
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let task = tokio::spawn(listener::serve(
+        listener,
+        state.service.clone(),
+        server_cfg.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let mut admin_addr = None;
+    let admin_task = admin_listener.map(|(l, a)| {
+        admin_addr = Some(a);
+        let svc = Arc::new(ArcSwap::from_pointee(admin::service(state.clone())));
+        let mut admin_cfg = server_cfg.clone();
+        admin_cfg.max_connections = 256;
+        admin_cfg.shutdown_timeout = Duration::from_secs(1);
+        tokio::spawn(listener::serve(
+            l,
+            svc,
+            admin_cfg,
+            until_stopped(stopped.clone()),
+        ))
+    });
+    if watch_cfg.watch && state.config().source.is_file() {
+        tokio::spawn(watch_files(
+            state.clone(),
+            watch_cfg.poll_interval,
+            stopped.clone(),
+        ));
+    }
+    let cfg = state.config();
+    tracing::info!(
+        %addr,
+        admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
+        upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority),
+        "gateway listening"
+    );
     Ok(Running {
         addr,
-        cache,
+        admin_addr,
+        state,
         stop,
         task,
+        admin_task,
     })
+}
+
+/// What identifies a version of a file: modification time and length
+/// (following symlinks, so Kubernetes' swapped `..data` link counts).
+fn file_version(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn watched_versions(state: &State) -> Vec<Option<(SystemTime, u64)>> {
+    let cfg = state.config();
+    std::iter::once(&cfg.source)
+        .chain(cfg.secret_files.iter())
+        .map(file_version)
+        .collect()
+}
+
+/// Polls the config file and the secret files; reloads when one changes
+/// (after a short debounce, so a half-written file is not read).
+async fn watch_files(state: Arc<State>, every: Duration, mut stopped: watch::Receiver<bool>) {
+    let mut last = watched_versions(&state);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = watched_versions(&state);
+        if now == last {
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        tracing::info!("config or secret file changed; reloading");
+        let _ = state.reload().await;
+        last = watched_versions(&state);
+    }
 }

@@ -37,6 +37,41 @@ pub fn init(level: &str, format: LogFormat) -> bool {
     }
 }
 
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        let seconds = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+        }
+        metrics::gauge!("rungen_gateway_build_info", "version" => env!("CARGO_PKG_VERSION"))
+            .set(1.0);
+        handle
+    })
+}
+
+/// `1xx`..`5xx`.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// A caller-supplied request id is kept only if it is short and plain, so it
 /// cannot inject anything into logs or upstream headers.
 fn valid_request_id(v: &HeaderValue) -> bool {
@@ -91,10 +126,12 @@ where
         };
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let method = req.method().clone();
+        metrics::gauge!("rungen_gateway_in_flight_requests").increment(1.0);
         // The path only: query strings are not logged.
         let path = req.uri().path().to_owned();
         let fut = self.inner.call(req);
         fut.map(move |res| {
+            metrics::gauge!("rungen_gateway_in_flight_requests").decrement(1.0);
             let mut res = res?;
             res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
             let ext = res.extensions();
@@ -124,6 +161,45 @@ where
                 latency_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "request"
             );
+            let status = res.status().as_u16();
+            metrics::counter!(
+                "rungen_gateway_requests_total",
+                "route" => route.to_string(),
+                "method" => method.as_str().to_string(),
+                "status_class" => status_class(status),
+                "client" => client.to_string(),
+                "scope" => scope.to_string(),
+                "cache" => cache,
+            )
+            .increment(1);
+            metrics::histogram!(
+                "rungen_gateway_request_duration_seconds",
+                "route" => route.to_string(),
+                "method" => method.as_str().to_string(),
+            )
+            .record(started.elapsed().as_secs_f64());
+            if let Some(u) = upstream {
+                metrics::counter!(
+                    "rungen_gateway_upstream_requests_total",
+                    "scope" => scope.to_string(),
+                    "status_class" => status_class(u.status),
+                )
+                .increment(1);
+                metrics::histogram!(
+                    "rungen_gateway_upstream_request_duration_seconds",
+                    "scope" => scope.to_string(),
+                )
+                .record(u.latency.as_secs_f64());
+            }
+            if let Some(e) = error {
+                metrics::counter!(
+                    "rungen_gateway_errors_total",
+                    "kind" => e.kind,
+                    "source" => e.source.as_str(),
+                    "scope" => scope.to_string(),
+                )
+                .increment(1);
+            }
             Ok(res)
         })
         .boxed()

@@ -4,7 +4,7 @@
 //! source. It knows neither callers nor the cache.
 
 use crate::config::UpstreamConfig;
-use crate::error::{Body, BoxError, GatewayError};
+use crate::error::{Body, BodyError, GatewayError};
 use crate::hop::strip_hop_by_hop;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -177,7 +177,7 @@ impl tower::Service<Request<Body>> for Upstream {
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts.extensions.insert(info);
-            let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+            let body = body.map_err(BodyError::new).boxed_unsync();
             Ok(Response::from_parts(parts, body))
         }
         .boxed()

@@ -25,6 +25,7 @@ pub const WRONG_UPSTREAM_KEY: &str = "canary-upstream-key-wrong-0d4e";
 pub const TOKEN_RW: &str = "canary-caller-token-rw-8a1f2e";
 pub const TOKEN_RO: &str = "canary-caller-token-ro-3c9d7b";
 pub const TOKEN_BROKEN: &str = "canary-caller-token-broken-6e0a";
+pub const ADMIN_TOKEN: &str = "canary-admin-token-2b7c44";
 
 pub fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
@@ -69,6 +70,7 @@ pub fn config_toml_with(
 [server]
 listen = "127.0.0.1:0"
 shutdown_timeout = "5s"
+drain_delay = "0s"
 {server_extra}
 
 [upstream]
@@ -79,6 +81,13 @@ request_timeout = "2s"
 
 [logging]
 level = "info"
+
+[admin]
+listen = "127.0.0.1:0"
+token_sha256 = "{admin}"
+
+[reload]
+poll_interval = "200ms"
 
 [[teams]]
 name = "personal"
@@ -120,6 +129,7 @@ teams = ["broken"]
         rw = sha256_hex(TOKEN_RW),
         ro = sha256_hex(TOKEN_RO),
         broken = sha256_hex(TOKEN_BROKEN),
+        admin = sha256_hex(ADMIN_TOKEN),
     )
 }
 
