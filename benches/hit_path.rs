@@ -1,1 +1,362 @@
-fn main() {}
+//! The cache-hit path, in process (no sockets on the measured path).
+//!
+//! `cargo bench --bench hit_path` prints, before criterion's own output:
+//! - allocations per hit through the whole `GatewayService` (stats_alloc, over
+//!   10 000 hits) and requests/s of one task answering 200 000 hits in a row
+//!   on a current-thread runtime, without and with an access-log subscriber;
+//! - allocations per call of the pieces on the hit path (key, token lookup).
+//!
+//! Then criterion times `CacheKey::new`, `Credentials::lookup` and the whole
+//! service answering a hit. See benches/README.md.
+//!
+//! Under `cargo test --benches` (no `--bench` argument) everything runs once,
+//! with small counts, as a smoke test.
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use rungen_gateway::cache::Cache;
+use rungen_gateway::cache::key::CacheKey;
+use rungen_gateway::caller_auth::Credentials;
+use rungen_gateway::clock::SystemClock;
+use rungen_gateway::config::Config;
+use rungen_gateway::error::{Body, empty_body};
+use rungen_gateway::gateway::{self, GatewayService};
+use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle};
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use std::alloc::System;
+use std::error::Error;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tower::ServiceExt;
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// The caller's `Authorization` value; the token is what follows "Bearer ".
+const AUTHORIZATION: &str = "Bearer bench-caller-token-5c1d9e07";
+/// The mock upstream's default key and team (`MockConfig::default()`).
+const UPSTREAM_KEY: &str = "demo-upstream-key";
+const TEAM_ID: &str = "123e4567-e89b-12d3-a456-426614174000";
+/// The scope (team name) the bench client uses by default.
+const SCOPE: &str = "acme";
+const HIT: &str = "rungen-gateway; hit";
+
+fn token() -> &'static str {
+    &AUTHORIZATION["Bearer ".len()..]
+}
+
+/// Iteration counts: full under `cargo bench`, tiny under `cargo test --benches`.
+struct Counts {
+    alloc_hits: u64,
+    rate_hits: u64,
+    piece_calls: u64,
+}
+
+impl Counts {
+    fn new(full: bool) -> Self {
+        if full {
+            Self {
+                alloc_hits: 10_000,
+                rate_hits: 200_000,
+                piece_calls: 10_000,
+            }
+        } else {
+            Self {
+                alloc_hits: 10,
+                rate_hits: 10,
+                piece_calls: 10,
+            }
+        }
+    }
+}
+
+fn config_toml(upstream: &str) -> String {
+    let digest = hex::encode(rungen_gateway::secret::token_digest(token().as_bytes()));
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[upstream]
+base_url = "{upstream}"
+
+[cache.routes."/app"]
+ttl = "1h"
+
+[[teams]]
+name = "{SCOPE}"
+team_id = "{TEAM_ID}"
+api_key = {{ value = "{UPSTREAM_KEY}" }}
+
+[[teams]]
+name = "personal"
+api_key = {{ value = "{UPSTREAM_KEY}" }}
+
+[[clients]]
+name = "bench"
+token_sha256 = "{digest}"
+teams = ["{SCOPE}", "personal"]
+"#
+    )
+}
+
+/// The service under test, with the mock upstream that filled its cache.
+struct Fixture {
+    runtime: Runtime,
+    config: Config,
+    service: GatewayService,
+    mock: MockHandle,
+}
+
+impl Fixture {
+    fn start() -> Result<Self, Box<dyn Error>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // As `server::start_with` does: the Prometheus recorder is installed,
+        // so the hit path's counters and histogram do their real work.
+        rungen_gateway::telemetry::metrics();
+        let mock = runtime.block_on(mock_upstream::start(
+            MockConfig::default(),
+            "127.0.0.1:0".parse()?,
+        ))?;
+        let config = Config::from_toml(Path::new("bench.toml"), &config_toml(&mock.base_url()))?;
+        let client = rungen_gateway::upstream::build_client(&config.upstream)?;
+        let cache = Cache::new(config.cache.clone(), Arc::new(SystemClock));
+        let service = gateway::build(&config, client, cache);
+        let fixture = Self {
+            runtime,
+            config,
+            service,
+            mock,
+        };
+        fixture.warm_up()?;
+        Ok(fixture)
+    }
+
+    /// One miss fills the cache; the next request must be a hit.
+    fn warm_up(&self) -> Result<(), Box<dyn Error>> {
+        let (miss, _) = self.runtime.block_on(send(&self.service))?;
+        if miss.status() != StatusCode::OK {
+            return Err(format!("warm-up: upstream answered {}", miss.status()).into());
+        }
+        let (hit, body) = self.runtime.block_on(send(&self.service))?;
+        let status = hit.headers().get("cache-status");
+        if hit.status() != StatusCode::OK || status != Some(&HeaderValue::from_static(HIT)) {
+            return Err(format!(
+                "the second request is not a cache hit: {} cache-status {status:?}",
+                hit.status()
+            )
+            .into());
+        }
+        if body.is_empty() {
+            return Err("the cache hit has an empty body".into());
+        }
+        eprintln!(
+            "hit path: GET /app, scope {SCOPE}: {} {HIT}, {} body bytes",
+            hit.status(),
+            body.len()
+        );
+        Ok(())
+    }
+
+    /// `n` hits one after another in one `block_on`; the time they took.
+    fn hits(&self, n: u64) -> Duration {
+        self.runtime.block_on(async {
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(hit(&self.service).await);
+            }
+            start.elapsed()
+        })
+    }
+}
+
+/// A request as the listener hands it to the service.
+fn request() -> Request<Body> {
+    let mut req = Request::new(empty_body());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = http::Uri::from_static("/app");
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_static(AUTHORIZATION),
+    );
+    req
+}
+
+/// One request through the service, response body read whole.
+async fn send(service: &GatewayService) -> Result<(Response<()>, Bytes), Box<dyn Error>> {
+    let res = match service.clone().oneshot(request()).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    };
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((Response::from_parts(parts, ()), body))
+}
+
+/// The timed request: as [`send`], returning only the body length.
+async fn hit(service: &GatewayService) -> usize {
+    let res = match service.clone().oneshot(request()).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    };
+    match res.into_body().collect().await {
+        Ok(body) => body.to_bytes().len(),
+        Err(e) => panic!("response body failed: {e}"),
+    }
+}
+
+/// Allocation counts of one run of `f`, per call of `n`.
+struct PerCall {
+    allocations: f64,
+    reallocations: f64,
+    bytes: f64,
+}
+
+impl PerCall {
+    fn measure(n: u64, f: impl FnOnce()) -> Self {
+        let region = Region::new(GLOBAL);
+        f();
+        let s = region.change();
+        let n = n as f64;
+        Self {
+            allocations: s.allocations as f64 / n,
+            reallocations: s.reallocations as f64 / n,
+            bytes: s.bytes_allocated as f64 / n,
+        }
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "{what:<44} {:>7.2} allocs {:>6.2} reallocs {:>8.1} bytes",
+            self.allocations, self.reallocations, self.bytes
+        );
+    }
+}
+
+/// Allocations per hit and requests/s of the whole service.
+fn service_figures(f: &Fixture, counts: &Counts, label: &str) {
+    // Also a warm-up for the rate below (moka, the recorder, the allocator).
+    PerCall::measure(counts.alloc_hits, || {
+        f.hits(counts.alloc_hits);
+    })
+    .print(&format!("GatewayService hit {label}"));
+    let elapsed = f.hits(counts.rate_hits);
+    println!(
+        "{:<44} {:>10.0} req/s ({} hits in {:.2?}, {:.2} µs/hit)",
+        format!("GatewayService hit {label}"),
+        counts.rate_hits as f64 / elapsed.as_secs_f64(),
+        counts.rate_hits,
+        elapsed,
+        elapsed.as_secs_f64() * 1e6 / counts.rate_hits as f64
+    );
+}
+
+/// Allocations per call of the pieces on the hit path.
+fn piece_figures(f: &Fixture, counts: &Counts) {
+    let n = counts.piece_calls;
+    let scope: Arc<str> = Arc::from(SCOPE);
+    PerCall::measure(n, || {
+        for _ in 0..n {
+            black_box(CacheKey::new(
+                black_box(&scope),
+                black_box("/app"),
+                black_box(None),
+            ));
+        }
+    })
+    .print("CacheKey::new(\"/app\", no query)");
+    PerCall::measure(n, || {
+        for _ in 0..n {
+            black_box(CacheKey::new(
+                black_box(&scope),
+                black_box("/app"),
+                black_box(Some("limit=20&page=2")),
+            ));
+        }
+    })
+    .print("CacheKey::new(\"/app\", 2-pair query)");
+    let credentials = Credentials::new(&f.config.clients);
+    PerCall::measure(n, || {
+        for _ in 0..n {
+            black_box(credentials.lookup(black_box(token().as_bytes())));
+        }
+    })
+    .print("Credentials::lookup (known token)");
+    PerCall::measure(n, || {
+        for _ in 0..n {
+            black_box(request());
+        }
+    })
+    .print("building the request (in the hit figures)");
+}
+
+fn criterion_benches(c: &mut Criterion, f: &Fixture) {
+    let scope: Arc<str> = Arc::from(SCOPE);
+    let mut group = c.benchmark_group("cache_key");
+    for query in [None, Some("limit=20&page=2")] {
+        let id = BenchmarkId::new("new", query.unwrap_or("no query"));
+        group.bench_with_input(id, &query, |b, query| {
+            b.iter(|| CacheKey::new(black_box(&scope), black_box("/app"), black_box(*query)))
+        });
+    }
+    group.finish();
+
+    let credentials = Credentials::new(&f.config.clients);
+    let mut group = c.benchmark_group("credentials");
+    let unknown = b"no-such-caller-token-at-all-123";
+    group.bench_function("lookup/known", |b| {
+        b.iter(|| credentials.lookup(black_box(token().as_bytes())).is_some())
+    });
+    group.bench_function("lookup/unknown", |b| {
+        b.iter(|| credentials.lookup(black_box(unknown)).is_some())
+    });
+    group.finish();
+
+    // Each sample runs its iterations back to back in one `block_on`, so the
+    // figure is the service's cost, not the runtime's enter/park per request.
+    let mut group = c.benchmark_group("gateway_service");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("hit", |b| b.iter_custom(|iters| f.hits(iters)));
+    group.finish();
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
+    let counts = Counts::new(full);
+
+    let fixture = Fixture::start()?;
+
+    println!("-- allocations per call and requests/s (one task, current-thread runtime)");
+    service_figures(&fixture, &counts, "(no log subscriber)");
+    // The access log as `telemetry::init` sets it up (info, pretty format),
+    // written to a sink: the formatting is measured, the write(2) is not.
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        service_figures(&fixture, &counts, "(access log to a sink)");
+    });
+    piece_figures(&fixture, &counts);
+    println!();
+
+    let mut criterion = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(50)
+        .configure_from_args();
+    criterion_benches(&mut criterion, &fixture);
+    criterion.final_summary();
+
+    fixture.mock.shutdown();
+    Ok(())
+}

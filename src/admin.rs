@@ -47,23 +47,24 @@ fn error(status: StatusCode, msg: &str) -> Response<Body> {
     json(status, serde_json::json!({ "error": msg }))
 }
 
-fn authorized(state: &State, req: &Request<Body>) -> Result<(), Response<Body>> {
+/// `None` if the request carries the admin token, else the refusal to send.
+fn refusal(state: &State, req: &Request<Body>) -> Option<Response<Body>> {
     let Some(expected) = state.config().admin.token_sha256 else {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "no admin token is configured ([admin] token_sha256)",
         ));
     };
     let token = crate::caller_auth::extract_token(req.headers());
     match token {
-        Some(t) if token_digest(t) == expected => Ok(()),
+        Some(t) if token_digest(t) == expected => None,
         _ => {
             let mut res = error(StatusCode::UNAUTHORIZED, "missing or invalid admin token");
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"rungen-gateway-admin\""),
             );
-            Err(res)
+            Some(res)
         }
     }
 }
@@ -98,7 +99,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
         }
         (Method::GET, "/config") => json(StatusCode::OK, effective_config(&state)),
         (Method::POST, "/reload") => {
-            if let Err(res) = authorized(&state, &req) {
+            if let Some(res) = refusal(&state, &req) {
                 return res;
             }
             match state.reload().await {
@@ -113,7 +114,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             }
         }
         (Method::POST, "/cache/purge") => {
-            if let Err(res) = authorized(&state, &req) {
+            if let Some(res) = refusal(&state, &req) {
                 return res;
             }
             purge(&state, req).await

@@ -178,19 +178,6 @@ where
                 "method" => method.as_str().to_string(),
             )
             .record(started.elapsed().as_secs_f64());
-            if let Some(u) = upstream {
-                metrics::counter!(
-                    "rungen_gateway_upstream_requests_total",
-                    "scope" => scope.to_string(),
-                    "status_class" => status_class(u.status),
-                )
-                .increment(1);
-                metrics::histogram!(
-                    "rungen_gateway_upstream_request_duration_seconds",
-                    "scope" => scope.to_string(),
-                )
-                .record(u.latency.as_secs_f64());
-            }
             if let Some(e) = error {
                 metrics::counter!(
                     "rungen_gateway_errors_total",

@@ -93,8 +93,38 @@ where
         }
         let fut = self.inner.call(req);
         fut.map(move |res| {
-            let res = res?;
+            let scope = caller.scope.name.clone();
+            let res = match res {
+                Ok(res) => res,
+                Err(e) => {
+                    metrics::counter!(
+                        "rungen_gateway_upstream_requests_total",
+                        "scope" => scope,
+                        "outcome" => e.as_str(),
+                    )
+                    .increment(1);
+                    return Err(e);
+                }
+            };
+            metrics::counter!(
+                "rungen_gateway_upstream_requests_total",
+                "scope" => scope.clone(),
+                "outcome" => crate::telemetry::status_class(res.status().as_u16()),
+            )
+            .increment(1);
+            if let Some(info) = res.extensions().get::<crate::upstream::UpstreamInfo>() {
+                metrics::histogram!(
+                    "rungen_gateway_upstream_request_duration_seconds",
+                    "scope" => scope.clone(),
+                )
+                .record(info.latency.as_secs_f64());
+            }
             if res.status() == StatusCode::FORBIDDEN {
+                metrics::counter!(
+                    "rungen_gateway_upstream_credential_rejected_total",
+                    "scope" => scope,
+                )
+                .increment(1);
                 tracing::error!(
                     scope = %caller.scope.name,
                     key = %caller.scope.api_key.fingerprint(),

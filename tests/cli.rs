@@ -225,9 +225,13 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         logs.push('\n');
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if v["message"] == "gateway listening" {
-            break v["addr"].as_str().unwrap().to_string();
+            break (
+                v["addr"].as_str().unwrap().to_string(),
+                v["admin"].as_str().unwrap().to_string(),
+            );
         }
     };
+    let (addr, admin) = addr;
     let base = format!("http://{addr}");
     let mut captured = String::new();
     let clients = [TestClient::http1(), TestClient::h2c()];
@@ -354,6 +358,23 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         }
         mock.set_faults(Faults::default());
     }
+    // The admin API: metrics, the effective config, an unauthorized reload.
+    let c = TestClient::http1();
+    for path in ["/metrics", "/config", "/readyz"] {
+        let r = c.get(&format!("http://{admin}{path}"), &[]).await;
+        assert_eq!(r.status, http::StatusCode::OK);
+        captured.push_str(&format!("admin {path} -> {:?} {}\n", r.headers, r.text()));
+    }
+    let r = c
+        .send(
+            Method::POST,
+            &format!("http://{admin}/reload"),
+            &[("authorization", TOKEN_RW)],
+            None,
+        )
+        .await;
+    captured.push_str(&format!("admin reload -> {} {}\n", r.status, r.text()));
+    assert!(captured.contains("rungen_gateway_requests_total"));
     assert!(captured.contains("-> 200"));
     assert!(captured.contains("-> 401"));
     assert!(captured.contains("-> 403"));
@@ -401,6 +422,7 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         TOKEN_RW,
         TOKEN_RO,
         TOKEN_BROKEN,
+        ADMIN_TOKEN,
         "canary-caller-token-unknown-77",
     ] {
         assert!(!logs.contains(canary), "{canary} leaked into the logs");
@@ -416,5 +438,83 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
     for token in [TOKEN_RW, TOKEN_RO, TOKEN_BROKEN] {
         assert!(!seen.contains(token), "{token} reached the upstream");
     }
+    mock.shutdown();
+}
+
+/// SIGHUP reloads the config: a client removed from the file is refused next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gateway.toml");
+    let text =
+        config_toml(&mock.base_url(), "", "").replace("poll_interval = \"200ms\"", "watch = false");
+    std::fs::write(&cfg, &text).unwrap();
+    let mut child = bin()
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "gateway listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let c = TestClient::http1();
+    let url = format!("http://{addr}/app");
+    assert_eq!(
+        c.get(&url, &[("x-api-key", TOKEN_RO)]).await.status,
+        http::StatusCode::OK
+    );
+
+    let start = text.find("[[clients]]\nname = \"reader\"").unwrap();
+    let end = start
+        + text[start..]
+            .find("[[clients]]\nname = \"misconfigured\"")
+            .unwrap();
+    std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut reloaded = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        if line.contains("config reloaded") {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "SIGHUP led to a reload");
+    assert_eq!(
+        c.get(&url, &[("x-api-key", TOKEN_RO)]).await.status,
+        http::StatusCode::UNAUTHORIZED
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
     mock.shutdown();
 }

@@ -22,6 +22,7 @@ use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, full_body};
 use crate::routing::Route;
+use crate::upstream::UpstreamInfo;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -69,6 +70,7 @@ enum FetchResult {
     Stored {
         entry: Arc<CachedResponse>,
         fwd_status: u16,
+        upstream: Option<UpstreamInfo>,
     },
     /// A complete (small) response that is not stored; served to every waiter.
     NotStored {
@@ -450,6 +452,7 @@ impl Fill {
             Err(e) => return FetchResult::Failed(e),
         };
         let status = res.status();
+        let upstream = res.extensions().get::<UpstreamInfo>().copied();
         let now = cache.clock.now();
         let wall = cache.clock.wall();
 
@@ -495,6 +498,7 @@ impl Fill {
                     return FetchResult::Stored {
                         entry,
                         fwd_status: 304,
+                        upstream,
                     };
                 }
             }
@@ -578,6 +582,7 @@ impl Fill {
                 FetchResult::Stored {
                     entry,
                     fwd_status: status.as_u16(),
+                    upstream,
                 }
             }
             Err(reason) => FetchResult::NotStored {
@@ -760,7 +765,11 @@ impl CacheService {
                 })
         };
         match result {
-            FetchResult::Stored { entry, fwd_status } => {
+            FetchResult::Stored {
+                entry,
+                fwd_status,
+                upstream,
+            } => {
                 if entry.variant != key.variant && entry.variant != 0 && collapsed {
                     // Another variant filled this flight: fetch our own, uncoalesced.
                     count(&route_label, &scope, "bypass");
@@ -772,13 +781,18 @@ impl CacheService {
                     &scope,
                     if collapsed { "collapsed" } else { "miss" },
                 );
-                Ok(from_entry(
+                let mut res = from_entry(
                     &entry,
                     &method,
                     if_none_match.as_ref(),
                     now,
                     outcome(fwd_status, true, None),
-                ))
+                );
+                // The upstream's status and latency, for the log line of the caller that led.
+                if let (Some(info), false) = (upstream, collapsed) {
+                    res.extensions_mut().insert(info);
+                }
+                Ok(res)
             }
             FetchResult::NotStored { response, reason } => {
                 if is_upstream_error(response.status) {

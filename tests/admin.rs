@@ -1,0 +1,472 @@
+//! The admin API, metrics and hot reload, end to end.
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use rungen_gateway::config::Config;
+use rungen_gateway::mock_upstream::{self, Faults};
+use rungen_gateway::server;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn admin_url(h: &Harness, path: &str) -> String {
+    format!("http://{}{}", h.gateway().admin_addr().unwrap(), path)
+}
+
+fn admin_auth() -> String {
+    bearer(ADMIN_TOKEN)
+}
+
+/// Parses Prometheus text: every sample line is `name{labels} value`.
+fn parse_metrics(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels: {line}");
+        }
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+fn sum(samples: &[(String, f64)], prefix: &str, contains: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| s.starts_with(prefix) && contains.iter().all(|c| s.contains(c)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_that_move_with_traffic() {
+    let h = Harness::start().await;
+    let c = TestClient::http1();
+    let r = c.get(&admin_url(&h, "/healthz"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = c.get(&admin_url(&h, "/readyz"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "ready");
+
+    let before = parse_metrics(&c.get(&admin_url(&h, "/metrics"), &[]).await.text());
+    let auth = bearer(TOKEN_RW);
+    for _ in 0..3 {
+        c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    }
+    c.get(&h.url("/app"), &[]).await; // a 401
+    let r = c.get(&admin_url(&h, "/metrics"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = r.text();
+    let after = parse_metrics(&text);
+    let moved =
+        |prefix: &str, labels: &[&str]| sum(&after, prefix, labels) - sum(&before, prefix, labels);
+    assert!(
+        moved(
+            "rungen_gateway_requests_total",
+            &[
+                "client=\"writer\"",
+                "status_class=\"2xx\"",
+                "route=\"/app\""
+            ]
+        ) >= 3.0,
+        "{text}"
+    );
+    assert!(
+        moved(
+            "rungen_gateway_cache_requests_total",
+            &["outcome=\"hit\"", "scope=\"personal\""]
+        ) >= 2.0
+    );
+    assert!(
+        moved(
+            "rungen_gateway_upstream_requests_total",
+            &["scope=\"personal\""]
+        ) >= 1.0
+    );
+    assert!(moved("rungen_gateway_errors_total", &["kind=\"unauthenticated\""]) >= 1.0);
+    assert!(
+        moved(
+            "rungen_gateway_request_duration_seconds_count",
+            &["route=\"/app\""]
+        ) >= 4.0
+    );
+    assert!(
+        text.contains("rungen_gateway_request_duration_seconds_bucket"),
+        "histograms, not summaries"
+    );
+    assert!(text.contains("rungen_gateway_build_info"));
+    assert!(text.contains("rungen_gateway_cache_entries"));
+    assert!(text.contains("rungen_gateway_config_generation"));
+    // No raw ids in labels: only route templates.
+    assert!(!text.contains("route=\"/app/") || text.contains("route=\"/app/{id}"));
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        TOKEN_RW,
+        TOKEN_RO,
+        ADMIN_TOKEN,
+    ] {
+        assert!(!text.contains(canary));
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn effective_config_shows_fingerprints_only() {
+    let h = Harness::start().await;
+    let c = TestClient::http1();
+    let r = c.get(&admin_url(&h, "/config"), &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    let teams = v["teams"].as_array().unwrap();
+    assert_eq!(teams.len(), 4);
+    assert!(teams[0]["api_key"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(v["clients"][0]["name"], "writer");
+    let text = r.text();
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        OTHER_UPSTREAM_KEY,
+        TOKEN_RW,
+        ADMIN_TOKEN,
+        &sha256_hex(TOKEN_RW),
+    ] {
+        assert!(!text.contains(canary), "{canary} in /config");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn purge_over_http_needs_the_admin_token() {
+    let h = Harness::start().await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let team = [("authorization", auth.as_str()), ("x-team-id", TEAM_ID)];
+    c.get(&h.url("/app"), &team).await;
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(h.upstream_count("GET /app"), 2);
+
+    let purge = |headers: Vec<(&'static str, String)>, body: &'static str| {
+        let c = c.clone();
+        let url = admin_url(&h, "/cache/purge");
+        async move {
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            c.send(Method::POST, &url, &hs, Some(body)).await
+        }
+    };
+    let r = purge(vec![], "{}").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(!r.error_message().is_empty());
+    let r = purge(vec![("authorization", bearer("wrong"))], "{}").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = purge(
+        vec![("authorization", admin_auth())],
+        "{\"scope\": \"nope\"}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = purge(vec![("authorization", admin_auth())], "not json").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = purge(
+        vec![("authorization", admin_auth())],
+        "{\"path_prefix\": \"/app\"}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "a prefix needs a scope");
+
+    let r = purge(
+        vec![("authorization", admin_auth())],
+        "{\"scope\": \"acme\", \"path_prefix\": \"/app\"}",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    c.get(&h.url("/app"), &team).await;
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        3,
+        "only acme's /app was purged"
+    );
+
+    let r = purge(vec![("authorization", admin_auth())], "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    c.get(&h.url("/app"), &team).await;
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(h.upstream_count("GET /app"), 5, "everything was purged");
+
+    let r = c.get(&admin_url(&h, "/cache/purge"), &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    h.stop().await;
+}
+
+/// A gateway from a real config file in a temp dir (so it can be reloaded).
+struct FileGateway {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    mock: mock_upstream::MockHandle,
+    gateway: server::Running,
+}
+
+impl FileGateway {
+    async fn start(edit: impl Fn(String) -> String) -> FileGateway {
+        let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("personal.key");
+        std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).unwrap();
+        let text = config_toml(&mock.base_url(), "", "").replacen(
+            &format!("api_key = {{ value = \"{UPSTREAM_KEY}\" }}"),
+            &format!("api_key = {{ file = \"{}\" }}", key_file.display()),
+            1,
+        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, edit(text)).unwrap();
+        let gateway = server::start(Config::load(&path).unwrap()).await.unwrap();
+        FileGateway {
+            dir,
+            path,
+            mock,
+            gateway,
+        }
+    }
+
+    fn url(&self, p: &str) -> String {
+        format!("http://{}{}", self.gateway.local_addr(), p)
+    }
+
+    fn admin(&self, p: &str) -> String {
+        format!("http://{}{}", self.gateway.admin_addr().unwrap(), p)
+    }
+
+    fn rewrite(&self, f: impl Fn(String) -> String) {
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        write_atomically(&self.path, &f(text));
+    }
+
+    async fn stop(self) {
+        self.gateway.stop().await;
+        self.mock.shutdown();
+    }
+}
+
+/// Like Kubernetes: write a new file, then rename it over the old one.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn without_reader(text: String) -> String {
+    let start = text.find("[[clients]]\nname = \"reader\"").unwrap();
+    let end = start
+        + text[start..]
+            .find("[[clients]]\nname = \"misconfigured\"")
+            .unwrap();
+    format!("{}{}", &text[..start], &text[end..])
+}
+
+#[tokio::test]
+async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
+    let g = FileGateway::start(|t| t.replace("poll_interval = \"200ms\"", "watch = false")).await;
+    let c = TestClient::http1();
+    let r = c.get(&g.url("/app"), &[("x-api-key", TOKEN_RO)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    g.rewrite(without_reader);
+    let r = c
+        .send(
+            Method::POST,
+            &g.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.json()["generation"], 2);
+    let r = c.get(&g.url("/app"), &[("x-api-key", TOKEN_RO)]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "the revoked token is refused at once"
+    );
+
+    // A bad config is refused; the old one keeps serving and readiness stays up.
+    let metrics_before = c.get(&g.admin("/metrics"), &[]).await.text();
+    g.rewrite(|t| t.replace("request_timeout = \"2s\"", "request_timeout = \"whenever\""));
+    let r = c
+        .send(
+            Method::POST,
+            &g.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let msg = r.error_message();
+    assert!(
+        msg.contains("upstream.request_timeout") && msg.contains("whenever"),
+        "{msg}"
+    );
+    assert!(msg.contains("gateway.toml"), "{msg}");
+    let r = c
+        .get(&g.url("/app"), &[("authorization", &bearer(TOKEN_RW))])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(c.get(&g.admin("/readyz"), &[]).await.status, StatusCode::OK);
+    assert_eq!(g.gateway.state().generation(), 2);
+    let errors = |text: &str| {
+        sum(
+            &parse_metrics(text),
+            "rungen_gateway_config_reloads_total",
+            &["outcome=\"error\""],
+        )
+    };
+    let metrics_after = c.get(&g.admin("/metrics"), &[]).await.text();
+    assert!(errors(&metrics_after) >= errors(&metrics_before) + 1.0);
+
+    // Reload needs the admin token.
+    let r = c.send(Method::POST, &g.admin("/reload"), &[], None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_picked_up_and_its_scope_cache_dropped() {
+    let g = FileGateway::start(|t| t).await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let r = c.get(&g.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let old_body = r.body.clone();
+    assert_eq!(
+        g.mock.requests().last().unwrap().header("x-api-key"),
+        Some(UPSTREAM_KEY)
+    );
+
+    // Rotate the personal scope's key (the mock's second user: a different personal scope).
+    write_atomically(
+        &g.dir.path().join("personal.key"),
+        &format!("{OTHER_UPSTREAM_KEY}\n"),
+    );
+    let mut rotated = false;
+    for _ in 0..100 {
+        if g.gateway.state().generation() >= 2 {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "the watcher reloaded after the secret changed");
+    let r = c.get(&g.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_ne!(r.body, old_body, "the old key's cached answer was dropped");
+    assert_eq!(
+        g.mock.requests().last().unwrap().header("x-api-key"),
+        Some(OTHER_UPSTREAM_KEY)
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn an_in_flight_request_survives_a_reload() {
+    let g = FileGateway::start(|t| t.replace("poll_interval = \"200ms\"", "watch = false")).await;
+    g.mock.set_faults(Faults {
+        latency_ms: 600,
+        ..Faults::default()
+    });
+    let c = TestClient::http1();
+    let url = g.url("/app");
+    let c2 = c.clone();
+    let slow = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
+    for _ in 0..100 {
+        if g.mock.stats().total > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    g.rewrite(without_reader);
+    let r = c
+        .send(
+            Method::POST,
+            &g.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = slow.await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the request finished with the config it started with"
+    );
+    g.mock.set_faults(Faults::default());
+    let r = c.get(&g.url("/app"), &[("x-api-key", TOKEN_RO)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_turns_readiness_off_before_the_listener_closes() {
+    let g =
+        FileGateway::start(|t| t.replace("drain_delay = \"0s\"", "drain_delay = \"700ms\"")).await;
+    g.mock.set_faults(Faults {
+        latency_ms: 900,
+        ..Faults::default()
+    });
+    let c = TestClient::http1();
+    let url = g.url("/app");
+    let c2 = c.clone();
+    let in_flight = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
+    for _ in 0..100 {
+        if g.mock.stats().total > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let addr = g.gateway.local_addr();
+    let admin = g.admin("/readyz");
+    g.gateway.shutdown();
+    let r = c.get(&admin, &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.error_message().contains("draining"));
+    // During the delay, new requests are still served.
+    g.mock.set_faults(Faults::default());
+    let r = c
+        .get(&g.url("/app"), &[("authorization", &bearer(TOKEN_RW))])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "the in-flight request completed");
+    let FileGateway { gateway, mock, .. } = g;
+    gateway.wait().await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new connections after the drain"
+    );
+    mock.shutdown();
+}
