@@ -9,6 +9,8 @@
 
 use crate::config::{Client, Team};
 use crate::error::{Body, GatewayError, error_response};
+use crate::listener::PeerAddr;
+use crate::rate_limit::{Limits, client_ip};
 use crate::secret::token_digest;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, Method, Request, Response, header};
@@ -95,11 +97,15 @@ fn method_allowed(client: &Client, method: &Method) -> bool {
 #[derive(Clone, Debug)]
 pub struct CallerAuthLayer {
     credentials: Arc<Credentials>,
+    limits: Arc<Limits>,
 }
 
 impl CallerAuthLayer {
-    pub fn new(credentials: Arc<Credentials>) -> Self {
-        Self { credentials }
+    pub fn new(credentials: Arc<Credentials>, limits: Arc<Limits>) -> Self {
+        Self {
+            credentials,
+            limits,
+        }
     }
 }
 
@@ -109,6 +115,7 @@ impl<S> tower::Layer<S> for CallerAuthLayer {
         CallerAuth {
             inner,
             credentials: self.credentials.clone(),
+            limits: self.limits.clone(),
         }
     }
 }
@@ -117,6 +124,19 @@ impl<S> tower::Layer<S> for CallerAuthLayer {
 pub struct CallerAuth<S> {
     inner: S,
     credentials: Arc<Credentials>,
+    limits: Arc<Limits>,
+}
+
+impl<S> CallerAuth<S> {
+    fn unauthenticated_ip(&self, req: &Request<Body>) -> Option<std::net::IpAddr> {
+        let peer = req.extensions().get::<PeerAddr>()?.0.ip();
+        let settings = self.limits.settings();
+        Some(client_ip(
+            peer,
+            req.headers().get("x-forwarded-for"),
+            &settings.trusted_proxies,
+        ))
+    }
 }
 
 impl<S> tower::Service<Request<Body>> for CallerAuth<S>
@@ -137,7 +157,18 @@ where
             .and_then(|t| self.credentials.lookup(t))
             .cloned()
         else {
-            return std::future::ready(Ok(error_response(&GatewayError::Unauthenticated))).boxed();
+            // Failed authentication spends the source IP's budget, never a client's.
+            let err = match self.unauthenticated_ip(&req) {
+                Some(ip) => match self.limits.check_unauthenticated(ip) {
+                    Ok(()) => GatewayError::Unauthenticated,
+                    Err(wait) => GatewayError::RateLimited {
+                        policy: "unauthenticated",
+                        retry_after: wait,
+                    },
+                },
+                None => GatewayError::Unauthenticated,
+            };
+            return std::future::ready(Ok(error_response(&err))).boxed();
         };
         let refuse = |client: Arc<Client>, err: GatewayError| {
             let mut res = error_response(&err);

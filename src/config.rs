@@ -84,6 +84,8 @@ struct RawConfig {
     #[serde(default)]
     cache: RawCache,
     #[serde(default)]
+    rate_limit: RawRateLimit,
+    #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
     reload: RawReload,
@@ -167,6 +169,51 @@ impl Default for RawLogging {
         Self {
             level: defaults::log_level(),
             format: defaults::log_format(),
+        }
+    }
+}
+
+/// `{ per_second = 50, burst = 100 }` or `{ per_minute = 600, burst = 100 }`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    per_second: Option<u32>,
+    per_minute: Option<u32>,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    #[serde(default = "defaults::yes")]
+    enabled: bool,
+    #[serde(default)]
+    default: Option<RawQuota>,
+    #[serde(default)]
+    unauthenticated: Option<RawQuota>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default = "defaults::max_in_flight")]
+    max_in_flight: usize,
+    #[serde(default)]
+    upstream_budget: Option<RawQuota>,
+    #[serde(default)]
+    upstream_max_concurrent: Option<usize>,
+    #[serde(default)]
+    upstream_queue_timeout: Option<String>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default: None,
+            unauthenticated: None,
+            trusted_proxies: Vec::new(),
+            max_in_flight: defaults::max_in_flight(),
+            upstream_budget: None,
+            upstream_max_concurrent: None,
+            upstream_queue_timeout: None,
         }
     }
 }
@@ -255,6 +302,12 @@ struct RawTeam {
     #[serde(default)]
     team_id: Option<String>,
     api_key: SecretSource,
+    #[serde(default)]
+    upstream_budget: Option<RawQuota>,
+    #[serde(default)]
+    upstream_max_concurrent: Option<usize>,
+    #[serde(default)]
+    upstream_queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +318,8 @@ struct RawClient {
     teams: Vec<String>,
     #[serde(default = "defaults::methods")]
     methods: Vec<String>,
+    #[serde(default)]
+    rate_limit: Option<RawQuota>,
 }
 
 /// Where a secret comes from: `{ env = "NAME" }`, `{ file = "/path" }`, or
@@ -342,6 +397,9 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn max_in_flight() -> usize {
+        4096
+    }
     pub fn admin_listen() -> String {
         "127.0.0.1:9090".into()
     }
@@ -427,6 +485,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub logging: LoggingConfig,
     pub cache: crate::cache::CacheSettings,
+    pub rate_limit: crate::rate_limit::RateLimitSettings,
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
     pub teams: Vec<Arc<Team>>,
@@ -560,6 +619,25 @@ fn parse_duration_or_zero(p: &mut Problems<'_>, field: &str, value: &str) -> Dur
             Duration::ZERO
         }
     }
+}
+
+fn validate_quota(p: &mut Problems<'_>, field: &str, q: &RawQuota) -> governor::Quota {
+    let (count, per) = match (q.per_second, q.per_minute) {
+        (Some(n), None) => (n, Duration::from_secs(1)),
+        (None, Some(n)) => (n, Duration::from_secs(60)),
+        _ => {
+            p.push(field, "give exactly one of per_second or per_minute");
+            (1, Duration::from_secs(1))
+        }
+    };
+    if count == 0 {
+        p.push(field, "the rate must be at least 1");
+    }
+    let burst = q.burst.unwrap_or(count);
+    if burst == 0 {
+        p.push(format!("{field}.burst"), "must be at least 1");
+    }
+    crate::rate_limit::quota(count, per, burst)
 }
 
 fn validate_cache(p: &mut Problems<'_>, raw: &RawCache) -> crate::cache::CacheSettings {
@@ -805,6 +883,75 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     // [cache]
     let cache = validate_cache(&mut p, &raw.cache);
 
+    // [rate_limit]
+    let rl = &raw.rate_limit;
+    let mut rate_limit = crate::rate_limit::RateLimitSettings {
+        enabled: rl.enabled,
+        max_in_flight: rl.max_in_flight,
+        ..Default::default()
+    };
+    if let Some(q) = &rl.default {
+        rate_limit.default_quota = validate_quota(&mut p, "rate_limit.default", q);
+    }
+    if let Some(q) = &rl.unauthenticated {
+        rate_limit.unauthenticated_quota = validate_quota(&mut p, "rate_limit.unauthenticated", q);
+    }
+    if rl.max_in_flight == 0 {
+        p.push("rate_limit.max_in_flight", "must be at least 1");
+    }
+    for (i, net) in rl.trusted_proxies.iter().enumerate() {
+        let parsed = net
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(n) => rate_limit.trusted_proxies.push(n),
+            Err(_) => p.push(
+                format!("rate_limit.trusted_proxies[{i}]"),
+                format!("`{net}` is not an IP address or CIDR like 10.0.0.0/8"),
+            ),
+        }
+    }
+    let mut default_budget = crate::rate_limit::default_scope_budget();
+    if let Some(q) = &rl.upstream_budget {
+        default_budget.quota = validate_quota(&mut p, "rate_limit.upstream_budget", q);
+    }
+    if let Some(n) = rl.upstream_max_concurrent {
+        if n == 0 {
+            p.push("rate_limit.upstream_max_concurrent", "must be at least 1");
+        }
+        default_budget.max_concurrent = n.max(1);
+    }
+    if let Some(t) = &rl.upstream_queue_timeout {
+        default_budget.queue_timeout =
+            parse_duration_or_zero(&mut p, "rate_limit.upstream_queue_timeout", t);
+    }
+    for (i, t) in raw.teams.iter().enumerate() {
+        let mut budget = default_budget.clone();
+        if let Some(q) = &t.upstream_budget {
+            budget.quota = validate_quota(&mut p, &format!("teams[{i}].upstream_budget"), q);
+        }
+        if let Some(n) = t.upstream_max_concurrent {
+            if n == 0 {
+                p.push(
+                    format!("teams[{i}].upstream_max_concurrent"),
+                    "must be at least 1",
+                );
+            }
+            budget.max_concurrent = n.max(1);
+        }
+        if let Some(d) = &t.upstream_queue_timeout {
+            budget.queue_timeout =
+                parse_duration_or_zero(&mut p, &format!("teams[{i}].upstream_queue_timeout"), d);
+        }
+        rate_limit.scope_budgets.insert(t.name.clone(), budget);
+    }
+    for (i, c) in raw.clients.iter().enumerate() {
+        if let Some(q) = &c.rate_limit {
+            let quota = validate_quota(&mut p, &format!("clients[{i}].rate_limit"), q);
+            rate_limit.client_quotas.insert(c.name.clone(), quota);
+        }
+    }
+
     // [admin]
     let admin_listen = if raw.admin.listen.is_empty() || raw.admin.listen == "off" {
         None
@@ -1021,6 +1168,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         upstream,
         logging,
         cache,
+        rate_limit,
         admin,
         reload,
         teams,

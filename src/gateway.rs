@@ -4,6 +4,7 @@ use crate::cache::{Cache, CacheLayer};
 use crate::caller_auth::{CallerAuthLayer, Credentials};
 use crate::config::Config;
 use crate::error::{Body, RescueLayer};
+use crate::rate_limit::{CallerLimitLayer, Limits, OverloadLayer, UpstreamBudgetLayer};
 use crate::routing::RoutingLayer;
 use crate::telemetry::AccessLogLayer;
 use crate::upstream::{HttpClient, Upstream};
@@ -18,13 +19,20 @@ use tower::util::BoxCloneSyncService;
 pub type GatewayService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// Composes the request path. The layer added first sees the request first.
-pub fn build(config: &Config, client: HttpClient, cache: Arc<Cache>) -> GatewayService {
+pub fn build(
+    config: &Config,
+    client: HttpClient,
+    cache: Arc<Cache>,
+    limits: Arc<Limits>,
+) -> GatewayService {
     let credentials = Arc::new(Credentials::new(&config.clients));
     let service = ServiceBuilder::new()
         // request id, one access-log line per request
         .layer(AccessLogLayer)
         // every Err(GatewayError) below becomes its response (error.rs)
         .layer(RescueLayer)
+        // global in-flight cap: shed with 503 instead of queueing without bound
+        .layer(OverloadLayer::new(limits.clone()))
         // URI, method, path and body-size limits; only configured prefixes
         .layer(RoutingLayer::new(
             &config.upstream.route_prefixes,
@@ -32,9 +40,13 @@ pub fn build(config: &Config, client: HttpClient, cache: Arc<Cache>) -> GatewayS
             config.server.max_body_bytes,
         ))
         // 3. caller auth: token -> client -> team scope, method check
-        .layer(CallerAuthLayer::new(credentials))
+        .layer(CallerAuthLayer::new(credentials, limits.clone()))
+        // 4. rate limit: the client's quota (cache hits included), RateLimit headers
+        .layer(CallerLimitLayer::new(limits.clone()))
         // 5. cache: lookup, coalescing, store, stale serving, invalidation on writes
         .layer(CacheLayer::new(cache, &config.teams))
+        // the scope's upstream budget and concurrency cap (only what goes upstream)
+        .layer(UpstreamBudgetLayer::new(limits))
         // 6. credential injection: strip caller headers, set x-api-key / x-team-id
         .layer(UpstreamCredentialsLayer)
         // 7. upstream: pooled client, timeouts, errors tagged with their source

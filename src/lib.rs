@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod hop;
 pub mod listener;
 pub mod mock_upstream;
+pub mod rate_limit;
 pub mod routing;
 pub mod secret;
 pub mod server;

@@ -7,6 +7,7 @@ use crate::cache::{Cache, PurgeScope};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
+use crate::rate_limit::{self, Limits};
 use crate::{admin, listener, telemetry, upstream};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ pub struct State {
     config: ArcSwap<Config>,
     service: Arc<ArcSwap<GatewayService>>,
     cache: Arc<Cache>,
+    limits: Arc<Limits>,
     draining: AtomicBool,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
@@ -97,7 +99,8 @@ impl State {
         for w in &new.warnings {
             tracing::warn!("{w}");
         }
-        let service = gateway::build(&new, client, self.cache.clone());
+        self.limits.configure(new.rate_limit.clone());
+        let service = gateway::build(&new, client, self.cache.clone(), self.limits.clone());
         self.service.store(Arc::new(service));
         self.config.store(Arc::new(new));
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -198,8 +201,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, StartError> {
     telemetry::metrics();
     let client = upstream::build_client(&config.upstream).map_err(StartError::Upstream)?;
-    let cache = Cache::new(config.cache.clone(), clock);
-    let service: GatewayService = gateway::build(&config, client, cache.clone());
+    let cache = Cache::new(config.cache.clone(), clock.clone());
+    let limits = Limits::with_clock(config.rate_limit.clone(), clock);
+    rate_limit::spawn_pruner(&limits, Duration::from_secs(60));
+    let service: GatewayService = gateway::build(&config, client, cache.clone(), limits.clone());
     let (listener, addr) = bind(config.server.listen).await?;
     let admin_listener = match config.admin.listen {
         Some(a) => Some(bind(a).await?),
@@ -212,6 +217,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         config: ArcSwap::from_pointee(config),
         service: Arc::new(ArcSwap::from_pointee(service)),
         cache,
+        limits,
         draining: AtomicBool::new(false),
         generation: AtomicU64::new(1),
         reload_lock: tokio::sync::Mutex::new(()),

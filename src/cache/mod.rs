@@ -825,6 +825,23 @@ impl CacheService {
                 }
             }
             FetchResult::Failed(err) => {
+                // Over the scope's upstream budget: anything still usable will do.
+                let budget = matches!(
+                    err,
+                    GatewayError::RateLimited { .. } | GatewayError::Overloaded { .. }
+                );
+                if budget {
+                    if let Some(s) = stale.as_ref().filter(|s| s.usable(now)) {
+                        count(&route_label, &scope, "stale-budget");
+                        return Ok(from_entry(
+                            s,
+                            &method,
+                            if_none_match.as_ref(),
+                            now,
+                            CacheStatus::StaleBudget,
+                        ));
+                    }
+                }
                 if let Some(res) = serve_stale(None) {
                     return Ok(res);
                 }

@@ -16,6 +16,8 @@ pub enum CacheStatus {
     StaleWhileRevalidate,
     /// Stale entry served without asking upstream: the scope is backing off after an upstream 429.
     StaleBackoff,
+    /// Stale entry served because the scope's upstream budget is spent.
+    StaleBudget,
     /// No usable entry: forwarded. `collapsed`: waited for another request's fetch.
     Miss {
         fwd_status: u16,
@@ -44,6 +46,7 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::StaleWhileRevalidate => "stale",
             CacheStatus::StaleBackoff => "stale-backoff",
+            CacheStatus::StaleBudget => "stale-budget",
             CacheStatus::Miss {
                 collapsed: true, ..
             } => "collapsed",
@@ -62,6 +65,7 @@ impl CacheStatus {
             CacheStatus::Hit
                 | CacheStatus::StaleWhileRevalidate
                 | CacheStatus::StaleBackoff
+                | CacheStatus::StaleBudget
                 | CacheStatus::StaleIfError { .. }
         )
     }
@@ -77,6 +81,9 @@ impl CacheStatus {
             }
             CacheStatus::StaleBackoff => {
                 return HeaderValue::from_static("rungen-gateway; hit; detail=upstream-backoff");
+            }
+            CacheStatus::StaleBudget => {
+                return HeaderValue::from_static("rungen-gateway; hit; detail=upstream-budget");
             }
             CacheStatus::Miss {
                 fwd_status,

@@ -1,0 +1,742 @@
+//! Rate limits (governor, GCRA), in three places on the request path:
+//!
+//! - [`OverloadLayer`]: a global cap on in-flight requests; over it, 503 +
+//!   `Retry-After` at once instead of an unbounded queue.
+//! - [`CallerLimitLayer`] (step 4, after caller auth): every request a client
+//!   makes, cache hits included, against the client's quota. Every response
+//!   carries `RateLimit-Policy` / `RateLimit` (IETF httpapi draft structured
+//!   fields), computed per request, never cached.
+//! - [`UpstreamBudgetLayer`] (after the cache): only requests that really go
+//!   upstream, against the scope's budget and concurrency cap; an upstream
+//!   429 pauses the scope until its `Retry-After`.
+//!
+//! Requests that fail authentication are limited per source IP instead
+//! ([`Limits::check_unauthenticated`]), so guessing tokens is slow and a
+//! client's quota is never spent on 401/403.
+//! This step never parses credentials: it reads the `Caller` that auth left.
+
+use crate::caller_auth::Caller;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError, error_response};
+use futures_util::future::{BoxFuture, FutureExt};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+type Keyed<K> = RateLimiter<
+    K,
+    governor::state::keyed::DefaultKeyedStateStore<K>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// What a limiter said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed { remaining: u32 },
+    Limited { wait: Duration },
+}
+
+/// One cell from a direct limiter.
+pub fn check<C: Clock>(limiter: &Direct<C>) -> Decision {
+    match limiter.check() {
+        Ok(snapshot) => Decision::Allowed {
+            remaining: snapshot.remaining_burst_capacity(),
+        },
+        Err(not_until) => Decision::Limited {
+            wait: not_until.wait_time_from(limiter.clock().now()),
+        },
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `RateLimit-Policy: "<name>";q=<burst>;w=<seconds to refill the burst>`.
+pub fn policy_header(name: &str, quota: &Quota) -> HeaderValue {
+    let q = quota.burst_size().get();
+    let w = ceil_secs(quota.burst_size_replenished_in()).max(1);
+    HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}"))
+        .unwrap_or(HeaderValue::from_static("\"caller\""))
+}
+
+/// `RateLimit: "<name>";r=<remaining>;t=<seconds until the burst is full again>`
+/// (on a 429, `t` equals `Retry-After`).
+pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> HeaderValue {
+    let (r, t) = match decision {
+        Decision::Allowed { remaining } => {
+            let missing = quota.burst_size().get().saturating_sub(remaining);
+            (remaining, ceil_secs(quota.replenish_interval() * missing))
+        }
+        Decision::Limited { wait } => (0, ceil_secs(wait).max(1)),
+    };
+    HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}"))
+        .unwrap_or(HeaderValue::from_static("\"caller\""))
+}
+
+/// The source IP of a request: the peer, or, only when the peer is a trusted
+/// proxy, the first untrusted hop of `X-Forwarded-For` counted from the right
+/// (so a caller cannot choose its own bucket).
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&HeaderValue>, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let Some(xff) = forwarded_for.and_then(|v| v.to_str().ok()) else {
+        return peer;
+    };
+    let hops: Vec<IpAddr> = match xff
+        .split(',')
+        .map(|h| h.trim().parse::<IpAddr>())
+        .collect::<Result<_, _>>()
+    {
+        Ok(h) => h,
+        Err(_) => return peer,
+    };
+    hops.iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+/// Limit settings, from `[rate_limit]`, `[[clients]] rate_limit` and `[[teams]]`.
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Per client, unless the client sets its own.
+    pub default_quota: Quota,
+    /// Per source IP, for requests that fail authentication.
+    pub unauthenticated_quota: Quota,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Global cap on requests in flight; over it, 503.
+    pub max_in_flight: usize,
+    /// Client name -> its own quota.
+    pub client_quotas: HashMap<String, Quota>,
+    /// Scope name -> its upstream budget.
+    pub scope_budgets: HashMap<String, ScopeBudget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeBudget {
+    pub quota: Quota,
+    pub max_concurrent: usize,
+    /// How long a request waits for budget or a concurrency slot before it is refused.
+    pub queue_timeout: Duration,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_quota: quota(50, Duration::from_secs(1), 100),
+            unauthenticated_quota: quota(60, Duration::from_secs(60), 30),
+            trusted_proxies: Vec::new(),
+            max_in_flight: 4096,
+            client_quotas: HashMap::new(),
+            scope_budgets: HashMap::new(),
+        }
+    }
+}
+
+/// `count` requests per `per`, with a burst of `burst` (all at least 1).
+pub fn quota(count: u32, per: Duration, burst: u32) -> Quota {
+    let count = count.max(1);
+    let period = per / count;
+    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    Quota::with_period(period.max(Duration::from_nanos(1)))
+        .unwrap_or(Quota::per_second(std::num::NonZeroU32::MIN))
+        .allow_burst(burst)
+}
+
+pub fn default_scope_budget() -> ScopeBudget {
+    ScopeBudget {
+        quota: quota(50, Duration::from_secs(1), 100),
+        max_concurrent: 64,
+        queue_timeout: Duration::from_secs(1),
+    }
+}
+
+struct ScopeState {
+    budget: ScopeBudget,
+    limiter: Direct<DefaultClock>,
+    slots: Arc<Semaphore>,
+    paused_until: Mutex<Option<Instant>>,
+}
+
+/// Limiter state; one per process, kept across config reloads (a limiter
+/// whose quota did not change keeps its state).
+pub struct Limits {
+    settings: RwLock<Arc<RateLimitSettings>>,
+    callers: RwLock<HashMap<String, Arc<(Quota, Direct<DefaultClock>)>>>,
+    unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
+    scopes: RwLock<HashMap<String, Arc<ScopeState>>>,
+    in_flight: AtomicUsize,
+    /// Time for upstream pauses (tests move it by hand).
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits").finish_non_exhaustive()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Limits {
+    pub fn new(settings: RateLimitSettings) -> Arc<Self> {
+        Self::with_clock(settings, Arc::new(crate::clock::SystemClock))
+    }
+
+    pub fn with_clock(settings: RateLimitSettings, clock: SharedClock) -> Arc<Self> {
+        let unauth = RateLimiter::keyed(settings.unauthenticated_quota).with_middleware();
+        let limits = Arc::new(Self {
+            settings: RwLock::new(Arc::new(settings.clone())),
+            callers: RwLock::new(HashMap::new()),
+            unauthenticated: RwLock::new(Arc::new(unauth)),
+            scopes: RwLock::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            clock,
+        });
+        limits.configure(settings);
+        limits
+    }
+
+    /// Applies new settings; limiters whose quota is unchanged keep their state.
+    pub fn configure(&self, settings: RateLimitSettings) {
+        {
+            let mut callers = write(&self.callers);
+            callers.retain(|name, l| {
+                let q = settings
+                    .client_quotas
+                    .get(name)
+                    .unwrap_or(&settings.default_quota);
+                l.0 == *q
+            });
+        }
+        {
+            let mut scopes = write(&self.scopes);
+            scopes.retain(|name, s| settings.scope_budgets.get(name) == Some(&s.budget));
+            for (name, budget) in &settings.scope_budgets {
+                scopes.entry(name.clone()).or_insert_with(|| {
+                    Arc::new(ScopeState {
+                        budget: budget.clone(),
+                        limiter: RateLimiter::direct(budget.quota).with_middleware(),
+                        slots: Arc::new(Semaphore::new(budget.max_concurrent)),
+                        paused_until: Mutex::new(None),
+                    })
+                });
+            }
+        }
+        let old = read(&self.settings).unauthenticated_quota;
+        if old != settings.unauthenticated_quota {
+            *write(&self.unauthenticated) =
+                Arc::new(RateLimiter::keyed(settings.unauthenticated_quota).with_middleware());
+        }
+        *write(&self.settings) = Arc::new(settings);
+    }
+
+    pub fn settings(&self) -> Arc<RateLimitSettings> {
+        read(&self.settings).clone()
+    }
+
+    fn caller_limiter(&self, client: &str) -> Arc<(Quota, Direct<DefaultClock>)> {
+        if let Some(l) = read(&self.callers).get(client) {
+            return l.clone();
+        }
+        let settings = self.settings();
+        let q = *settings
+            .client_quotas
+            .get(client)
+            .unwrap_or(&settings.default_quota);
+        write(&self.callers)
+            .entry(client.to_string())
+            .or_insert_with(|| Arc::new((q, RateLimiter::direct(q).with_middleware())))
+            .clone()
+    }
+
+    /// Spends one cell of the source IP's unauthenticated budget. `Err(wait)` when over it.
+    pub fn check_unauthenticated(&self, ip: IpAddr) -> Result<(), Duration> {
+        let settings = self.settings();
+        if !settings.enabled {
+            return Ok(());
+        }
+        let limiter = read(&self.unauthenticated).clone();
+        match limiter.check_key(&ip) {
+            Ok(_) => Ok(()),
+            Err(nu) => {
+                metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "unauthenticated", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
+                Err(nu.wait_time_from(limiter.clock().now()))
+            }
+        }
+    }
+
+    /// Drops per-IP state that has fully refilled (bounded memory under a flood of IPs).
+    pub fn prune(&self) {
+        let l = read(&self.unauthenticated).clone();
+        l.retain_recent();
+        l.shrink_to_fit();
+    }
+
+    /// Number of source IPs with state.
+    pub fn tracked_ips(&self) -> usize {
+        read(&self.unauthenticated).len()
+    }
+
+    fn scope(&self, name: &str) -> Option<Arc<ScopeState>> {
+        read(&self.scopes).get(name).cloned()
+    }
+}
+
+/// Prunes per-IP limiter state every `every` until the process ends.
+pub fn spawn_pruner(limits: &Arc<Limits>, every: Duration) {
+    let weak = Arc::downgrade(limits);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match weak.upgrade() {
+                Some(l) => l.prune(),
+                None => return,
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// OverloadLayer
+
+#[derive(Clone)]
+pub struct OverloadLayer {
+    limits: Arc<Limits>,
+}
+
+impl OverloadLayer {
+    pub fn new(limits: Arc<Limits>) -> Self {
+        Self { limits }
+    }
+}
+
+impl<S> tower::Layer<S> for OverloadLayer {
+    type Service = Overload<S>;
+    fn layer(&self, inner: S) -> Overload<S> {
+        Overload {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Overload<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+struct InFlight(Arc<Limits>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for Overload<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let max = self.limits.settings().max_in_flight;
+        let now = self.limits.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let guard = InFlight(self.limits.clone());
+        if now > max {
+            drop(guard);
+            metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "overload", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
+            return std::future::ready(Err(GatewayError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            }))
+            .boxed();
+        }
+        let fut = self.inner.call(req);
+        fut.map(move |res| {
+            drop(guard);
+            res
+        })
+        .boxed()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CallerLimitLayer
+
+#[derive(Clone)]
+pub struct CallerLimitLayer {
+    limits: Arc<Limits>,
+}
+
+impl CallerLimitLayer {
+    pub fn new(limits: Arc<Limits>) -> Self {
+        Self { limits }
+    }
+}
+
+impl<S> tower::Layer<S> for CallerLimitLayer {
+    type Service = CallerLimit<S>;
+    fn layer(&self, inner: S) -> CallerLimit<S> {
+        CallerLimit {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallerLimit<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+impl<S> tower::Service<Request<Body>> for CallerLimit<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (Some(caller), true) = (
+            req.extensions().get::<Caller>(),
+            self.limits.settings().enabled,
+        ) else {
+            return self.inner.call(req).boxed();
+        };
+        let client = caller.client.name.clone();
+        let scope = caller.scope.name.clone();
+        let limiter = self.limits.caller_limiter(&client);
+        let quota = limiter.0;
+        let decision = check(&limiter.1);
+        let policy = policy_header("caller", &quota);
+        let state = ratelimit_header("caller", &quota, decision);
+        let outcome = if matches!(decision, Decision::Allowed { .. }) {
+            "allowed"
+        } else {
+            "limited"
+        };
+        metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "caller", "decision" => outcome, "client" => client, "scope" => scope).increment(1);
+        let add_headers = move |mut res: Response<Body>| {
+            res.headers_mut().insert(RATELIMIT_POLICY, policy);
+            res.headers_mut().insert(RATELIMIT, state);
+            res
+        };
+        match decision {
+            Decision::Limited { wait } => {
+                let res = error_response(&GatewayError::RateLimited {
+                    policy: "caller",
+                    retry_after: wait,
+                });
+                std::future::ready(Ok(add_headers(res))).boxed()
+            }
+            Decision::Allowed { .. } => self
+                .inner
+                .call(req)
+                .map(move |res| res.map(add_headers))
+                .boxed(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// UpstreamBudgetLayer
+
+#[derive(Clone)]
+pub struct UpstreamBudgetLayer {
+    limits: Arc<Limits>,
+}
+
+impl UpstreamBudgetLayer {
+    pub fn new(limits: Arc<Limits>) -> Self {
+        Self { limits }
+    }
+}
+
+impl<S> tower::Layer<S> for UpstreamBudgetLayer {
+    type Service = UpstreamBudget<S>;
+    fn layer(&self, inner: S) -> UpstreamBudget<S> {
+        UpstreamBudget {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UpstreamBudget<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+/// Waits for a cell of the scope's budget, at most `deadline`.
+async fn wait_for_budget(state: &ScopeState, deadline: Instant) -> Result<(), Duration> {
+    loop {
+        match check(&state.limiter) {
+            Decision::Allowed { .. } => return Ok(()),
+            Decision::Limited { wait } => {
+                if Instant::now() + wait > deadline {
+                    return Err(wait);
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn retry_after_secs(res: &Response<Body>) -> Option<Duration> {
+    let v = res
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    if let Ok(s) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    httpdate::parse_http_date(v)
+        .ok()?
+        .duration_since(std::time::SystemTime::now())
+        .ok()
+}
+
+impl<S> tower::Service<Request<Body>> for UpstreamBudget<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let scope_name = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.scope.name.clone());
+        let state = match (&scope_name, self.limits.settings().enabled) {
+            (Some(name), true) => self.limits.scope(name),
+            _ => None,
+        };
+        let Some(state) = state else {
+            return self.inner.call(req).boxed();
+        };
+        let scope = scope_name.unwrap_or_default();
+        // Take the ready service; leave a fresh clone for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limits = self.limits.clone();
+        async move {
+            let limited = |policy: &'static str, wait: Duration| {
+                metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => policy, "decision" => "limited", "client" => "-", "scope" => scope.clone()).increment(1);
+                GatewayError::RateLimited {
+                    policy,
+                    retry_after: wait,
+                }
+            };
+            let now = limits.clock.now();
+            let paused = *state.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(until) = paused.filter(|u| *u > now) {
+                return Err(limited("upstream-paused", until - now));
+            }
+            let deadline = Instant::now() + state.budget.queue_timeout;
+            if let Err(wait) = wait_for_budget(&state, deadline).await {
+                return Err(limited("upstream", wait));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let permit = match tokio::time::timeout(remaining, state.slots.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "upstream-concurrency", "decision" => "limited", "client" => "-", "scope" => scope.clone()).increment(1);
+                    return Err(GatewayError::Overloaded {
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            };
+            let in_use = state.budget.max_concurrent - state.slots.available_permits();
+            metrics::gauge!("rungen_gateway_upstream_in_flight", "scope" => scope.clone()).set(in_use as f64);
+            let res = tower::ServiceExt::ready(&mut inner).await?.call(req).await;
+            drop(permit);
+            let in_use = state.budget.max_concurrent - state.slots.available_permits();
+            metrics::gauge!("rungen_gateway_upstream_in_flight", "scope" => scope.clone()).set(in_use as f64);
+            let res = res?;
+            if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                let wait = retry_after_secs(&res).unwrap_or(Duration::from_secs(1));
+                *state.paused_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(limits.clock.now() + wait);
+                tracing::warn!(scope = %scope, pause = ?wait, "upstream answered 429; pausing this scope's upstream calls");
+            }
+            Ok(res)
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn limiter(q: Quota, clock: &FakeRelativeClock) -> Direct<FakeRelativeClock> {
+        RateLimiter::direct_with_clock(q, clock.clone()).with_middleware()
+    }
+
+    #[test]
+    fn exact_burst_then_refill_with_real_wait_times() {
+        let clock = FakeRelativeClock::default();
+        let q = quota(2, Duration::from_secs(1), 4); // 2/s, burst 4
+        let l = limiter(q, &clock);
+        for expected in [3, 2, 1, 0] {
+            assert_eq!(
+                check(&l),
+                Decision::Allowed {
+                    remaining: expected
+                }
+            );
+        }
+        assert_eq!(
+            check(&l),
+            Decision::Limited {
+                wait: Duration::from_millis(500)
+            }
+        );
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(check(&l), Decision::Allowed { remaining: 0 });
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(check(&l), Decision::Allowed { remaining: 3 });
+    }
+
+    #[test]
+    fn headers_follow_the_draft_and_agree_with_retry_after() {
+        let q = quota(50, Duration::from_secs(1), 100);
+        assert_eq!(policy_header("caller", &q), "\"caller\";q=100;w=2");
+        assert_eq!(
+            ratelimit_header("caller", &q, Decision::Allowed { remaining: 100 }),
+            "\"caller\";r=100;t=0"
+        );
+        assert_eq!(
+            ratelimit_header("caller", &q, Decision::Allowed { remaining: 40 }),
+            "\"caller\";r=40;t=2"
+        );
+        let wait = Duration::from_millis(1500);
+        assert_eq!(
+            ratelimit_header("caller", &q, Decision::Limited { wait }),
+            "\"caller\";r=0;t=2"
+        );
+        assert_eq!(crate::error::retry_after_value(wait), "2");
+        let per_minute = quota(60, Duration::from_secs(60), 20);
+        assert_eq!(policy_header("caller", &per_minute), "\"caller\";q=20;w=20");
+        // A tiny wait still says "retry in 1 s", never 0.
+        assert_eq!(
+            ratelimit_header(
+                "caller",
+                &q,
+                Decision::Limited {
+                    wait: Duration::from_millis(3)
+                }
+            ),
+            "\"caller\";r=0;t=1"
+        );
+    }
+
+    #[test]
+    fn forwarded_for_is_trusted_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = HeaderValue::from_static("1.2.3.4, 198.51.100.7, 10.0.0.5");
+        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, Some(&xff), &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored: it cannot pick its bucket.
+        let outsider: IpAddr = "203.0.113.1".parse().unwrap();
+        assert_eq!(client_ip(outsider, Some(&xff), &trusted), outsider);
+        assert_eq!(client_ip(peer, None, &trusted), peer);
+        let junk = HeaderValue::from_static("not-an-ip");
+        assert_eq!(client_ip(peer, Some(&junk), &trusted), peer);
+        let all_trusted = HeaderValue::from_static("10.1.1.1, 10.2.2.2");
+        assert_eq!(
+            client_ip(peer, Some(&all_trusted), &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn per_ip_state_is_pruned() {
+        let mut s = RateLimitSettings::default();
+        s.unauthenticated_quota = quota(1000, Duration::from_secs(1), 1);
+        let limits = Limits::new(s);
+        for i in 0..1000u32 {
+            let ip = IpAddr::from(i.to_be_bytes());
+            let _ = limits.check_unauthenticated(ip);
+        }
+        assert_eq!(limits.tracked_ips(), 1000);
+        std::thread::sleep(Duration::from_millis(5));
+        limits.prune();
+        assert_eq!(limits.tracked_ips(), 0, "refilled buckets are dropped");
+    }
+
+    #[test]
+    fn reconfigure_keeps_state_of_unchanged_limiters() {
+        let limits = Limits::new(RateLimitSettings::default());
+        let a = limits.caller_limiter("a");
+        limits.configure(RateLimitSettings::default());
+        assert!(Arc::ptr_eq(&a, &limits.caller_limiter("a")));
+        let mut changed = RateLimitSettings::default();
+        changed
+            .client_quotas
+            .insert("a".into(), quota(1, Duration::from_secs(1), 1));
+        limits.configure(changed);
+        assert!(!Arc::ptr_eq(&a, &limits.caller_limiter("a")));
+    }
+}
