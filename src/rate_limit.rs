@@ -173,6 +173,9 @@ pub fn default_scope_budget() -> ScopeBudget {
     }
 }
 
+/// A client's quota and its limiter.
+type CallerLimiter = (Quota, Direct<DefaultClock>);
+
 struct ScopeState {
     budget: ScopeBudget,
     limiter: Direct<DefaultClock>,
@@ -184,7 +187,7 @@ struct ScopeState {
 /// whose quota did not change keeps its state).
 pub struct Limits {
     settings: RwLock<Arc<RateLimitSettings>>,
-    callers: RwLock<HashMap<String, Arc<(Quota, Direct<DefaultClock>)>>>,
+    callers: RwLock<HashMap<String, Arc<CallerLimiter>>>,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
     scopes: RwLock<HashMap<String, Arc<ScopeState>>>,
     in_flight: AtomicUsize,
@@ -263,7 +266,7 @@ impl Limits {
         read(&self.settings).clone()
     }
 
-    fn caller_limiter(&self, client: &str) -> Arc<(Quota, Direct<DefaultClock>)> {
+    fn caller_limiter(&self, client: &str) -> Arc<CallerLimiter> {
         if let Some(l) = read(&self.callers).get(client) {
             return l.clone();
         }
@@ -713,9 +716,10 @@ mod tests {
 
     #[test]
     fn per_ip_state_is_pruned() {
-        let mut s = RateLimitSettings::default();
-        s.unauthenticated_quota = quota(1000, Duration::from_secs(1), 1);
-        let limits = Limits::new(s);
+        let limits = Limits::new(RateLimitSettings {
+            unauthenticated_quota: quota(1000, Duration::from_secs(1), 1),
+            ..Default::default()
+        });
         for i in 0..1000u32 {
             let ip = IpAddr::from(i.to_be_bytes());
             let _ = limits.check_unauthenticated(ip);
