@@ -24,6 +24,7 @@ use rungen_gateway::config::Config;
 use rungen_gateway::error::{Body, empty_body};
 use rungen_gateway::gateway::{self, GatewayService};
 use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle};
+use rungen_gateway::rate_limit::Limits;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
 use std::error::Error;
@@ -75,7 +76,18 @@ impl Counts {
     }
 }
 
-fn config_toml(upstream: &str) -> String {
+/// `[rate_limit]` as benchmarked by default: on, with a quota no benchmark
+/// reaches, so every hit pays for the limiter and its `RateLimit` headers.
+const RATE_LIMIT_ON: &str = r#"
+[rate_limit]
+default = { per_second = 1000000000, burst = 1000000000 }
+"#;
+const RATE_LIMIT_OFF: &str = r#"
+[rate_limit]
+enabled = false
+"#;
+
+fn config_toml(upstream: &str, sections: &str) -> String {
     let digest = hex::encode(rungen_gateway::secret::token_digest(token().as_bytes()));
     format!(
         r#"
@@ -101,6 +113,8 @@ api_key = {{ value = "{UPSTREAM_KEY}" }}
 name = "bench"
 token_sha256 = "{digest}"
 teams = ["{SCOPE}", "personal"]
+
+{sections}
 "#
     )
 }
@@ -114,7 +128,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn start() -> Result<Self, Box<dyn Error>> {
+    /// `sections`: extra config tables (`[rate_limit]`).
+    fn start(sections: &str) -> Result<Self, Box<dyn Error>> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -125,10 +140,12 @@ impl Fixture {
             MockConfig::default(),
             "127.0.0.1:0".parse()?,
         ))?;
-        let config = Config::from_toml(Path::new("bench.toml"), &config_toml(&mock.base_url()))?;
+        let text = config_toml(&mock.base_url(), sections);
+        let config = Config::from_toml(Path::new("bench.toml"), &text)?;
         let client = rungen_gateway::upstream::build_client(&config.upstream)?;
         let cache = Cache::new(config.cache.clone(), Arc::new(SystemClock));
-        let service = gateway::build(&config, client, cache);
+        let limits = Limits::new(config.rate_limit.clone());
+        let service = gateway::build(&config, client, cache, limits);
         let fixture = Self {
             runtime,
             config,
@@ -166,14 +183,18 @@ impl Fixture {
     }
 
     /// `n` hits one after another in one `block_on`; the time they took.
+    /// Panics (after the clock stopped) if any answer was not a cache hit.
     fn hits(&self, n: u64) -> Duration {
-        self.runtime.block_on(async {
+        let (elapsed, not_hits) = self.runtime.block_on(async {
+            let mut not_hits = 0u64;
             let start = Instant::now();
             for _ in 0..n {
-                black_box(hit(&self.service).await);
+                not_hits += u64::from(!hit(&self.service).await);
             }
-            start.elapsed()
-        })
+            (start.elapsed(), not_hits)
+        });
+        assert_eq!(not_hits, 0, "{not_hits} of {n} answers were not cache hits");
+        elapsed
     }
 }
 
@@ -200,16 +221,20 @@ async fn send(service: &GatewayService) -> Result<(Response<()>, Bytes), Box<dyn
     Ok((Response::from_parts(parts, ()), body))
 }
 
-/// The timed request: as [`send`], returning only the body length.
-async fn hit(service: &GatewayService) -> usize {
+/// The timed request: as [`send`]; whether it was a cache hit with a body.
+async fn hit(service: &GatewayService) -> bool {
     let res = match service.clone().oneshot(request()).await {
         Ok(res) => res,
         Err(never) => match never {},
     };
-    match res.into_body().collect().await {
-        Ok(body) => body.to_bytes().len(),
+    let (parts, body) = res.into_parts();
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
         Err(e) => panic!("response body failed: {e}"),
-    }
+    };
+    black_box(&body);
+    parts.headers.get("cache-status").map(HeaderValue::as_bytes) == Some(HIT.as_bytes())
+        && !body.is_empty()
 }
 
 /// Allocation counts of one run of `f`, per call of `n`.
@@ -324,6 +349,9 @@ fn criterion_benches(c: &mut Criterion, f: &Fixture) {
     let mut group = c.benchmark_group("gateway_service");
     group.throughput(Throughput::Elements(1));
     group.bench_function("hit", |b| b.iter_custom(|iters| f.hits(iters)));
+    group.bench_function("hit_block_on_each", |b| {
+        b.iter(|| f.runtime.block_on(hit(&f.service)))
+    });
     group.finish();
 }
 
@@ -332,7 +360,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
     let counts = Counts::new(full);
 
-    let fixture = Fixture::start()?;
+    let fixture = Fixture::start(RATE_LIMIT_ON)?;
 
     println!("-- allocations per call and requests/s (one task, current-thread runtime)");
     service_figures(&fixture, &counts, "(no log subscriber)");
@@ -346,6 +374,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     tracing::subscriber::with_default(subscriber, || {
         service_figures(&fixture, &counts, "(access log to a sink)");
     });
+    let unlimited = Fixture::start(RATE_LIMIT_OFF)?;
+    service_figures(&unlimited, &counts, "([rate_limit] enabled = false)");
+    unlimited.mock.shutdown();
     piece_figures(&fixture, &counts);
     println!();
 

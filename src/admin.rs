@@ -77,8 +77,8 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
         }
         (Method::GET | Method::HEAD, "/readyz") => {
-            if state.is_draining() {
-                error(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down")
+            if let Some(reason) = state.not_ready() {
+                error(StatusCode::SERVICE_UNAVAILABLE, reason)
             } else {
                 json(
                     StatusCode::OK,
@@ -249,7 +249,8 @@ fn effective_config(state: &State) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "clients": c.clients.iter().map(|cl| serde_json::json!({
             "name": cl.name,
-            "token_sha256": format!("sha256:{}", &hex::encode(cl.token_sha256)[..8]),
+            "token_sha256": cl.token_sha256.map(|d| format!("sha256:{}", &hex::encode(d)[..8])),
+            "cert_names": cl.cert_names,
             "teams": cl.teams.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
             "methods": cl.methods.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),

@@ -12,6 +12,7 @@ use crate::error::{Body, GatewayError, error_response};
 use crate::listener::PeerAddr;
 use crate::rate_limit::{Limits, client_ip};
 use crate::secret::token_digest;
+use crate::tls::ClientCertIdentity;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, Method, Request, Response, header};
 use std::collections::HashMap;
@@ -33,10 +34,11 @@ pub struct CallerLog {
     pub scope: Option<Arc<Team>>,
 }
 
-/// Clients by token digest.
+/// Clients by token digest and by client-certificate name.
 #[derive(Debug, Default)]
 pub struct Credentials {
     by_digest: HashMap<[u8; 32], Arc<Client>>,
+    by_cert_name: HashMap<String, Arc<Client>>,
 }
 
 impl Credentials {
@@ -44,13 +46,22 @@ impl Credentials {
         Self {
             by_digest: clients
                 .iter()
-                .map(|c| (c.token_sha256, c.clone()))
+                .filter_map(|c| Some((c.token_sha256?, c.clone())))
+                .collect(),
+            by_cert_name: clients
+                .iter()
+                .flat_map(|c| c.cert_names.iter().map(move |n| (n.clone(), c.clone())))
                 .collect(),
         }
     }
 
     pub fn lookup(&self, token: &[u8]) -> Option<&Arc<Client>> {
         self.by_digest.get(&token_digest(token))
+    }
+
+    /// The client a verified client certificate maps to (first matching name).
+    pub fn lookup_cert(&self, identity: &ClientCertIdentity) -> Option<&Arc<Client>> {
+        identity.names.iter().find_map(|n| self.by_cert_name.get(n))
     }
 }
 
@@ -153,10 +164,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let Some(client) = extract_token(req.headers())
-            .and_then(|t| self.credentials.lookup(t))
-            .cloned()
-        else {
+        // A token wins; without one, a verified client certificate may identify the client.
+        let client = match extract_token(req.headers()) {
+            Some(t) => self.credentials.lookup(t),
+            None => req
+                .extensions()
+                .get::<ClientCertIdentity>()
+                .and_then(|id| self.credentials.lookup_cert(id)),
+        };
+        let Some(client) = client.cloned() else {
             // Failed authentication spends the source IP's budget, never a client's.
             let err = match self.unauthenticated_ip(&req) {
                 Some(ip) => match self.limits.check_unauthenticated(ip) {
@@ -219,7 +235,8 @@ mod tests {
     fn client() -> Client {
         Client {
             name: "c".into(),
-            token_sha256: token_digest(b"tok"),
+            token_sha256: Some(token_digest(b"tok")),
+            cert_names: vec!["svc.internal".into()],
             teams: vec![team("personal", None), team("acme", Some("t-1"))],
             methods: vec![Method::GET],
         }
@@ -265,5 +282,13 @@ mod tests {
         let creds = Credentials::new(&[c]);
         assert!(creds.lookup(b"tok").is_some());
         assert!(creds.lookup(b"tok2").is_none());
+        let id = ClientCertIdentity {
+            names: vec!["other".into(), "svc.internal".into()],
+        };
+        assert_eq!(creds.lookup_cert(&id).unwrap().name, "c");
+        let nobody = ClientCertIdentity {
+            names: vec!["other".into()],
+        };
+        assert!(creds.lookup_cert(&nobody).is_none());
     }
 }

@@ -118,6 +118,23 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "defaults::h2_max_concurrent_streams")]
     h2_max_concurrent_streams: u32,
+    #[serde(default)]
+    plaintext_listen: Option<String>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+    #[serde(default = "defaults::client_auth")]
+    client_auth: String,
+    #[serde(default = "defaults::tls_reload_interval")]
+    reload_interval: String,
 }
 
 impl Default for RawServer {
@@ -133,6 +150,8 @@ impl Default for RawServer {
             max_body_bytes: defaults::max_body_bytes(),
             max_connections: defaults::max_connections(),
             h2_max_concurrent_streams: defaults::h2_max_concurrent_streams(),
+            plaintext_listen: None,
+            tls: None,
         }
     }
 }
@@ -314,7 +333,10 @@ struct RawTeam {
 #[serde(deny_unknown_fields)]
 struct RawClient {
     name: String,
-    token_sha256: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    #[serde(default)]
+    cert_names: Vec<String>,
     teams: Vec<String>,
     #[serde(default = "defaults::methods")]
     methods: Vec<String>,
@@ -397,6 +419,12 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn client_auth() -> String {
+        "required".into()
+    }
+    pub fn tls_reload_interval() -> String {
+        "10s".into()
+    }
     pub fn max_in_flight() -> usize {
         4096
     }
@@ -509,6 +537,10 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub max_connections: usize,
     pub h2_max_concurrent_streams: u32,
+    /// A separate plaintext listener beside the TLS one (in-cluster checks).
+    pub plaintext_listen: Option<SocketAddr>,
+    /// TLS on `listen`; `None`: plaintext HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -567,7 +599,10 @@ pub struct Team {
 #[derive(Debug)]
 pub struct Client {
     pub name: String,
-    pub token_sha256: [u8; 32],
+    /// `None`: the client authenticates by certificate only.
+    pub token_sha256: Option<[u8; 32]>,
+    /// Client-certificate names (subject CN or SAN) that identify this client.
+    pub cert_names: Vec<String>,
     /// Allowed scopes; the first is the default.
     pub teams: Vec<Arc<Team>>,
     pub methods: Vec<Method>,
@@ -763,6 +798,61 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     if s.h2_max_concurrent_streams == 0 {
         p.push("server.h2_max_concurrent_streams", "must be at least 1");
     }
+    let plaintext_listen = match &s.plaintext_listen {
+        None => None,
+        Some(a) => match a.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                p.push(
+                    "server.plaintext_listen",
+                    format!("`{a}` is not an address: {e}"),
+                );
+                None
+            }
+        },
+    };
+    let tls = s.tls.as_ref().and_then(|t| {
+        let required = match t.client_auth.as_str() {
+            "required" => true,
+            "optional" => false,
+            other => {
+                p.push(
+                    "server.tls.client_auth",
+                    format!("`{other}` is not one of \"required\", \"optional\""),
+                );
+                true
+            }
+        };
+        let reload_interval =
+            parse_duration(&mut p, "server.tls.reload_interval", &t.reload_interval);
+        if let Err(e) = crate::tls::load_pair(&t.cert, &t.key) {
+            p.push("server.tls.cert", e);
+            return None;
+        }
+        let settings = crate::tls::TlsSettings {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: t.client_ca.clone(),
+            client_cert_required: required,
+            reload_interval,
+        };
+        if let Some(ca) = &t.client_ca {
+            if let Err(e) = crate::upstream::load_ca_file(ca) {
+                p.push("server.tls.client_ca", e);
+                return None;
+            }
+        }
+        Some(settings)
+    });
+    if plaintext_listen.is_some() && tls.is_none() && s.tls.is_none() {
+        p.push(
+            "server.plaintext_listen",
+            "only with [server.tls]: without TLS, `listen` is already plaintext",
+        );
+    }
+    if plaintext_listen.is_some() && plaintext_listen == Some(listen) && listen.port() != 0 {
+        p.push("server.plaintext_listen", "must differ from server.listen");
+    }
     let server = ServerConfig {
         listen,
         header_read_timeout,
@@ -774,6 +864,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         max_body_bytes: s.max_body_bytes,
         max_connections: s.max_connections,
         h2_max_concurrent_streams: s.h2_max_concurrent_streams,
+        plaintext_listen,
+        tls,
     };
 
     // [upstream]
@@ -1097,12 +1189,28 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             p.push(field("name"), format!("duplicate client name `{}`", c.name));
         }
         let mut token_sha256 = [0u8; 32];
-        match hex::decode(c.token_sha256.trim()) {
-            Ok(bytes) if bytes.len() == 32 => token_sha256.copy_from_slice(&bytes),
-            _ => p.push(
+        match c.token_sha256.as_deref().map(|t| hex::decode(t.trim())) {
+            None if !c.cert_names.is_empty() => {}
+            None => p.push(
+                field("token_sha256"),
+                "is missing: a client needs token_sha256 or cert_names",
+            ),
+            Some(Ok(bytes)) if bytes.len() == 32 => token_sha256.copy_from_slice(&bytes),
+            Some(_) => p.push(
                 field("token_sha256"),
                 "must be 64 hex digits (the SHA-256 of the token; `rungen-gateway new-token` prints one)",
             ),
+        }
+        for (j, n) in c.cert_names.iter().enumerate() {
+            if n.trim().is_empty() {
+                p.push(format!("clients[{i}].cert_names[{j}]"), "is empty");
+            }
+        }
+        if !c.cert_names.is_empty() && s.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            p.push(
+                field("cert_names"),
+                "client certificates need [server.tls] client_ca",
+            );
         }
         if token_sha256 != [0u8; 32] {
             if let Some(other) = digests.insert(token_sha256, c.name.clone()) {
@@ -1153,7 +1261,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
         clients.push(Arc::new(Client {
             name: c.name.clone(),
-            token_sha256,
+            token_sha256: (token_sha256 != [0u8; 32]).then_some(token_sha256),
+            cert_names: c.cert_names.clone(),
             teams: client_teams,
             methods,
         }));

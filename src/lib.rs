@@ -21,5 +21,6 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod upstream_credentials;

@@ -7,6 +7,7 @@
 use crate::config::ServerConfig;
 use crate::error::{Body, BodyError};
 use crate::gateway::GatewayService;
+use crate::tls::ClientCertIdentity;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use http::Request;
@@ -52,6 +53,7 @@ pub async fn serve(
     service: Arc<ArcSwap<GatewayService>>,
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let builder = Arc::new(connection_builder(&cfg));
     let graceful = GracefulShutdown::new();
@@ -81,18 +83,68 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let hyper_service = HyperAdapter {
-            service: service.clone(),
-            peer,
-        };
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper_service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
+        let service = service.clone();
+        let builder = builder.clone();
+        let graceful_watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handshake_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            match tls {
+                None => {
+                    let adapter = HyperAdapter {
+                        service,
+                        peer,
+                        identity: None,
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
+                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            metrics::counter!("rungen_gateway_tls_handshake_failures_total")
+                                .increment(1);
+                            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            metrics::counter!("rungen_gateway_tls_handshake_failures_total")
+                                .increment(1);
+                            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
+                            return;
+                        }
+                    };
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|leaf| ClientCertIdentity {
+                            names: crate::tls::cert_names(leaf),
+                        });
+                    let adapter = HyperAdapter {
+                        service,
+                        peer,
+                        identity,
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
+                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                }
             }
+            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
             drop(permit);
         });
     }
@@ -113,6 +165,7 @@ pub async fn serve(
 struct HyperAdapter {
     service: Arc<ArcSwap<GatewayService>>,
     peer: SocketAddr,
+    identity: Option<ClientCertIdentity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
@@ -124,6 +177,9 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         let svc = GatewayService::clone(&self.service.load());
         let mut req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
         req.extensions_mut().insert(PeerAddr(self.peer));
+        if let Some(id) = &self.identity {
+            req.extensions_mut().insert(id.clone());
+        }
         Box::pin(svc.oneshot(req))
     }
 }

@@ -581,6 +581,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A running mock upstream. Cheap to clone; every clone controls the same server.
 #[derive(Clone)]
 pub struct MockHandle {
+    scheme: &'static str,
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     shutdown_tx: Arc<watch::Sender<bool>>,
@@ -598,6 +599,24 @@ impl std::fmt::Debug for MockHandle {
 /// Binds `listen` (port 0 allowed), spawns the accept loop on the current tokio runtime
 /// and returns at once. Serves HTTP/1.1 (keep-alive) and h2c (prior knowledge).
 pub async fn start(config: MockConfig, listen: SocketAddr) -> std::io::Result<MockHandle> {
+    start_inner(config, listen, None).await
+}
+
+/// Like [`start`], serving HTTPS with the given rustls config (tests of the
+/// gateway's upstream TLS: private CA, name checks, ALPN h2).
+pub async fn start_tls(
+    config: MockConfig,
+    listen: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<MockHandle> {
+    start_inner(config, listen, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+}
+
+async fn start_inner(
+    config: MockConfig,
+    listen: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<MockHandle> {
     config
         .validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -623,9 +642,17 @@ pub async fn start(config: MockConfig, listen: SocketAddr) -> std::io::Result<Mo
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (done_tx, done_rx) = watch::channel(false);
-    tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx, done_tx));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        shutdown_rx,
+        done_tx,
+        tls,
+    ));
     Ok(MockHandle {
         shared,
+        scheme,
         local_addr,
         shutdown_tx: Arc::new(shutdown_tx),
         done_rx,
@@ -649,6 +676,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut shutdown_rx: watch::Receiver<bool>,
     done_tx: watch::Sender<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
@@ -672,6 +700,21 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |req| serve(shared.clone(), req));
+        if let Some(acceptor) = &tls {
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            continue;
+        }
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -703,7 +746,7 @@ impl MockHandle {
                 SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             });
         }
-        format!("http://{addr}")
+        format!("{}://{addr}", self.scheme)
     }
 
     /// A snapshot of the counters.

@@ -8,7 +8,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
 use crate::rate_limit::{self, Limits};
-use crate::{admin, listener, telemetry, upstream};
+use crate::{admin, listener, telemetry, tls, upstream};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ pub struct State {
     service: Arc<ArcSwap<GatewayService>>,
     cache: Arc<Cache>,
     limits: Arc<Limits>,
+    tls: Option<Arc<tls::CertStore>>,
     draining: AtomicBool,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
@@ -37,6 +38,21 @@ impl State {
 
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// Why the gateway is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.is_draining() {
+            return Some("draining: shutting down");
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.valid_now()) {
+            return Some("the TLS certificate in use has expired");
+        }
+        None
+    }
+
+    pub fn tls(&self) -> Option<&Arc<tls::CertStore>> {
+        self.tls.as_ref()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -115,6 +131,8 @@ impl State {
 /// A running gateway.
 pub struct Running {
     addr: SocketAddr,
+    plaintext_addr: Option<SocketAddr>,
+    plaintext_task: Option<JoinHandle<()>>,
     admin_addr: Option<SocketAddr>,
     state: Arc<State>,
     stop: watch::Sender<bool>,
@@ -126,6 +144,11 @@ impl Running {
     /// The bound public address (the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound plaintext address beside TLS, if configured.
+    pub fn plaintext_addr(&self) -> Option<SocketAddr> {
+        self.plaintext_addr
     }
 
     /// The bound admin address, if the admin listener is on.
@@ -157,6 +180,9 @@ impl Running {
     /// Waits until the public listener has drained, then stops the admin listener.
     pub async fn wait(self) {
         let _ = self.task.await;
+        if let Some(t) = self.plaintext_task {
+            let _ = t.await;
+        }
         let _ = self.stop.send(true);
         if let Some(admin) = self.admin_task {
             let _ = admin.await;
@@ -180,6 +206,8 @@ pub enum StartError {
     },
     #[error("upstream client: {0}")]
     Upstream(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -210,6 +238,14 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         Some(a) => Some(bind(a).await?),
         None => None,
     };
+    let plaintext_listener = match (config.server.tls.is_some(), config.server.plaintext_listen) {
+        (true, Some(a)) => Some(bind(a).await?),
+        _ => None,
+    };
+    let tls_store = match &config.server.tls {
+        Some(settings) => Some(tls::CertStore::load(settings).map_err(StartError::Tls)?),
+        None => None,
+    };
 
     let server_cfg = config.server.clone();
     let watch_cfg = config.reload.clone();
@@ -218,6 +254,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         service: Arc::new(ArcSwap::from_pointee(service)),
         cache,
         limits,
+        tls: tls_store.clone(),
         draining: AtomicBool::new(false),
         generation: AtomicU64::new(1),
         reload_lock: tokio::sync::Mutex::new(()),
@@ -228,12 +265,33 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let tls = match &tls_store {
+        Some(store) => {
+            tls::spawn_reloader(store.clone(), stopped.clone());
+            Some(tokio_rustls::TlsAcceptor::from(
+                tls::server_config(store.clone()).map_err(StartError::Tls)?,
+            ))
+        }
+        None => None,
+    };
     let task = tokio::spawn(listener::serve(
         listener,
         state.service.clone(),
         server_cfg.clone(),
         until_stopped(stopped.clone()),
+        tls,
     ));
+    let mut plaintext_addr = None;
+    let plaintext_task = plaintext_listener.map(|(l, a)| {
+        plaintext_addr = Some(a);
+        tokio::spawn(listener::serve(
+            l,
+            state.service.clone(),
+            server_cfg.clone(),
+            until_stopped(stopped.clone()),
+            None,
+        ))
+    });
     let mut admin_addr = None;
     let admin_task = admin_listener.map(|(l, a)| {
         admin_addr = Some(a);
@@ -246,6 +304,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
             svc,
             admin_cfg,
             until_stopped(stopped.clone()),
+            None,
         ))
     });
     if watch_cfg.watch && state.config().source.is_file() {
@@ -258,12 +317,16 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
     let cfg = state.config();
     tracing::info!(
         %addr,
+        tls = cfg.server.tls.is_some(),
+        plaintext = %plaintext_addr.map_or("off".to_string(), |a| a.to_string()),
         admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
         upstream = %format!("{}://{}", cfg.upstream.scheme, cfg.upstream.authority),
         "gateway listening"
     );
     Ok(Running {
         addr,
+        plaintext_addr,
+        plaintext_task,
         admin_addr,
         state,
         stop,

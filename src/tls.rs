@@ -1,0 +1,257 @@
+//! TLS termination: rustls with safe defaults only (TLS 1.2 and 1.3, ECDHE
+//! with AEAD ciphers: the only suites rustls has), ALPN `h2` and `http/1.1`,
+//! certificate and key hot reload, and optional client certificates.
+//!
+//! Crypto provider: `ring`, the only one in the dependency tree (also used by
+//! the upstream client). Keys may be PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// `[server.tls]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA bundle for client certificates (mTLS); `None`: no client certs asked.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse connections without a valid client cert at the
+    /// handshake (`true`), or accept them and fall back to token auth (`false`).
+    pub client_cert_required: bool,
+    /// How often the cert and key files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// The identity of a verified client certificate: subject CN and SAN names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertIdentity {
+    pub names: Vec<String>,
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{}: not a PEM private key: {e}", path.display()))?
+        .ok_or_else(|| {
+            format!(
+                "{}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) in the file",
+                path.display()
+            )
+        })
+}
+
+/// Loads a certificate chain and its key, and checks that they belong together.
+pub fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let chain = read_certs(cert)?;
+    let key_der = read_key(key)?;
+    let provider = crate::upstream::crypto_provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| format!("{}: unusable private key: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not belong together: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// Seconds since the epoch at which the leaf certificate expires.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+/// Subject CN and SAN DNS/URI/email names of a certificate.
+pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = parsed
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        use x509_parser::extensions::GeneralName;
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
+                    names.push((*s).to_string())
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The certificate in use; swapped atomically for new handshakes.
+#[derive(Debug)]
+pub struct CertStore {
+    settings: TlsSettings,
+    current: ArcSwap<CertifiedKey>,
+    seen: Mutex<(Option<(SystemTime, u64)>, Option<(SystemTime, u64)>)>,
+}
+
+impl CertStore {
+    pub fn load(settings: &TlsSettings) -> Result<Arc<Self>, String> {
+        let seen = (file_version(&settings.cert), file_version(&settings.key));
+        let pair = load_pair(&settings.cert, &settings.key)?;
+        let store = Arc::new(Self {
+            settings: settings.clone(),
+            current: ArcSwap::new(pair),
+            seen: Mutex::new(seen),
+        });
+        store.publish_expiry();
+        Ok(store)
+    }
+
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.load().cert.first().and_then(not_after)
+    }
+
+    /// Whether the certificate in use is still valid now.
+    pub fn valid_now(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.not_after().is_some_and(|t| t > now)
+    }
+
+    fn publish_expiry(&self) {
+        if let Some(t) = self.not_after() {
+            metrics::gauge!("rungen_gateway_tls_cert_expiry_timestamp_seconds").set(t as f64);
+        }
+    }
+
+    /// Re-reads the files if they changed; a bad new pair is rejected and the
+    /// old one keeps serving. Returns whether a new pair was installed.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = (
+            file_version(&self.settings.cert),
+            file_version(&self.settings.key),
+        );
+        {
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == now {
+                return false;
+            }
+        }
+        match load_pair(&self.settings.cert, &self.settings.key) {
+            Ok(pair) => {
+                self.current.store(pair);
+                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                self.publish_expiry();
+                metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "success")
+                    .increment(1);
+                tracing::info!(cert = %self.settings.cert.display(), not_after = ?self.not_after(), "TLS certificate reloaded");
+                true
+            }
+            Err(e) => {
+                // Remember the broken version so the error is logged once per change.
+                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "error")
+                    .increment(1);
+                tracing::error!(error = %e, "new TLS certificate rejected; the previous one keeps serving");
+                false
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// The rustls server config: TLS 1.2 + 1.3, ALPN h2 and http/1.1, the
+/// reloading certificate, and client certificates if configured.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = crate::upstream::crypto_provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = match &store.settings.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: invalid CA certificate: {e}", ca.display()))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let verifier = if store.settings.client_cert_required {
+                verifier.build()
+            } else {
+                verifier.allow_unauthenticated().build()
+            }
+            .map_err(|e| format!("{}: client certificate verifier: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Checks the cert and key files of `store` every `reload_interval` until `stopped`.
+pub fn spawn_reloader(store: Arc<CertStore>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let every = store.settings.reload_interval;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            // Debounce: a changed file is read again a moment later, once written.
+            let store2 = store.clone();
+            if tokio::task::spawn_blocking(move || {
+                let s = &store2;
+                let changed = (
+                    file_version(&s.settings.cert),
+                    file_version(&s.settings.key),
+                ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner());
+                changed
+            })
+            .await
+            .unwrap_or(false)
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let store2 = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store2.reload_if_changed()).await;
+            }
+        }
+    });
+}
