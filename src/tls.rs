@@ -109,7 +109,12 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
     names
 }
 
-fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
+/// Modification time and length of a file (following symlinks).
+type FileVersion = Option<(SystemTime, u64)>;
+/// Versions of the cert file and the key file.
+type PairVersion = (FileVersion, FileVersion);
+
+fn file_version(path: &Path) -> FileVersion {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
@@ -119,7 +124,7 @@ fn file_version(path: &Path) -> Option<(SystemTime, u64)> {
 pub struct CertStore {
     settings: TlsSettings,
     current: ArcSwap<CertifiedKey>,
-    seen: Mutex<(Option<(SystemTime, u64)>, Option<(SystemTime, u64)>)>,
+    seen: Mutex<PairVersion>,
 }
 
 impl CertStore {
@@ -239,11 +244,10 @@ pub fn spawn_reloader(store: Arc<CertStore>, mut stopped: tokio::sync::watch::Re
             let store2 = store.clone();
             if tokio::task::spawn_blocking(move || {
                 let s = &store2;
-                let changed = (
+                (
                     file_version(&s.settings.cert),
                     file_version(&s.settings.key),
-                ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner());
-                changed
+                ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner())
             })
             .await
             .unwrap_or(false)
