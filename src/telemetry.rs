@@ -15,6 +15,39 @@ use std::time::Instant;
 use tracing_subscriber::EnvFilter;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// `00-<32 hex trace id, not all zero>-<16 hex parent id, not all zero>-<2 hex flags>`.
+pub fn valid_traceparent(v: &[u8]) -> bool {
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    v.len() == 55
+        && &v[..3] == b"00-"
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[3..35])
+        && hex(&v[36..52])
+        && hex(&v[53..55])
+        && v[3..35].iter().any(|c| *c != b'0')
+        && v[36..52].iter().any(|c| *c != b'0')
+}
+
+fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
+    let id = request_id.as_bytes();
+    let trace_id =
+        if id.len() == 32 && valid_traceparent(&[b"00-", id, b"-0000000000000001-01"].concat()) {
+            String::from_utf8_lossy(id).into_owned()
+        } else {
+            uuid::Uuid::new_v4().simple().to_string()
+        };
+    let parent = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    HeaderValue::from_str(&format!("00-{trace_id}-{parent}-01")).unwrap_or(
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    )
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level.
 /// Returns false if one was already installed (tests, the demo).
@@ -125,6 +158,18 @@ where
             _ => new_request_id(),
         };
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        // W3C trace context: a valid caller traceparent continues the trace;
+        // anything else is replaced by a new one whose trace id is the request id.
+        let traceparent = match req.headers().get(TRACEPARENT) {
+            Some(v) if valid_traceparent(v.as_bytes()) => v.clone(),
+            _ => {
+                // A new trace: the caller's trace state belongs to no trace of ours.
+                req.headers_mut().remove(TRACESTATE);
+                new_traceparent(&request_id)
+            }
+        };
+        let trace_id = String::from_utf8_lossy(&traceparent.as_bytes()[3..35]).into_owned();
+        req.headers_mut().insert(TRACEPARENT, traceparent);
         let method = req.method().clone();
         metrics::gauge!("rungen_gateway_in_flight_requests").increment(1.0);
         // The path only: query strings are not logged.
@@ -144,9 +189,13 @@ where
             let error = ext.get::<ErrorKind>();
             let upstream = ext.get::<UpstreamInfo>();
             let cache = ext.get::<CacheLog>().map_or("-", |c| c.0);
+            let rate_limit = ext
+                .get::<crate::rate_limit::RateLimitLog>()
+                .map_or("-", |r| r.0);
             tracing::info!(
                 target: "rungen_gateway::access",
                 request_id = %request_id.to_str().unwrap_or("-"),
+                trace_id = %trace_id,
                 method = %method,
                 path = %path,
                 route,
@@ -154,6 +203,7 @@ where
                 client,
                 scope,
                 cache,
+                rate_limit,
                 error = error.map_or("-", |e| e.kind),
                 error_source = error.map_or("-", |e| e.source.as_str()),
                 upstream_status = upstream.map_or(0, |u| u.status),
@@ -208,5 +258,26 @@ mod tests {
             &HeaderValue::from_str(&long).unwrap_or(HeaderValue::from_static(""))
         ));
         assert!(valid_request_id(&new_request_id()));
+    }
+
+    #[test]
+    fn traceparent_is_validated_and_generated_from_the_request_id() {
+        assert!(valid_traceparent(
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(b"garbage"));
+        let rid = new_request_id();
+        let tp = new_traceparent(&rid);
+        assert!(valid_traceparent(tp.as_bytes()));
+        assert_eq!(&tp.as_bytes()[3..35], rid.as_bytes());
     }
 }

@@ -453,7 +453,7 @@ async fn request_id_is_kept_when_valid_and_generated_otherwise() {
     );
     let r = c
         .get(
-            &h.url("/app"),
+            &h.url("/app/second"),
             &[
                 ("x-api-key", TOKEN_RW),
                 ("x-request-id", "bad id\"with<junk>"),
@@ -463,6 +463,18 @@ async fn request_id_is_kept_when_valid_and_generated_otherwise() {
     let id = r.headers["x-request-id"].to_str().unwrap();
     assert_eq!(id.len(), 32);
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // W3C traceparent: a fresh one upstream, whose trace id is the request id...
+    let seen = h.mock.requests();
+    let tp = seen[1].header("traceparent").unwrap();
+    assert!(tp.starts_with(&format!("00-{id}-")), "{tp}");
+    // ...and a caller's valid one is continued as it is.
+    let caller_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    c.get(
+        &h.url("/app/traced"),
+        &[("x-api-key", TOKEN_RW), ("traceparent", caller_tp)],
+    )
+    .await;
+    assert_eq!(h.mock.requests()[2].header("traceparent"), Some(caller_tp));
     h.stop().await;
 }
 
