@@ -122,6 +122,12 @@ struct RawServer {
     plaintext_listen: Option<String>,
     #[serde(default)]
     tls: Option<RawTls>,
+    #[serde(default = "defaults::body_read_timeout")]
+    body_read_timeout: String,
+    #[serde(default = "defaults::max_connections_per_ip")]
+    max_connections_per_ip: usize,
+    #[serde(default = "defaults::max_requests_per_connection")]
+    max_requests_per_connection: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,6 +158,9 @@ impl Default for RawServer {
             h2_max_concurrent_streams: defaults::h2_max_concurrent_streams(),
             plaintext_listen: None,
             tls: None,
+            body_read_timeout: defaults::body_read_timeout(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
+            max_requests_per_connection: defaults::max_requests_per_connection(),
         }
     }
 }
@@ -172,6 +181,16 @@ struct RawUpstream {
     pool_idle_timeout: String,
     #[serde(default = "defaults::pool_max_idle_per_host")]
     pool_max_idle_per_host: usize,
+    #[serde(default = "defaults::upstream_body_timeout")]
+    body_timeout: String,
+    #[serde(default = "defaults::retries")]
+    retries: u32,
+    #[serde(default = "defaults::retry_backoff")]
+    retry_backoff: String,
+    #[serde(default = "defaults::breaker_failures")]
+    breaker_failures: u32,
+    #[serde(default = "defaults::breaker_cooldown")]
+    breaker_cooldown: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,6 +438,30 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn body_read_timeout() -> String {
+        "30s".into()
+    }
+    pub fn max_connections_per_ip() -> usize {
+        512
+    }
+    pub fn max_requests_per_connection() -> u64 {
+        10_000
+    }
+    pub fn upstream_body_timeout() -> String {
+        "30s".into()
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn retry_backoff() -> String {
+        "50ms".into()
+    }
+    pub fn breaker_failures() -> u32 {
+        5
+    }
+    pub fn breaker_cooldown() -> String {
+        "10s".into()
+    }
     pub fn client_auth() -> String {
         "required".into()
     }
@@ -541,6 +584,11 @@ pub struct ServerConfig {
     pub plaintext_listen: Option<SocketAddr>,
     /// TLS on `listen`; `None`: plaintext HTTP.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Longest wait for the next piece of a request body; then 408.
+    pub body_read_timeout: Duration,
+    pub max_connections_per_ip: usize,
+    /// HTTP/1.1 connections are closed after this many requests (0: no limit).
+    pub max_requests_per_connection: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -556,6 +604,16 @@ pub struct UpstreamConfig {
     pub route_prefixes: Vec<String>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Longest wait for the next piece of an upstream response body.
+    pub body_timeout: Duration,
+    /// Retries of idempotent reads (GET/HEAD) on connection failures and 502/503/504.
+    pub retries: u32,
+    /// First retry delay; doubled per retry, with jitter.
+    pub retry_backoff: Duration,
+    /// Consecutive upstream failures of a scope that open its circuit (0: no breaker).
+    pub breaker_failures: u32,
+    /// How long an open circuit fails fast before one probe is let through.
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -866,6 +924,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         h2_max_concurrent_streams: s.h2_max_concurrent_streams,
         plaintext_listen,
         tls,
+        body_read_timeout: parse_duration(&mut p, "server.body_read_timeout", &s.body_read_timeout),
+        max_connections_per_ip: s.max_connections_per_ip.max(1),
+        max_requests_per_connection: s.max_requests_per_connection,
     };
 
     // [upstream]
@@ -944,6 +1005,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         route_prefixes: u.route_prefixes.clone(),
         pool_idle_timeout,
         pool_max_idle_per_host: u.pool_max_idle_per_host,
+        body_timeout: parse_duration(&mut p, "upstream.body_timeout", &u.body_timeout),
+        retries: u.retries,
+        retry_backoff: parse_duration_or_zero(&mut p, "upstream.retry_backoff", &u.retry_backoff),
+        breaker_failures: u.breaker_failures,
+        breaker_cooldown: parse_duration(&mut p, "upstream.breaker_cooldown", &u.breaker_cooldown),
     };
 
     // [logging]

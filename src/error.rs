@@ -113,6 +113,10 @@ pub enum GatewayError {
     UpstreamProtocol,
     #[error("the request body could not be read")]
     RequestBody,
+    #[error("the request body stalled")]
+    RequestTimeout,
+    #[error("the upstream is failing; circuit open for scope {scope}")]
+    CircuitOpen { scope: String, retry_after: Duration },
     #[error("internal error")]
     Internal,
 }
@@ -134,6 +138,8 @@ impl GatewayError {
             | GatewayError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::RequestBody => StatusCode::BAD_REQUEST,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -143,7 +149,8 @@ impl GatewayError {
             GatewayError::UpstreamConnect
             | GatewayError::UpstreamTimeout
             | GatewayError::UpstreamCredentialRejected { .. }
-            | GatewayError::UpstreamProtocol => ErrorSource::Upstream,
+            | GatewayError::UpstreamProtocol
+            | GatewayError::CircuitOpen { .. } => ErrorSource::Upstream,
             GatewayError::Internal | GatewayError::Overloaded { .. } => ErrorSource::Gateway,
             _ => ErrorSource::Caller,
         }
@@ -167,6 +174,8 @@ impl GatewayError {
             GatewayError::UpstreamCredentialRejected { .. } => "upstream_credential_rejected",
             GatewayError::UpstreamProtocol => "upstream_protocol",
             GatewayError::RequestBody => "request_body",
+            GatewayError::RequestTimeout => "request_timeout",
+            GatewayError::CircuitOpen { .. } => "circuit_open",
             GatewayError::Internal => "internal",
         }
     }
@@ -199,6 +208,11 @@ impl GatewayError {
                 "the upstream API sent an invalid response or closed the connection".into()
             }
             GatewayError::RequestBody => "the request body could not be read".into(),
+            GatewayError::RequestTimeout => "the request body was not received in time".into(),
+            GatewayError::CircuitOpen { scope, .. } => format!(
+                "the upstream API is failing for scope {scope}; retry later"
+            )
+            .into(),
             GatewayError::Internal => "internal gateway error".into(),
         }
     }
@@ -230,7 +244,8 @@ pub fn error_response(err: &GatewayError) -> Response<Body> {
             );
         }
         GatewayError::RateLimited { retry_after, .. }
-        | GatewayError::Overloaded { retry_after } => {
+        | GatewayError::Overloaded { retry_after }
+        | GatewayError::CircuitOpen { retry_after, .. } => {
             headers.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
         }
         _ => {}

@@ -2,6 +2,7 @@
 
 use crate::cache::{Cache, CacheLayer};
 use crate::caller_auth::{CallerAuthLayer, Credentials};
+use crate::circuit::{Breakers, CircuitBreakerLayer};
 use crate::config::Config;
 use crate::error::{Body, RescueLayer};
 use crate::rate_limit::{CallerLimitLayer, Limits, OverloadLayer, UpstreamBudgetLayer};
@@ -24,6 +25,7 @@ pub fn build(
     client: HttpClient,
     cache: Arc<Cache>,
     limits: Arc<Limits>,
+    breakers: Arc<Breakers>,
 ) -> GatewayService {
     let credentials = Arc::new(Credentials::new(&config.clients));
     let service = ServiceBuilder::new()
@@ -38,6 +40,7 @@ pub fn build(
             &config.upstream.route_prefixes,
             config.server.max_uri_bytes,
             config.server.max_body_bytes,
+            config.server.body_read_timeout,
         ))
         // 3. caller auth: token -> client -> team scope, method check
         .layer(CallerAuthLayer::new(credentials, limits.clone()))
@@ -45,6 +48,8 @@ pub fn build(
         .layer(CallerLimitLayer::new(limits.clone()))
         // 5. cache: lookup, coalescing, store, stale serving, invalidation on writes
         .layer(CacheLayer::new(cache, &config.teams))
+        // a scope whose upstream keeps failing fails fast (the cache serves stale)
+        .layer(CircuitBreakerLayer::new(breakers))
         // the scope's upstream budget and concurrency cap (only what goes upstream)
         .layer(UpstreamBudgetLayer::new(limits))
         // 6. credential injection: strip caller headers, set x-api-key / x-team-id

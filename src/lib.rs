@@ -6,9 +6,11 @@
 //! Beside it: `config`, `error`, `telemetry`, `mock_upstream`.
 
 pub mod admin;
+pub mod body;
 pub mod cache;
 pub mod caller_auth;
 pub mod cli;
+pub mod circuit;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -17,7 +17,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +46,10 @@ fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // Rapid-reset and error-reset floods: past these, the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(256);
     builder
 }
 
@@ -58,6 +65,7 @@ pub async fn serve(
     let builder = Arc::new(connection_builder(&cfg));
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let per_ip_counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
 
     loop {
@@ -82,8 +90,19 @@ pub async fn serve(
                 }
             },
         };
+        // One source IP may not take every connection slot.
+        let Some(per_ip) = PerIpGuard::acquire(&per_ip_counts, peer.ip(), cfg.max_connections_per_ip)
+        else {
+            metrics::counter!("rungen_gateway_connections_refused_total", "reason" => "per_ip").increment(1);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
+        let requests = Arc::new(RequestCounter {
+            served: AtomicU64::new(0),
+            limit: cfg.max_requests_per_connection,
+        });
         let service = service.clone();
         let builder = builder.clone();
         let graceful_watcher = graceful.watcher();
@@ -96,6 +115,7 @@ pub async fn serve(
                         service,
                         peer,
                         identity: None,
+                        requests,
                     };
                     let conn = builder.serve_connection(TokioIo::new(stream), adapter);
                     if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
@@ -115,6 +135,7 @@ pub async fn serve(
                             metrics::counter!("rungen_gateway_tls_handshake_failures_total")
                                 .increment(1);
                             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
+                            drop(per_ip);
                             return;
                         }
                         Err(_) => {
@@ -122,6 +143,7 @@ pub async fn serve(
                             metrics::counter!("rungen_gateway_tls_handshake_failures_total")
                                 .increment(1);
                             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
+                            drop(per_ip);
                             return;
                         }
                     };
@@ -137,6 +159,7 @@ pub async fn serve(
                         service,
                         peer,
                         identity,
+                        requests,
                     };
                     let conn = builder.serve_connection(TokioIo::new(stream), adapter);
                     if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
@@ -145,6 +168,7 @@ pub async fn serve(
                 }
             }
             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
+            drop(per_ip);
             drop(permit);
         });
     }
@@ -166,6 +190,50 @@ struct HyperAdapter {
     service: Arc<ArcSwap<GatewayService>>,
     peer: SocketAddr,
     identity: Option<ClientCertIdentity>,
+    requests: Arc<RequestCounter>,
+}
+
+/// Requests served on one connection, and the most it may serve.
+struct RequestCounter {
+    served: AtomicU64,
+    limit: u64,
+}
+
+/// Holds one of a source IP's connection slots.
+struct PerIpGuard {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerIpGuard {
+    fn acquire(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<PerIpGuard> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpGuard {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
@@ -180,7 +248,21 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         if let Some(id) = &self.identity {
             req.extensions_mut().insert(id.clone());
         }
-        Box::pin(svc.oneshot(req))
+        let served = self.requests.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let last = self.requests.limit > 0
+            && served >= self.requests.limit
+            && req.version() <= http::Version::HTTP_11;
+        let fut = svc.oneshot(req);
+        if !last {
+            return Box::pin(fut);
+        }
+        // The connection's last request: hyper closes it after this response.
+        Box::pin(async move {
+            let mut res = fut.await?;
+            res.headers_mut()
+                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            Ok(res)
+        })
     }
 }
 

@@ -310,6 +310,8 @@ pub struct Faults {
     pub drop_connections: bool,
     /// Send a `Content-Length` larger than the body, then close.
     pub truncate_body: bool,
+    /// Send the headers and half the body, then nothing more (a response that never ends).
+    pub stall_body: bool,
     /// Added (appended) to every 2xx answer.
     pub extra_response_headers: Vec<(String, String)>,
     /// `GET /app` pads its body with a `"padding"` string to at least this many bytes.
@@ -824,6 +826,7 @@ struct FaultPlan {
     latency: Duration,
     action: FaultAction,
     truncate: bool,
+    stall: bool,
     extra_headers: Vec<(String, String)>,
     large_body_bytes: Option<usize>,
 }
@@ -869,7 +872,8 @@ impl Shared {
 
     fn take_fault_plan(&self) -> FaultPlan {
         let mut f = lock(&self.faults);
-        let failure_armed = f.fail_status.is_some() || f.drop_connections || f.truncate_body;
+        let failure_armed =
+            f.fail_status.is_some() || f.drop_connections || f.truncate_body || f.stall_body;
         let apply = failure_armed
             && match f.fail_count {
                 None => true,
@@ -895,6 +899,7 @@ impl Shared {
             latency: Duration::from_millis(f.latency_ms),
             action,
             truncate: apply && f.truncate_body,
+            stall: apply && f.stall_body,
             extra_headers: f.extra_response_headers.clone(),
             large_body_bytes: f.large_body_bytes,
         };
@@ -903,6 +908,7 @@ impl Shared {
             f.fail_status = None;
             f.drop_connections = false;
             f.truncate_body = false;
+            f.stall_body = false;
         }
         plan
     }
@@ -995,8 +1001,11 @@ async fn serve(
         }
     }
 
+    if plan.stall {
+        return Ok(truncate(resp, Duration::from_secs(3600)));
+    }
     if plan.truncate {
-        return Ok(truncate(resp));
+        return Ok(truncate(resp, Duration::from_millis(30)));
     }
     Ok(resp.map(boxed_full))
 }
@@ -1015,7 +1024,7 @@ fn boxed_full(b: Bytes) -> MockBody {
 
 /// Declares the full length but sends only the first half of the body, then fails the
 /// body so hyper closes the connection.
-fn truncate(resp: Response<Bytes>) -> Response<MockBody> {
+fn truncate(resp: Response<Bytes>, then_fail_after: Duration) -> Response<MockBody> {
     let (mut parts, full) = resp.into_parts();
     let declared = full.len().max(16) + 16;
     let sent = full.slice(..full.len() / 2);
@@ -1025,7 +1034,7 @@ fn truncate(resp: Response<Bytes>) -> Response<MockBody> {
     let body = TruncatedBody {
         data: Some(sent).filter(|b| !b.is_empty()),
         // Long enough for hyper to flush the head and the partial body first.
-        flush_delay: Box::pin(tokio::time::sleep(Duration::from_millis(30))),
+        flush_delay: Box::pin(tokio::time::sleep(then_fail_after)),
     };
     Response::from_parts(parts, body.boxed_unsync())
 }

@@ -119,14 +119,21 @@ pub struct RoutingLayer {
     prefixes: Arc<[Prefix]>,
     max_uri_bytes: usize,
     max_body_bytes: u64,
+    body_read_timeout: std::time::Duration,
 }
 
 impl RoutingLayer {
-    pub fn new(prefixes: &[String], max_uri_bytes: usize, max_body_bytes: u64) -> Self {
+    pub fn new(
+        prefixes: &[String],
+        max_uri_bytes: usize,
+        max_body_bytes: u64,
+        body_read_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             prefixes: prefixes.iter().map(|p| Prefix::new(p)).collect(),
             max_uri_bytes,
             max_body_bytes,
+            body_read_timeout,
         }
     }
 }
@@ -165,6 +172,14 @@ impl<S> Routing<S> {
                 | Method::OPTIONS
         ) {
             return Err(GatewayError::MethodNotAllowed);
+        }
+        // HTTP/1 absolute-form targets name a host: this gateway is not a forward proxy.
+        if req.version() <= http::Version::HTTP_11 && uri.scheme().is_some() {
+            return Err(GatewayError::BadRequest("absolute-form request target"));
+        }
+        // No tunnels and no protocol switches (WebSocket, h2c upgrade): never forwarded.
+        if req.headers().contains_key(header::UPGRADE) {
+            return Err(GatewayError::BadRequest("protocol upgrades are not supported"));
         }
         check_path(uri.path())?;
         let route =
@@ -207,6 +222,12 @@ where
                 let body = Limited::new(body, limit)
                     .map_err(BodyError::new)
                     .boxed_unsync();
+                // A client that stops sending mid-body is cut off (408).
+                let body = if http_body::Body::is_end_stream(&body) {
+                    body
+                } else {
+                    crate::body::IdleTimeout::wrap(body, self.layer.body_read_timeout)
+                };
                 let fut = self.inner.call(Request::from_parts(parts, body));
                 fut.map(move |res| {
                     res.map(|mut res| {

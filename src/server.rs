@@ -4,6 +4,7 @@
 //! drain).
 
 use crate::cache::{Cache, PurgeScope};
+use crate::circuit::Breakers;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
@@ -25,6 +26,7 @@ pub struct State {
     service: Arc<ArcSwap<GatewayService>>,
     cache: Arc<Cache>,
     limits: Arc<Limits>,
+    breakers: Arc<Breakers>,
     tls: Option<Arc<tls::CertStore>>,
     draining: AtomicBool,
     generation: AtomicU64,
@@ -116,7 +118,15 @@ impl State {
             tracing::warn!("{w}");
         }
         self.limits.configure(new.rate_limit.clone());
-        let service = gateway::build(&new, client, self.cache.clone(), self.limits.clone());
+        self.breakers
+            .configure(new.upstream.breaker_failures, new.upstream.breaker_cooldown);
+        let service = gateway::build(
+            &new,
+            client,
+            self.cache.clone(),
+            self.limits.clone(),
+            self.breakers.clone(),
+        );
         self.service.store(Arc::new(service));
         self.config.store(Arc::new(new));
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -230,9 +240,20 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
     telemetry::metrics();
     let client = upstream::build_client(&config.upstream).map_err(StartError::Upstream)?;
     let cache = Cache::new(config.cache.clone(), clock.clone());
-    let limits = Limits::with_clock(config.rate_limit.clone(), clock);
+    let limits = Limits::with_clock(config.rate_limit.clone(), clock.clone());
+    let breakers = Breakers::new(
+        config.upstream.breaker_failures,
+        config.upstream.breaker_cooldown,
+        clock,
+    );
     rate_limit::spawn_pruner(&limits, Duration::from_secs(60));
-    let service: GatewayService = gateway::build(&config, client, cache.clone(), limits.clone());
+    let service: GatewayService = gateway::build(
+        &config,
+        client,
+        cache.clone(),
+        limits.clone(),
+        breakers.clone(),
+    );
     let (listener, addr) = bind(config.server.listen).await?;
     let admin_listener = match config.admin.listen {
         Some(a) => Some(bind(a).await?),
@@ -254,6 +275,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         service: Arc::new(ArcSwap::from_pointee(service)),
         cache,
         limits,
+        breakers,
         tls: tls_store.clone(),
         draining: AtomicBool::new(false),
         generation: AtomicU64::new(1),

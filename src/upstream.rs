@@ -4,7 +4,11 @@
 //! source. It knows neither callers nor the cache.
 
 use crate::config::UpstreamConfig;
+use crate::body::{BodyTimeout, IdleTimeout, caused_by};
 use crate::error::{Body, BodyError, GatewayError};
+use http::Method;
+use http_body::Body as _;
+use tower::retry::budget::{Budget, TpsBudget};
 use crate::hop::strip_hop_by_hop;
 use futures_util::future::{BoxFuture, FutureExt};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -92,6 +96,11 @@ pub struct Upstream {
     authority: Authority,
     base_path: Arc<str>,
     request_timeout: Duration,
+    body_timeout: Duration,
+    retries: u32,
+    retry_backoff: Duration,
+    /// Retries may add at most ~20% to the upstream load (tower's TPS budget).
+    retry_budget: Arc<TpsBudget>,
 }
 
 impl Upstream {
@@ -102,6 +111,10 @@ impl Upstream {
             authority: cfg.authority.clone(),
             base_path: Arc::from(cfg.base_path.as_str()),
             request_timeout: cfg.request_timeout,
+            body_timeout: cfg.body_timeout,
+            retries: cfg.retries,
+            retry_backoff: cfg.retry_backoff,
+            retry_budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 5, 0.2)),
         }
     }
 
@@ -124,14 +137,11 @@ impl Upstream {
 
 /// Maps a client error to its gateway error, looking through the source chain.
 fn classify_error(err: &hyper_util::client::legacy::Error) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.downcast_ref::<http_body_util::LengthLimitError>()
-            .is_some()
-        {
-            return GatewayError::PayloadTooLarge;
-        }
-        source = e.source();
+    if caused_by::<http_body_util::LengthLimitError>(err) {
+        return GatewayError::PayloadTooLarge;
+    }
+    if caused_by::<BodyTimeout>(err) {
+        return GatewayError::RequestTimeout;
     }
     if err.is_connect() {
         GatewayError::UpstreamConnect
@@ -157,29 +167,98 @@ impl tower::Service<Request<Body>> for Upstream {
         *req.uri_mut() = uri;
         // The client speaks HTTP/1.1 or h2 upstream as negotiated, whatever the caller used.
         *req.version_mut() = http::Version::HTTP_11;
-        let client = self.client.clone();
-        let timeout = self.request_timeout;
+        // Only idempotent reads without a body are retried: never a write
+        // (POST /app and run_async are not idempotent and cost money).
+        let retryable = matches!(*req.method(), Method::GET | Method::HEAD)
+            && req.body().is_end_stream();
+        let this = self.clone();
+        this.retry_budget.deposit();
         async move {
             let started = Instant::now();
-            let res = match tokio::time::timeout(timeout, client.request(req)).await {
-                Err(_) => return Err(GatewayError::UpstreamTimeout),
-                Ok(Err(e)) => {
-                    let mapped = classify_error(&e);
-                    tracing::warn!(error = %e, kind = mapped.as_str(), "upstream request failed");
-                    return Err(mapped);
+            let deadline = started + this.request_timeout;
+            let template = retryable.then(|| head_of(&req));
+            let mut next = Some(req);
+            let mut attempt = 0u32;
+            loop {
+                let Some(req) = next.take() else {
+                    return Err(GatewayError::Internal);
+                };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let outcome = match tokio::time::timeout(remaining, this.client.request(req)).await
+                {
+                    Err(_) => return Err(GatewayError::UpstreamTimeout),
+                    Ok(Err(e)) => {
+                        let mapped = classify_error(&e);
+                        tracing::warn!(error = %e, kind = mapped.as_str(), attempt, "upstream request failed");
+                        Err(mapped)
+                    }
+                    Ok(Ok(res)) => Ok(res),
+                };
+                let worth_retrying = match &outcome {
+                    Err(GatewayError::UpstreamConnect | GatewayError::UpstreamProtocol) => true,
+                    Ok(res) => matches!(res.status().as_u16(), 502..=504),
+                    Err(_) => false,
+                };
+                if worth_retrying && attempt < this.retries {
+                    if let Some(template) = &template {
+                        let backoff = jittered(this.retry_backoff * 2u32.pow(attempt));
+                        if Instant::now() + backoff < deadline && this.retry_budget.withdraw() {
+                            metrics::counter!("rungen_gateway_upstream_retries_total").increment(1);
+                            tokio::time::sleep(backoff).await;
+                            attempt += 1;
+                            next = Some(rebuild(template));
+                            continue;
+                        }
+                    }
                 }
-                Ok(Ok(res)) => res,
-            };
-            let info = UpstreamInfo {
-                status: res.status().as_u16(),
-                latency: started.elapsed(),
-            };
-            let (mut parts, body) = res.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            parts.extensions.insert(info);
-            let body = body.map_err(BodyError::new).boxed_unsync();
-            Ok(Response::from_parts(parts, body))
+                let res = outcome?;
+                let info = UpstreamInfo {
+                    status: res.status().as_u16(),
+                    latency: started.elapsed(),
+                };
+                let (mut parts, body) = res.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.extensions.insert(info);
+                // An upstream that stops sending mid-body must not hold the request forever.
+                let body = IdleTimeout::wrap(
+                    body.map_err(BodyError::new).boxed_unsync(),
+                    this.body_timeout,
+                );
+                return Ok(Response::from_parts(parts, body));
+            }
         }
         .boxed()
     }
+}
+
+/// The parts of a bodiless request needed to send it again.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+fn head_of(req: &Request<Body>) -> Head {
+    Head {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        headers: req.headers().clone(),
+        extensions: req.extensions().clone(),
+    }
+}
+
+fn rebuild(head: &Head) -> Request<Body> {
+    let mut req = Request::new(crate::error::empty_body());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.headers_mut() = head.headers.clone();
+    *req.extensions_mut() = head.extensions.clone();
+    req
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5).
+fn jittered(base: Duration) -> Duration {
+    use rand::Rng;
+    base.mul_f64(rand::rng().random_range(0.5..1.5))
 }

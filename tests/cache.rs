@@ -491,7 +491,15 @@ async fn stale_if_error_covers_a_failing_upstream_within_its_window() {
     });
     let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    // Five failures in a row opened the scope's circuit: it fails fast now...
     h.mock.set_faults(Faults::default());
+    let before = h.upstream_count("GET /app");
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.error_message().contains("failing"), "{}", r.error_message());
+    assert_eq!(h.upstream_count("GET /app"), before, "an open circuit sends nothing");
+    // ...until the cooldown, when one probe goes through and closes it.
+    clock.advance(Duration::from_secs(11));
     let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(cache_status(&r).contains("stored"));
@@ -504,7 +512,7 @@ async fn errors_are_not_cached_and_do_not_poison_followers() {
     let c = TestClient::http1();
     let auth = rw();
     h.mock.set_faults(Faults {
-        fail_status: Some(503),
+        fail_status: Some(500),
         fail_count: Some(1),
         latency_ms: 200,
         ..Faults::default()
@@ -519,7 +527,7 @@ async fn errors_are_not_cached_and_do_not_poison_followers() {
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(t.await.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR);
     }
     assert_eq!(
         h.upstream_count("GET /app"),

@@ -523,8 +523,15 @@ impl Fill {
             match body.frame().await {
                 None => break,
                 Some(Err(e)) => {
+                    // Nothing partial is ever stored: the fill fails as a whole.
                     tracing::warn!(error = %e, "upstream body failed while filling the cache");
-                    return FetchResult::Failed(GatewayError::UpstreamProtocol);
+                    return FetchResult::Failed(
+                        if crate::body::caused_by::<crate::body::BodyTimeout>(&e) {
+                            GatewayError::UpstreamTimeout
+                        } else {
+                            GatewayError::UpstreamProtocol
+                        },
+                    );
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
@@ -625,8 +632,12 @@ impl CacheService {
         let key = fill.key.clone();
         let cache2 = cache.clone();
         let key2 = key.clone();
+        let deadline = cache.settings.coalesce_timeout;
         let task = tokio::spawn(async move {
-            let result = fill.run().await;
+            // A trickling upstream cannot hold a fill (and its waiters) forever.
+            let result = tokio::time::timeout(deadline, fill.run())
+                .await
+                .unwrap_or(FetchResult::Failed(GatewayError::UpstreamTimeout));
             cache2
                 .flights
                 .lock()
@@ -828,7 +839,9 @@ impl CacheService {
                 // Over the scope's upstream budget: anything still usable will do.
                 let budget = matches!(
                     err,
-                    GatewayError::RateLimited { .. } | GatewayError::Overloaded { .. }
+                    GatewayError::RateLimited { .. }
+                        | GatewayError::Overloaded { .. }
+                        | GatewayError::CircuitOpen { .. }
                 );
                 if budget {
                     if let Some(s) = stale.as_ref().filter(|s| s.usable(now)) {

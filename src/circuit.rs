@@ -1,0 +1,229 @@
+//! A circuit breaker per scope, in front of the upstream: after
+//! `breaker_failures` consecutive failures (connection errors, timeouts,
+//! invalid responses, 5xx) the scope's circuit opens and requests fail fast
+//! with 503 (the cache serves a usable stale answer instead, if it has one).
+//! After `breaker_cooldown` one probe request is let through: success closes
+//! the circuit, failure opens it again.
+
+use crate::caller_auth::Caller;
+use crate::clock::SharedClock;
+use crate::error::{Body, GatewayError};
+use futures_util::future::{BoxFuture, FutureExt};
+use http::{Request, Response};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen,
+}
+
+/// What a request may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Pass,
+    /// The one request let through to test a recovering upstream.
+    Probe,
+}
+
+/// Breaker state of every scope.
+#[derive(Debug)]
+pub struct Breakers {
+    settings: Mutex<(u32, Duration)>,
+    phases: Mutex<HashMap<String, Phase>>,
+    clock: SharedClock,
+}
+
+impl Breakers {
+    pub fn new(failures: u32, cooldown: Duration, clock: SharedClock) -> Arc<Self> {
+        Arc::new(Self {
+            settings: Mutex::new((failures, cooldown)),
+            phases: Mutex::new(HashMap::new()),
+            clock,
+        })
+    }
+
+    pub fn configure(&self, failures: u32, cooldown: Duration) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = (failures, cooldown);
+    }
+
+    fn settings(&self) -> (u32, Duration) {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a request for `scope` may go upstream; `Err(wait)` while open.
+    pub fn admit(&self, scope: &str) -> Result<Admission, Duration> {
+        let (failures, _) = self.settings();
+        if failures == 0 {
+            return Ok(Admission::Pass);
+        }
+        let now = self.clock.now();
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let phase = phases
+            .entry(scope.to_string())
+            .or_insert(Phase::Closed { failures: 0 });
+        match *phase {
+            Phase::Closed { .. } => Ok(Admission::Pass),
+            Phase::Open { until } if now >= until => {
+                *phase = Phase::HalfOpen;
+                Ok(Admission::Probe)
+            }
+            Phase::Open { until } => Err(until - now),
+            // A probe is in flight: everyone else still fails fast.
+            Phase::HalfOpen => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// Records the outcome of an admitted request.
+    pub fn record(&self, scope: &str, success: bool) {
+        let (threshold, cooldown) = self.settings();
+        if threshold == 0 {
+            return;
+        }
+        let now = self.clock.now();
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let phase = phases
+            .entry(scope.to_string())
+            .or_insert(Phase::Closed { failures: 0 });
+        let next = match (*phase, success) {
+            (_, true) => Phase::Closed { failures: 0 },
+            (Phase::Closed { failures }, false) if failures + 1 < threshold => Phase::Closed {
+                failures: failures + 1,
+            },
+            (Phase::Open { until }, false) => Phase::Open { until },
+            (_, false) => Phase::Open {
+                until: now + cooldown,
+            },
+        };
+        let was_open = matches!(*phase, Phase::Open { .. } | Phase::HalfOpen);
+        let is_open = matches!(next, Phase::Open { .. });
+        if is_open && !was_open {
+            tracing::error!(scope, ?cooldown, "upstream keeps failing: circuit opened");
+        } else if was_open && !is_open {
+            tracing::info!(scope, "upstream recovered: circuit closed");
+        }
+        metrics::gauge!("rungen_gateway_circuit_open", "scope" => scope.to_string())
+            .set(if is_open { 1.0 } else { 0.0 });
+        *phase = next;
+    }
+}
+
+#[derive(Clone)]
+pub struct CircuitBreakerLayer {
+    breakers: Arc<Breakers>,
+}
+
+impl CircuitBreakerLayer {
+    pub fn new(breakers: Arc<Breakers>) -> Self {
+        Self { breakers }
+    }
+}
+
+impl<S> tower::Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+    fn layer(&self, inner: S) -> CircuitBreaker<S> {
+        CircuitBreaker {
+            inner,
+            breakers: self.breakers.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    breakers: Arc<Breakers>,
+}
+
+impl<S> tower::Service<Request<Body>> for CircuitBreaker<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some(scope) = req.extensions().get::<Caller>().map(|c| c.scope.name.clone()) else {
+            return self.inner.call(req).boxed();
+        };
+        if let Err(wait) = self.breakers.admit(&scope) {
+            metrics::counter!("rungen_gateway_circuit_rejections_total", "scope" => scope.clone())
+                .increment(1);
+            return std::future::ready(Err(GatewayError::CircuitOpen {
+                scope,
+                retry_after: wait,
+            }))
+            .boxed();
+        }
+        let breakers = self.breakers.clone();
+        self.inner
+            .call(req)
+            .map(move |res| {
+                let success = match &res {
+                    Ok(r) => !r.status().is_server_error(),
+                    // Refusals of ours (budget, bad request body) say nothing of the upstream.
+                    Err(e) => !matches!(
+                        e,
+                        GatewayError::UpstreamConnect
+                            | GatewayError::UpstreamTimeout
+                            | GatewayError::UpstreamProtocol
+                    ),
+                };
+                breakers.record(&scope, success);
+                res
+            })
+            .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[test]
+    fn opens_after_consecutive_failures_probes_and_recovers() {
+        let clock = ManualClock::new();
+        let b = Breakers::new(3, Duration::from_secs(10), Arc::new(clock.clone()));
+        for _ in 0..2 {
+            assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+            b.record("acme", false);
+        }
+        // A success in between resets the count.
+        b.record("acme", true);
+        for _ in 0..3 {
+            assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+            b.record("acme", false);
+        }
+        assert_eq!(b.admit("acme"), Err(Duration::from_secs(10)));
+        assert_eq!(b.admit("other"), Ok(Admission::Pass), "scopes are independent");
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(b.admit("acme"), Ok(Admission::Probe));
+        assert!(b.admit("acme").is_err(), "one probe at a time");
+        b.record("acme", false);
+        assert_eq!(b.admit("acme"), Err(Duration::from_secs(10)), "a failed probe reopens");
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(b.admit("acme"), Ok(Admission::Probe));
+        b.record("acme", true);
+        assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+    }
+
+    #[test]
+    fn zero_failures_disables_the_breaker() {
+        let b = Breakers::new(0, Duration::from_secs(10), Arc::new(ManualClock::new()));
+        for _ in 0..100 {
+            b.record("acme", false);
+        }
+        assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+    }
+}

@@ -1,0 +1,545 @@
+//! Hardening against hostile clients: malformed and ambiguous HTTP/1 framing
+//! over raw sockets, request targets and upgrades a reverse proxy must not
+//! act on, a slow-header client, and h2 streams cancelled in bursts.
+//!
+//! Every refusal case checks the same four things: a 4xx answer (never 2xx,
+//! never 5xx), the connection closed afterwards where the framing was
+//! ambiguous (so nothing smuggled behind it can be read as a next request),
+//! nothing reached the mock upstream, and nothing was cached (the next normal
+//! `GET /app` is a `fwd=uri-miss`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rungen_gateway::mock_upstream::Faults;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bound on every single read or exchange, so a hung gateway fails the test
+/// instead of hanging it.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may stay open after an ambiguous request's answer.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
+
+/// One HTTP/1 response read off a raw socket.
+#[derive(Debug)]
+struct RawReply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads more bytes into `buf`, failing at `deadline` or at the end of the stream.
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, s.read(&mut chunk)).await {
+        Err(_) => Err("timed out waiting for a response".to_string()),
+        Ok(Err(e)) => Err(format!("connection error before a whole response: {e}")),
+        Ok(Ok(0)) => Err("connection closed before a whole response".to_string()),
+        Ok(Ok(n)) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+    }
+}
+
+/// Reads one response (head, then a `Content-Length` or chunked body).
+/// `Err` if the connection ends, or nothing comes, before a whole response.
+async fn read_reply(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<RawReply, String> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(s, buf, deadline)
+            .await
+            .map_err(|e| format!("{e}; got {:?}", String::from_utf8_lossy(buf)))?;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| head.strip_prefix("HTTP/1.0 "))
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("not an HTTP/1 status line: {head:?}"))?;
+    let lower = head.to_ascii_lowercase();
+    let content_length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = lower
+        .lines()
+        .any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
+    let body_len = if let Some(n) = content_length {
+        while buf.len() < head_end + n {
+            fill(s, buf, deadline).await?;
+        }
+        n
+    } else if chunked {
+        loop {
+            if let Some(i) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n") {
+                break i + 5;
+            }
+            fill(s, buf, deadline).await?;
+        }
+    } else {
+        0
+    };
+    let body = buf[head_end..head_end + body_len].to_vec();
+    buf.drain(..head_end + body_len);
+    Ok(RawReply { status, head, body })
+}
+
+/// Whether the peer closes the connection within `within` without sending
+/// anything more (a reset counts as closed).
+async fn closed_within(s: &mut TcpStream, leftover: &[u8], within: Duration) -> Result<(), String> {
+    if !leftover.is_empty() {
+        return Err(format!(
+            "more bytes after the answer: {:?}",
+            String::from_utf8_lossy(leftover)
+        ));
+    }
+    let mut chunk = [0u8; 1024];
+    match tokio::time::timeout(within, s.read(&mut chunk)).await {
+        Err(_) => Err(format!("connection still open {within:?} after the answer")),
+        Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+        Ok(Ok(n)) => Err(format!(
+            "more bytes after the answer (a second response?): {:?}",
+            String::from_utf8_lossy(&chunk[..n])
+        )),
+    }
+}
+
+/// Writes `request` on a fresh connection and reads the first answer.
+async fn send_raw(addr: SocketAddr, request: &[u8]) -> (TcpStream, Result<RawReply, String>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The gateway may answer and close before everything is written.
+    let _ = tokio::time::timeout(IO_TIMEOUT, s.write_all(request)).await;
+    let mut buf = Vec::new();
+    let reply = read_reply(&mut s, &mut buf).await;
+    (s, reply, buf)
+}
+
+/// The request line and headers of an authenticated request (a caller allowed
+/// every method), so that whatever the gateway lets through does reach the
+/// upstream and shows in its counters.
+fn authed(request_line: &str) -> String {
+    format!("{request_line}\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n")
+}
+
+/// Whether the connection must be closed after the answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Required,
+    Either,
+}
+
+/// The common checks of every refusal case; returns the answer for more.
+async fn assert_refused(h: &Harness, request: &[u8], close: Close) -> RawReply {
+    let (mut s, reply, leftover) = send_raw(h.addr, request).await;
+    let shown = String::from_utf8_lossy(request);
+    let reply = reply.unwrap_or_else(|e| panic!("no answer to {shown:?}: {e}"));
+    assert!(
+        (400..500).contains(&reply.status),
+        "{shown:?} must get a 4xx, got {}:\n{}{}",
+        reply.status,
+        reply.head,
+        String::from_utf8_lossy(&reply.body)
+    );
+    if close == Close::Required {
+        if let Err(e) = closed_within(&mut s, &leftover, CLOSE_WITHIN).await {
+            panic!("{shown:?}: {e}");
+        }
+    }
+    drop(s);
+    // Let anything the gateway did in the background (a fill, a refresh) land.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stats = h.mock.stats();
+    assert_eq!(stats.total, 0, "{shown:?} reached the upstream: {stats:?}");
+    assert_nothing_cached(h).await;
+    reply
+}
+
+/// The next normal `GET /app` is a miss: nothing was stored for it.
+async fn assert_nothing_cached(h: &Harness) {
+    let auth = bearer(TOKEN_RW);
+    let r = TestClient::http1()
+        .get(&h.url("/app"), &[("authorization", auth.as_str())])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let cs = r
+        .headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(cs.contains("fwd=uri-miss"), "something was cached: cache-status {cs:?}");
+}
+
+async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test timed out");
+}
+
+// ---------------------------------------------------------------------------
+// Ambiguous framing: refuse, close, forward nothing.
+// ---------------------------------------------------------------------------
+
+/// `Content-Length` and `Transfer-Encoding` together: the classic request
+/// smuggling shape. The bytes after the chunked body's end form a whole second
+/// request that a front end reading `Content-Length` would not see.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let smuggled = format!("GET /app/smuggled HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n");
+        let body = format!("0\r\n\r\n{smuggled}");
+        let req = format!(
+            "{}content-length: {}\r\ntransfer-encoding: chunked\r\n\r\n{body}",
+            authed("GET /app HTTP/1.1"),
+            body.len()
+        );
+        assert_refused(&h, req.as_bytes(), Close::Required).await;
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn transfer_encoding_before_content_length_is_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let req = format!(
+            "{}transfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n0\r\n\r\n",
+            authed("POST /app HTTP/1.1")
+        );
+        assert_refused(&h, req.as_bytes(), Close::Required).await;
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn duplicate_differing_content_length_is_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let req = format!(
+            "{}content-type: application/json\r\ncontent-length: 12\r\ncontent-length: 2\r\n\r\n{{\"name\":\"x\"}}",
+            authed("POST /app HTTP/1.1")
+        );
+        assert_refused(&h, req.as_bytes(), Close::Required).await;
+        // One field line with two different values is the same ambiguity.
+        let req = format!(
+            "{}content-type: application/json\r\ncontent-length: 12, 2\r\n\r\n{{\"name\":\"x\"}}",
+            authed("POST /app HTTP/1.1")
+        );
+        assert_refused(&h, req.as_bytes(), Close::Required).await;
+        h.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_transfer_coding_is_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        for te in ["gzip", "x-unknown", "chunked, gzip", "identity"] {
+            let req = format!(
+                "{}transfer-encoding: {te}\r\n\r\n0\r\n\r\n",
+                authed("POST /app HTTP/1.1")
+            );
+            assert_refused(&h, req.as_bytes(), Close::Required).await;
+        }
+        h.stop().await;
+    })
+    .await;
+}
+
+/// CR, LF and NUL where a header name or value cannot have them, and
+/// whitespace between a name and its colon (RFC 9112 §5.1: must be refused).
+#[tokio::test]
+async fn control_characters_in_header_names_and_values_are_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let cases: [&[u8]; 7] = [
+            b"x-a: b\rc\r\n",          // bare CR in a value
+            b"x-a: b\0c\r\n",          // NUL in a value
+            b"x\0a: b\r\n",            // NUL in a name
+            b"x-a\r: b\r\n",           // CR in a name
+            b"x-a\n: b\r\n",           // LF in a name: a line without a colon
+            b"x-a : b\r\n",            // whitespace before the colon
+            b"x-team-id\r\n: acme\r\n", // a name split over two lines
+        ];
+        for case in cases {
+            let mut req = authed("GET /app HTTP/1.1").into_bytes();
+            req.extend_from_slice(case);
+            req.extend_from_slice(b"\r\n");
+            assert_refused(&h, &req, Close::Required).await;
+        }
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Obsolete line folding (RFC 9112 §5.2): a server must refuse it (or replace
+/// it with spaces); the gateway never forwards a folded header.
+#[tokio::test]
+async fn obsolete_line_folding_is_refused_and_closed() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        for fold in ["x-a: b\r\n c\r\n", "x-a: b\r\n\tc\r\n", "x-team-id: acme\r\n other\r\n"] {
+            let req = format!("{}{fold}\r\n", authed("GET /app HTTP/1.1"));
+            assert_refused(&h, req.as_bytes(), Close::Required).await;
+        }
+        h.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Request targets and protocols a reverse proxy must not act on.
+// ---------------------------------------------------------------------------
+
+/// An absolute-form target naming another host: the gateway is not a forward
+/// proxy; it must not answer for `evil.example` (nor cache under it).
+#[tokio::test]
+#[ignore = "gateway bug: absolute-form targets for a foreign host are served as if origin-form (200, forwarded, cached)"]
+async fn absolute_form_for_another_host_is_refused() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let req = format!(
+            "GET http://evil.example/app HTTP/1.1\r\nhost: evil.example\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
+        );
+        assert_refused(&h, req.as_bytes(), Close::Either).await;
+        h.stop().await;
+    })
+    .await;
+}
+
+/// A WebSocket upgrade: the gateway forwards no upgrades (and strips
+/// `Upgrade` on the way up), so it must refuse instead of answering the
+/// request as a plain GET.
+#[tokio::test]
+#[ignore = "gateway bug: an Upgrade: websocket request is answered as a plain GET (200, forwarded, cached)"]
+async fn upgrade_websocket_is_refused() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let req = format!(
+            "{}connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            authed("GET /app HTTP/1.1")
+        );
+        let reply = assert_refused(&h, req.as_bytes(), Close::Either).await;
+        assert_ne!(reply.status, 101);
+        h.stop().await;
+    })
+    .await;
+}
+
+/// `CONNECT`: never a tunnel.
+#[tokio::test]
+async fn connect_is_refused() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        for target in ["evil.example:443", "127.0.0.1:22"] {
+            let req = format!(
+                "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
+            );
+            let reply = assert_refused(&h, req.as_bytes(), Close::Either).await;
+            assert_ne!(reply.status, 200);
+        }
+        h.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Slow clients and stream churn.
+// ---------------------------------------------------------------------------
+
+/// A client dribbling its request head one byte a second is cut off within
+/// `header_read_timeout`, and other clients are served meanwhile.
+#[tokio::test]
+async fn slow_header_client_is_closed_and_others_are_served() {
+    with_timeout(async {
+        let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
+        let addr = h.addr;
+        let slow = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET /app HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
+            );
+            let started = Instant::now();
+            let mut sent = 0usize;
+            let mut chunk = [0u8; 1024];
+            for b in head.as_bytes() {
+                if s.write_all(std::slice::from_ref(b)).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                // Wait a second, but notice a close at once.
+                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut chunk)).await {
+                    Err(_) => continue,
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    // An answer (e.g. 408) is fine; the close must follow.
+                    Ok(Ok(_)) => {
+                        let _ = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk)).await;
+                        break;
+                    }
+                }
+            }
+            (started.elapsed(), sent, head.len())
+        });
+
+        // Meanwhile, a normal client is served, several times.
+        let auth = bearer(TOKEN_RW);
+        for _ in 0..3 {
+            let t = Instant::now();
+            let r = tokio::time::timeout(
+                IO_TIMEOUT,
+                TestClient::http1().get(&h.url("/app"), &[("authorization", auth.as_str())]),
+            )
+            .await
+            .expect("a normal client was not served while a slow one dribbled");
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(t.elapsed() < Duration::from_secs(1), "served slowly: {:?}", t.elapsed());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+
+        let (elapsed, sent, total) = slow.await.unwrap();
+        assert!(sent < total, "the slow client sent its whole head ({total} bytes)");
+        assert!(
+            elapsed < Duration::from_millis(3500),
+            "the slow client was closed only after {elapsed:?} (header_read_timeout = 1s)"
+        );
+        // The slow request never reached the upstream: only the normal GET did.
+        assert_eq!(h.upstream_count("GET /app"), 1);
+        h.stop().await;
+    })
+    .await;
+}
+
+/// Many h2 streams opened and cancelled at once, in bursts (the client sends
+/// RST_STREAM for each dropped request): the gateway keeps serving others.
+#[tokio::test]
+async fn h2_streams_cancelled_in_bursts_do_not_disturb_other_clients() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        // Slow the upstream a little so cancelled requests are really in flight.
+        h.mock.set_faults(Faults {
+            latency_ms: 20,
+            ..Faults::default()
+        });
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let auth = bearer(TOKEN_RW);
+        let mut cancelled = 0usize;
+        for burst in 0..20 {
+            let mut tasks = Vec::new();
+            for i in 0..100 {
+                // Distinct paths: misses that go upstream, not only cache hits.
+                let uri = h.url(&format!("/app/burst-{burst}-{i}"));
+                let req = Request::get(uri)
+                    .header("authorization", auth.as_str())
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let fut = client.request(req);
+                tasks.push(tokio::spawn(async move {
+                    let _ = fut.await;
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            for t in &tasks {
+                t.abort();
+            }
+            for t in tasks {
+                if t.await.is_err_and(|e| e.is_cancelled()) {
+                    cancelled += 1;
+                }
+            }
+        }
+        assert!(cancelled > 1000, "only {cancelled} requests were cancelled in flight");
+        h.mock.set_faults(Faults::default());
+
+        // Another client, over h2 and over HTTP/1.1, is served normally.
+        for other in [TestClient::h2c(), TestClient::http1()] {
+            let r = tokio::time::timeout(
+                IO_TIMEOUT,
+                other.get(&h.url("/app"), &[("authorization", auth.as_str())]),
+            )
+            .await
+            .expect("another client was not served after the cancel bursts");
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        // And the cancelling client itself still works (or reconnects).
+        let req = Request::get(h.url("/app"))
+            .header("authorization", auth.as_str())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = tokio::time::timeout(IO_TIMEOUT, client.request(req))
+            .await
+            .expect("the cancelling client hung")
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let _ = res.into_body().collect().await.unwrap();
+        h.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// A hostile upstream's cache headers.
+// ---------------------------------------------------------------------------
+
+/// Upstream freshness directives at the edge of their range must not break
+/// the request (or the cache) that stores them.
+#[tokio::test]
+async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let auth = bearer(TOKEN_RW);
+        let huge = u64::MAX;
+        for (i, cc) in [
+            format!("max-age={huge}"),
+            format!("s-maxage={huge}, stale-if-error={huge}"),
+            format!("stale-while-revalidate={huge}"),
+            format!("stale-if-error={huge}"),
+            format!("max-age=1, stale-while-revalidate={huge}, stale-if-error={huge}"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            h.mock.set_faults(Faults {
+                extra_response_headers: vec![("cache-control".into(), cc.clone())],
+                ..Faults::default()
+            });
+            let path = format!("/app?case={i}");
+            let mut s = TcpStream::connect(h.addr).await.unwrap();
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            let reply = read_reply(&mut s, &mut buf)
+                .await
+                .unwrap_or_else(|e| panic!("upstream `cache-control: {cc}`: {e}"));
+            assert_eq!(reply.status, 200, "upstream `cache-control: {cc}`: {}", reply.head);
+            // The entry is usable (a hit) and the gateway still serves.
+            let r = TestClient::http1()
+                .get(&h.url(&path), &[("authorization", auth.as_str())])
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "upstream `cache-control: {cc}`");
+        }
+        h.stop().await;
+    })
+    .await;
+}
