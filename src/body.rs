@@ -97,7 +97,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_body_times_out_and_a_steady_one_does_not() {
-        let quiet = StreamBody::new(stream::pending::<Result<Frame<Bytes>, BodyError>>()).boxed_unsync();
+        let quiet =
+            StreamBody::new(stream::pending::<Result<Frame<Bytes>, BodyError>>()).boxed_unsync();
         let mut body = IdleTimeout::wrap(quiet, Duration::from_secs(5));
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(caused_by::<BodyTimeout>(&err));

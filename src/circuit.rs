@@ -153,7 +153,11 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let Some(scope) = req.extensions().get::<Caller>().map(|c| c.scope.name.clone()) else {
+        let Some(scope) = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.scope.name.clone())
+        else {
             return self.inner.call(req).boxed();
         };
         if let Err(wait) = self.breakers.admit(&scope) {
@@ -206,12 +210,20 @@ mod tests {
             b.record("acme", false);
         }
         assert_eq!(b.admit("acme"), Err(Duration::from_secs(10)));
-        assert_eq!(b.admit("other"), Ok(Admission::Pass), "scopes are independent");
+        assert_eq!(
+            b.admit("other"),
+            Ok(Admission::Pass),
+            "scopes are independent"
+        );
         clock.advance(Duration::from_secs(10));
         assert_eq!(b.admit("acme"), Ok(Admission::Probe));
         assert!(b.admit("acme").is_err(), "one probe at a time");
         b.record("acme", false);
-        assert_eq!(b.admit("acme"), Err(Duration::from_secs(10)), "a failed probe reopens");
+        assert_eq!(
+            b.admit("acme"),
+            Err(Duration::from_secs(10)),
+            "a failed probe reopens"
+        );
         clock.advance(Duration::from_secs(10));
         assert_eq!(b.admit("acme"), Ok(Admission::Probe));
         b.record("acme", true);

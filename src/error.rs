@@ -116,7 +116,10 @@ pub enum GatewayError {
     #[error("the request body stalled")]
     RequestTimeout,
     #[error("the upstream is failing; circuit open for scope {scope}")]
-    CircuitOpen { scope: String, retry_after: Duration },
+    CircuitOpen {
+        scope: String,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Internal,
 }

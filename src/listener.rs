@@ -19,12 +19,12 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -91,9 +91,11 @@ pub async fn serve(
             },
         };
         // One source IP may not take every connection slot.
-        let Some(per_ip) = PerIpGuard::acquire(&per_ip_counts, peer.ip(), cfg.max_connections_per_ip)
+        let Some(per_ip) =
+            PerIpGuard::acquire(&per_ip_counts, peer.ip(), cfg.max_connections_per_ip)
         else {
-            metrics::counter!("rungen_gateway_connections_refused_total", "reason" => "per_ip").increment(1);
+            metrics::counter!("rungen_gateway_connections_refused_total", "reason" => "per_ip")
+                .increment(1);
             drop(stream);
             continue;
         };
@@ -259,8 +261,10 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         // The connection's last request: hyper closes it after this response.
         Box::pin(async move {
             let mut res = fut.await?;
-            res.headers_mut()
-                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            res.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
             Ok(res)
         })
     }

@@ -179,7 +179,9 @@ impl<S> Routing<S> {
         }
         // No tunnels and no protocol switches (WebSocket, h2c upgrade): never forwarded.
         if req.headers().contains_key(header::UPGRADE) {
-            return Err(GatewayError::BadRequest("protocol upgrades are not supported"));
+            return Err(GatewayError::BadRequest(
+                "protocol upgrades are not supported",
+            ));
         }
         check_path(uri.path())?;
         let route =

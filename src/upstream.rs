@@ -3,16 +3,15 @@
 //! request to the configured RunGen base URL and tags every failure with its
 //! source. It knows neither callers nor the cache.
 
-use crate::config::UpstreamConfig;
 use crate::body::{BodyTimeout, IdleTimeout, caused_by};
+use crate::config::UpstreamConfig;
 use crate::error::{Body, BodyError, GatewayError};
-use http::Method;
-use http_body::Body as _;
-use tower::retry::budget::{Budget, TpsBudget};
 use crate::hop::strip_hop_by_hop;
 use futures_util::future::{BoxFuture, FutureExt};
+use http::Method;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -23,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tower::retry::budget::{Budget, TpsBudget};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 
@@ -169,8 +169,8 @@ impl tower::Service<Request<Body>> for Upstream {
         *req.version_mut() = http::Version::HTTP_11;
         // Only idempotent reads without a body are retried: never a write
         // (POST /app and run_async are not idempotent and cost money).
-        let retryable = matches!(*req.method(), Method::GET | Method::HEAD)
-            && req.body().is_end_stream();
+        let retryable =
+            matches!(*req.method(), Method::GET | Method::HEAD) && req.body().is_end_stream();
         let this = self.clone();
         this.retry_budget.deposit();
         async move {
