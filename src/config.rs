@@ -1254,14 +1254,18 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         if !names.insert(c.name.clone()) {
             p.push(field("name"), format!("duplicate client name `{}`", c.name));
         }
-        let mut token_sha256 = [0u8; 32];
+        let mut token_sha256: Option<[u8; 32]> = None;
         match c.token_sha256.as_deref().map(|t| hex::decode(t.trim())) {
             None if !c.cert_names.is_empty() => {}
             None => p.push(
                 field("token_sha256"),
                 "is missing: a client needs token_sha256 or cert_names",
             ),
-            Some(Ok(bytes)) if bytes.len() == 32 => token_sha256.copy_from_slice(&bytes),
+            Some(Ok(bytes)) if bytes.len() == 32 => {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(&bytes);
+                token_sha256 = Some(d);
+            }
             Some(_) => p.push(
                 field("token_sha256"),
                 "must be 64 hex digits (the SHA-256 of the token; `rungen-gateway new-token` prints one)",
@@ -1278,8 +1282,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
                 "client certificates need [server.tls] client_ca",
             );
         }
-        if token_sha256 != [0u8; 32] {
-            if let Some(other) = digests.insert(token_sha256, c.name.clone()) {
+        if let Some(digest) = token_sha256 {
+            if let Some(other) = digests.insert(digest, c.name.clone()) {
                 p.push(
                     field("token_sha256"),
                     format!("duplicate token: the same hash is already used by client `{other}`"),
@@ -1327,7 +1331,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
         clients.push(Arc::new(Client {
             name: c.name.clone(),
-            token_sha256: (token_sha256 != [0u8; 32]).then_some(token_sha256),
+            token_sha256,
             cert_names: c.cert_names.clone(),
             teams: client_teams,
             methods,

@@ -111,8 +111,18 @@ impl State {
                 });
             }
         }
-        if new.server.listen != old.server.listen || new.admin.listen != old.admin.listen {
-            tracing::warn!("listen addresses changed; they take effect at the next restart");
+        for (section, changed) in restart_only_changes(&old, &new) {
+            if changed {
+                tracing::warn!(
+                    section,
+                    "this setting changed but only takes effect at the next restart"
+                );
+            }
+        }
+        if !self.cache.reconfigure(&new.cache) {
+            tracing::warn!(
+                "cache size bounds changed; they take effect at the next restart (route policies were applied)"
+            );
         }
         for w in &new.warnings {
             tracing::warn!("{w}");
@@ -136,6 +146,43 @@ impl State {
         tracing::info!(generation, "config reloaded");
         Ok(generation)
     }
+}
+
+/// Settings read once at start: a reload that changes them only warns.
+fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 8] {
+    let (o, n) = (&old.server, &new.server);
+    [
+        ("server.listen", o.listen != n.listen),
+        (
+            "server.plaintext_listen",
+            o.plaintext_listen != n.plaintext_listen,
+        ),
+        ("server.tls", o.tls != n.tls),
+        (
+            "server limits (headers, connections, h2 streams)",
+            o.max_header_bytes != n.max_header_bytes
+                || o.max_headers != n.max_headers
+                || o.max_connections != n.max_connections
+                || o.max_connections_per_ip != n.max_connections_per_ip
+                || o.max_requests_per_connection != n.max_requests_per_connection
+                || o.h2_max_concurrent_streams != n.h2_max_concurrent_streams
+                || o.header_read_timeout != n.header_read_timeout,
+        ),
+        (
+            "server.shutdown_timeout",
+            o.shutdown_timeout != n.shutdown_timeout,
+        ),
+        ("admin.listen", old.admin.listen != new.admin.listen),
+        (
+            "logging",
+            old.logging.level != new.logging.level || old.logging.format != new.logging.format,
+        ),
+        (
+            "reload",
+            old.reload.watch != new.reload.watch
+                || old.reload.poll_interval != new.reload.poll_interval,
+        ),
+    ]
 }
 
 /// A running gateway.

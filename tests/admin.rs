@@ -348,6 +348,29 @@ async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
     let metrics_after = c.get(&g.admin("/metrics"), &[]).await.text();
     assert!(errors(&metrics_after) >= errors(&metrics_before) + 1.0);
 
+    // Cache policies follow a reload too: with the cache switched off, every read goes upstream.
+    g.rewrite(|t| {
+        t.replace("request_timeout = \"whenever\"", "request_timeout = \"2s\"")
+            + "\n[cache]\nenabled = false\n"
+    });
+    let r = c
+        .send(
+            Method::POST,
+            &g.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let before = g.mock.stats().total;
+    for _ in 0..3 {
+        let r = c
+            .get(&g.url("/app"), &[("authorization", &bearer(TOKEN_RW))])
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(g.mock.stats().total, before + 3);
+
     // Reload needs the admin token.
     let r = c.send(Method::POST, &g.admin("/reload"), &[], None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);

@@ -496,8 +496,16 @@ async fn stale_if_error_covers_a_failing_upstream_within_its_window() {
     let before = h.upstream_count("GET /app");
     let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.error_message().contains("failing"), "{}", r.error_message());
-    assert_eq!(h.upstream_count("GET /app"), before, "an open circuit sends nothing");
+    assert!(
+        r.error_message().contains("failing"),
+        "{}",
+        r.error_message()
+    );
+    assert_eq!(
+        h.upstream_count("GET /app"),
+        before,
+        "an open circuit sends nothing"
+    );
     // ...until the cooldown, when one probe goes through and closes it.
     clock.advance(Duration::from_secs(11));
     let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;

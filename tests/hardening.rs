@@ -120,7 +120,10 @@ async fn closed_within(s: &mut TcpStream, leftover: &[u8], within: Duration) -> 
 }
 
 /// Writes `request` on a fresh connection and reads the first answer.
-async fn send_raw(addr: SocketAddr, request: &[u8]) -> (TcpStream, Result<RawReply, String>, Vec<u8>) {
+async fn send_raw(
+    addr: SocketAddr,
+    request: &[u8],
+) -> (TcpStream, Result<RawReply, String>, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     // The gateway may answer and close before everything is written.
     let _ = tokio::time::timeout(IO_TIMEOUT, s.write_all(request)).await;
@@ -181,7 +184,10 @@ async fn assert_nothing_cached(h: &Harness) {
         .get("cache-status")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
-    assert!(cs.contains("fwd=uri-miss"), "something was cached: cache-status {cs:?}");
+    assert!(
+        cs.contains("fwd=uri-miss"),
+        "something was cached: cache-status {cs:?}"
+    );
 }
 
 async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
@@ -271,12 +277,12 @@ async fn control_characters_in_header_names_and_values_are_refused_and_closed() 
     with_timeout(async {
         let h = Harness::start().await;
         let cases: [&[u8]; 7] = [
-            b"x-a: b\rc\r\n",          // bare CR in a value
-            b"x-a: b\0c\r\n",          // NUL in a value
-            b"x\0a: b\r\n",            // NUL in a name
-            b"x-a\r: b\r\n",           // CR in a name
-            b"x-a\n: b\r\n",           // LF in a name: a line without a colon
-            b"x-a : b\r\n",            // whitespace before the colon
+            b"x-a: b\rc\r\n",           // bare CR in a value
+            b"x-a: b\0c\r\n",           // NUL in a value
+            b"x\0a: b\r\n",             // NUL in a name
+            b"x-a\r: b\r\n",            // CR in a name
+            b"x-a\n: b\r\n",            // LF in a name: a line without a colon
+            b"x-a : b\r\n",             // whitespace before the colon
             b"x-team-id\r\n: acme\r\n", // a name split over two lines
         ];
         for case in cases {
@@ -296,7 +302,11 @@ async fn control_characters_in_header_names_and_values_are_refused_and_closed() 
 async fn obsolete_line_folding_is_refused_and_closed() {
     with_timeout(async {
         let h = Harness::start().await;
-        for fold in ["x-a: b\r\n c\r\n", "x-a: b\r\n\tc\r\n", "x-team-id: acme\r\n other\r\n"] {
+        for fold in [
+            "x-a: b\r\n c\r\n",
+            "x-a: b\r\n\tc\r\n",
+            "x-team-id: acme\r\n other\r\n",
+        ] {
             let req = format!("{}{fold}\r\n", authed("GET /app HTTP/1.1"));
             assert_refused(&h, req.as_bytes(), Close::Required).await;
         }
@@ -410,12 +420,19 @@ async fn slow_header_client_is_closed_and_others_are_served() {
             .await
             .expect("a normal client was not served while a slow one dribbled");
             assert_eq!(r.status, StatusCode::OK);
-            assert!(t.elapsed() < Duration::from_secs(1), "served slowly: {:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "served slowly: {:?}",
+                t.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
 
         let (elapsed, sent, total) = slow.await.unwrap();
-        assert!(sent < total, "the slow client sent its whole head ({total} bytes)");
+        assert!(
+            sent < total,
+            "the slow client sent its whole head ({total} bytes)"
+        );
         assert!(
             elapsed < Duration::from_millis(3500),
             "the slow client was closed only after {elapsed:?} (header_read_timeout = 1s)"
@@ -467,7 +484,10 @@ async fn h2_streams_cancelled_in_bursts_do_not_disturb_other_clients() {
                 }
             }
         }
-        assert!(cancelled > 1000, "only {cancelled} requests were cancelled in flight");
+        assert!(
+            cancelled > 1000,
+            "only {cancelled} requests were cancelled in flight"
+        );
         h.mock.set_faults(Faults::default());
 
         // Another client, over h2 and over HTTP/1.1, is served normally.
@@ -532,7 +552,11 @@ async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
             let reply = read_reply(&mut s, &mut buf)
                 .await
                 .unwrap_or_else(|e| panic!("upstream `cache-control: {cc}`: {e}"));
-            assert_eq!(reply.status, 200, "upstream `cache-control: {cc}`: {}", reply.head);
+            assert_eq!(
+                reply.status, 200,
+                "upstream `cache-control: {cc}`: {}",
+                reply.head
+            );
             // The entry is usable (a hit) and the gateway still serves.
             let r = TestClient::http1()
                 .get(&h.url(&path), &[("authorization", auth.as_str())])

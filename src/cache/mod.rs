@@ -100,6 +100,8 @@ pub struct CacheLog(pub &'static str);
 /// The cache's shared state (one per process, kept across config reloads).
 pub struct Cache {
     settings: CacheSettings,
+    /// Route policies and the on/off switch: replaced on config reload.
+    policies: arc_swap::ArcSwap<(bool, CachePolicies)>,
     entries: Entries,
     vary: VaryIndex,
     flights: Mutex<HashMap<CacheKey, Flight>>,
@@ -130,6 +132,10 @@ pub struct PurgeScope {
 impl Cache {
     pub fn new(settings: CacheSettings, clock: SharedClock) -> Arc<Self> {
         Arc::new(Self {
+            policies: arc_swap::ArcSwap::from_pointee((
+                settings.enabled,
+                settings.policies.clone(),
+            )),
             entries: store::build_entries(settings.max_bytes),
             vary: store::build_vary_index(),
             settings,
@@ -138,6 +144,16 @@ impl Cache {
             backoff: Mutex::new(HashMap::new()),
             clock,
         })
+    }
+
+    /// Applies a reloaded config's policies; the store's size bounds are
+    /// fixed at start (returns false if the new settings change them).
+    pub fn reconfigure(&self, settings: &CacheSettings) -> bool {
+        self.policies
+            .store(Arc::new((settings.enabled, settings.policies.clone())));
+        settings.max_bytes == self.settings.max_bytes
+            && settings.max_entry_bytes == self.settings.max_entry_bytes
+            && settings.coalesce_timeout == self.settings.coalesce_timeout
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -910,9 +926,9 @@ impl tower::Service<Request<Body>> for CacheService {
             return self.inner.call(req).boxed();
         };
         let scope: Arc<str> = Arc::from(caller.scope.name.as_str());
-        let settings = &self.layer.cache.settings;
-        let policy = if settings.enabled {
-            settings.policies.for_route(&route).cloned()
+        let current = self.layer.cache.policies.load();
+        let policy = if current.0 {
+            current.1.for_route(&route).cloned()
         } else {
             None
         };
