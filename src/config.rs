@@ -128,6 +128,8 @@ struct RawServer {
     max_connections_per_ip: usize,
     #[serde(default = "defaults::max_requests_per_connection")]
     max_requests_per_connection: u64,
+    #[serde(default)]
+    allow_chunked_requests: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +163,7 @@ impl Default for RawServer {
             body_read_timeout: defaults::body_read_timeout(),
             max_connections_per_ip: defaults::max_connections_per_ip(),
             max_requests_per_connection: defaults::max_requests_per_connection(),
+            allow_chunked_requests: false,
         }
     }
 }
@@ -589,6 +592,8 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// HTTP/1.1 connections are closed after this many requests (0: no limit).
     pub max_requests_per_connection: u64,
+    /// Accept HTTP/1.1 `Transfer-Encoding: chunked` request bodies (411 otherwise).
+    pub allow_chunked_requests: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -703,6 +708,10 @@ impl Config {
 /// Like `parse_duration`, but zero is allowed ("off").
 fn parse_duration_or_zero(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
     match humantime::parse_duration(value) {
+        Ok(d) if d > MAX_CONFIG_DURATION => {
+            p.push(field, "must be at most ten years");
+            Duration::ZERO
+        }
         Ok(d) => d,
         Err(e) => {
             p.push(
@@ -804,8 +813,16 @@ fn validate_cache(p: &mut Problems<'_>, raw: &RawCache) -> crate::cache::CacheSe
     }
 }
 
+/// The longest duration a config may give (ten years): longer ones are typos
+/// and would overflow time arithmetic.
+const MAX_CONFIG_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 fn parse_duration(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
     match humantime::parse_duration(value) {
+        Ok(d) if d > MAX_CONFIG_DURATION => {
+            p.push(field, "must be at most ten years");
+            Duration::from_secs(1)
+        }
         Ok(d) if !d.is_zero() => d,
         Ok(_) => {
             p.push(field, "must be greater than zero");
@@ -927,6 +944,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         body_read_timeout: parse_duration(&mut p, "server.body_read_timeout", &s.body_read_timeout),
         max_connections_per_ip: s.max_connections_per_ip.max(1),
         max_requests_per_connection: s.max_requests_per_connection,
+        allow_chunked_requests: s.allow_chunked_requests,
     };
 
     // [upstream]

@@ -88,6 +88,10 @@ pub enum GatewayError {
     BadRequest(&'static str),
     #[error("URI too long")]
     UriTooLong,
+    #[error("ambiguous message framing")]
+    AmbiguousFraming,
+    #[error("chunked request bodies are not accepted")]
+    LengthRequired,
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("missing or unknown credential")]
@@ -129,7 +133,8 @@ impl GatewayError {
         match self {
             GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest(_) | GatewayError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            GatewayError::LengthRequired => StatusCode::LENGTH_REQUIRED,
             GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
@@ -166,6 +171,8 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::AmbiguousFraming => "ambiguous_framing",
+            GatewayError::LengthRequired => "length_required",
             GatewayError::PayloadTooLarge => "payload_too_large",
             GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::ScopeForbidden => "scope_forbidden",
@@ -190,6 +197,12 @@ impl GatewayError {
             GatewayError::MethodNotAllowed => "method not allowed".into(),
             GatewayError::BadRequest(why) => format!("malformed request: {why}").into(),
             GatewayError::UriTooLong => "request URI is too long".into(),
+            GatewayError::AmbiguousFraming => {
+                "malformed request: ambiguous or unsupported body framing".into()
+            }
+            GatewayError::LengthRequired => {
+                "send request bodies with Content-Length (chunked uploads are not accepted)".into()
+            }
             GatewayError::PayloadTooLarge => "request body is too large".into(),
             GatewayError::Unauthenticated => {
                 "missing or invalid credential: send Authorization: Bearer <token> or x-api-key: <token>".into()
@@ -240,6 +253,10 @@ pub fn error_response(err: &GatewayError) -> Response<Body> {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     match err {
+        // The rest of the connection cannot be trusted: close it after this answer.
+        GatewayError::AmbiguousFraming | GatewayError::LengthRequired => {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         GatewayError::Unauthenticated => {
             headers.insert(
                 header::WWW_AUTHENTICATE,
@@ -258,6 +275,26 @@ pub fn error_response(err: &GatewayError) -> Response<Body> {
         source: err.source(),
     });
     res
+}
+
+/// The longest `Retry-After` taken from an upstream (one day): a larger or
+/// absurd value must not pause a scope for ever or overflow time arithmetic.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// An upstream's `Retry-After` (seconds or an HTTP date), capped at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(
+    headers: &http::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    let wait = match v.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs.min(MAX_RETRY_AFTER.as_secs())),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// An integer `Retry-After` of at least one second, rounded up.

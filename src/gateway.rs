@@ -41,6 +41,7 @@ pub fn build(
             config.server.max_uri_bytes,
             config.server.max_body_bytes,
             config.server.body_read_timeout,
+            config.server.allow_chunked_requests,
         ))
         // 3. caller auth: token -> client -> team scope, method check
         .layer(CallerAuthLayer::new(credentials, limits.clone()))

@@ -536,18 +536,7 @@ async fn wait_for_budget(state: &ScopeState, deadline: Instant) -> Result<(), Du
 }
 
 fn retry_after_secs(res: &Response<Body>) -> Option<Duration> {
-    let v = res
-        .headers()
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?;
-    if let Ok(s) = v.trim().parse::<u64>() {
-        return Some(Duration::from_secs(s));
-    }
-    httpdate::parse_http_date(v)
-        .ok()?
-        .duration_since(std::time::SystemTime::now())
-        .ok()
+    crate::error::parse_retry_after(res.headers(), std::time::SystemTime::now())
 }
 
 impl<S> tower::Service<Request<Body>> for UpstreamBudget<S>

@@ -120,6 +120,7 @@ pub struct RoutingLayer {
     max_uri_bytes: usize,
     max_body_bytes: u64,
     body_read_timeout: std::time::Duration,
+    allow_chunked_requests: bool,
 }
 
 impl RoutingLayer {
@@ -128,12 +129,14 @@ impl RoutingLayer {
         max_uri_bytes: usize,
         max_body_bytes: u64,
         body_read_timeout: std::time::Duration,
+        allow_chunked_requests: bool,
     ) -> Self {
         Self {
             prefixes: prefixes.iter().map(|p| Prefix::new(p)).collect(),
             max_uri_bytes,
             max_body_bytes,
             body_read_timeout,
+            allow_chunked_requests,
         }
     }
 }
@@ -172,6 +175,28 @@ impl<S> Routing<S> {
                 | Method::OPTIONS
         ) {
             return Err(GatewayError::MethodNotAllowed);
+        }
+        // Request smuggling defences: one framing, and only chunked.
+        let headers = req.headers();
+        let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+        // hyper drops Content-Length when Transfer-Encoding is present, so a
+        // CL+TE smuggling attempt is indistinguishable from a chunked upload:
+        // HTTP/1 chunked uploads are refused unless allowed.
+        if headers.contains_key(header::TRANSFER_ENCODING)
+            && req.version() <= http::Version::HTTP_11
+            && !self.layer.allow_chunked_requests
+        {
+            return Err(GatewayError::LengthRequired);
+        }
+        if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+            let chunked_only = headers.get_all(header::TRANSFER_ENCODING).iter().count() == 1
+                && te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+            if lengths > 0 || !chunked_only {
+                return Err(GatewayError::AmbiguousFraming);
+            }
+        }
+        if lengths > 1 {
+            return Err(GatewayError::AmbiguousFraming);
         }
         // HTTP/1 absolute-form targets name a host: this gateway is not a forward proxy.
         if req.version() <= http::Version::HTTP_11 && uri.scheme().is_some() {

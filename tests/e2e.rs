@@ -390,7 +390,7 @@ async fn oversized_requests_are_refused_before_the_upstream() {
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let h = Harness::start_with("max_body_bytes = 1024", "").await;
+    let h = Harness::start_with("max_body_bytes = 1024\nallow_chunked_requests = true", "").await;
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut req = format!(
         "POST /app HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN_RW}\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n"

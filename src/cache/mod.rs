@@ -392,14 +392,7 @@ fn is_upstream_error(status: StatusCode) -> bool {
 }
 
 fn retry_after(headers: &HeaderMap, now_wall: std::time::SystemTime) -> Option<Duration> {
-    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    if let Ok(secs) = v.trim().parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    httpdate::parse_http_date(v)
-        .ok()?
-        .duration_since(now_wall)
-        .ok()
+    crate::error::parse_retry_after(headers, now_wall)
 }
 
 /// Calls the inner service. A plain function returning a boxed future: inside

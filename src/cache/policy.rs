@@ -158,6 +158,9 @@ impl NoStoreReason {
     }
 }
 
+/// The largest directive value taken from an upstream (ten years).
+pub const MAX_DIRECTIVE_SECS: u64 = 10 * 365 * 86_400;
+
 /// The directives of a `Cache-Control` header that a shared cache acts on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheControl {
@@ -181,7 +184,11 @@ pub fn parse_cache_control(headers: &HeaderMap) -> CacheControl {
                 Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                 None => (directive.trim(), None),
             };
-            let secs = || arg.and_then(|a| a.parse::<u64>().ok());
+            // Capped: absurd upstream values must not overflow time arithmetic.
+            let secs = || {
+                arg.and_then(|a| a.parse::<u64>().ok())
+                    .map(|v| v.min(MAX_DIRECTIVE_SECS))
+            };
             match name.to_ascii_lowercase().as_str() {
                 "no-store" => cc.no_store = true,
                 // `no-cache="field"` only restricts that field; treat it as plain no-cache (stricter).
@@ -328,6 +335,8 @@ pub fn response_freshness(
                 .unwrap_or(now);
             Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
         });
+    let upstream_lifetime =
+        upstream_lifetime.map(|d| d.min(Duration::from_secs(MAX_DIRECTIVE_SECS)));
     let mut ttl = match upstream_lifetime {
         Some(up) if policy.follow_upstream_freshness && !negative => up,
         Some(up) => base.min(up),
