@@ -9,6 +9,7 @@
 
 use crate::config::{Client, Team};
 use crate::error::{Body, GatewayError, error_response};
+use crate::jwt::{Verifiers, looks_like_jwt};
 use crate::listener::PeerAddr;
 use crate::rate_limit::{Limits, client_ip};
 use crate::secret::token_digest;
@@ -34,16 +35,33 @@ pub struct CallerLog {
     pub scope: Option<Arc<Team>>,
 }
 
-/// Clients by token digest and by client-certificate name.
+/// Clients by token digest, client-certificate name, and (public clients)
+/// origin; signed-token verifiers by issuer.
 #[derive(Debug, Default)]
 pub struct Credentials {
     by_digest: HashMap<[u8; 32], Arc<Client>>,
     by_cert_name: HashMap<String, Arc<Client>>,
+    public_by_origin: HashMap<String, Arc<Client>>,
+    jwt: Verifiers,
 }
 
 impl Credentials {
     pub fn new(clients: &[Arc<Client>]) -> Self {
+        Self::with_jwt(clients, Verifiers::default())
+    }
+
+    pub fn with_jwt(clients: &[Arc<Client>], jwt: Verifiers) -> Self {
         Self {
+            jwt,
+            public_by_origin: clients
+                .iter()
+                .filter(|c| c.public)
+                .flat_map(|c| {
+                    c.allowed_origins
+                        .iter()
+                        .map(move |o| (o.clone(), c.clone()))
+                })
+                .collect(),
             by_digest: clients
                 .iter()
                 .filter_map(|c| Some((c.token_sha256?, c.clone())))
@@ -81,24 +99,41 @@ pub fn extract_token(headers: &HeaderMap) -> Option<&[u8]> {
 
 /// Picks the scope: the named one if the client may use it, else the default.
 pub fn choose_scope(client: &Client, headers: &HeaderMap) -> Result<Arc<Team>, GatewayError> {
+    choose_scope_within(client, headers, None)
+}
+
+/// Like [`choose_scope`], limited to the scopes a signed token grants (by
+/// scope name or team id) when it names any.
+pub fn choose_scope_within(
+    client: &Client,
+    headers: &HeaderMap,
+    granted: Option<&[String]>,
+) -> Result<Arc<Team>, GatewayError> {
+    let permitted = |t: &Arc<Team>| {
+        granted.is_none_or(|g| {
+            g.iter().any(|s| {
+                *s == t.name
+                    || t.team_id
+                        .as_ref()
+                        .is_some_and(|id| id.as_bytes() == s.as_bytes())
+            })
+        })
+    };
     let requested = headers
         .get("x-team-id")
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|v| !v.is_empty());
     match requested {
-        None => client
-            .teams
-            .first()
-            .cloned()
-            .ok_or(GatewayError::ScopeForbidden),
+        None => client.teams.iter().find(|t| permitted(t)).cloned(),
         Some(wanted) => client
             .teams
             .iter()
             .find(|t| t.team_id.as_ref().is_some_and(|id| id.as_bytes() == wanted))
             .or_else(|| client.teams.iter().find(|t| t.name.as_bytes() == wanted))
-            .cloned()
-            .ok_or(GatewayError::ScopeForbidden),
+            .filter(|t| permitted(t))
+            .cloned(),
     }
+    .ok_or(GatewayError::ScopeForbidden)
 }
 
 fn method_allowed(client: &Client, method: &Method) -> bool {
@@ -164,15 +199,56 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        // A token wins; without one, a verified client certificate may identify the client.
+        // A token wins (an opaque gateway token, or a signed JWT); without one,
+        // a verified client certificate, or for public clients the Origin.
+        let mut granted: Option<Vec<String>> = None;
         let client = match extract_token(req.headers()) {
-            Some(t) => self.credentials.lookup(t),
+            Some(t) => match self.credentials.lookup(t) {
+                Some(c) => Some(c.clone()),
+                None if !self.credentials.jwt.is_empty() && looks_like_jwt(t) => {
+                    match std::str::from_utf8(t).map(|t| self.credentials.jwt.verify(t)) {
+                        Ok(Ok(grant)) => {
+                            granted = grant.scopes;
+                            Some(grant.client)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(reason = %e, "signed token refused");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+                None => None,
+            },
             None => req
                 .extensions()
                 .get::<ClientCertIdentity>()
-                .and_then(|id| self.credentials.lookup_cert(id)),
+                .and_then(|id| self.credentials.lookup_cert(id))
+                .cloned()
+                .or_else(|| {
+                    let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
+                    self.credentials
+                        .public_by_origin
+                        .get(&origin.to_ascii_lowercase())
+                        .cloned()
+                }),
         };
-        let Some(client) = client.cloned() else {
+        let Some(client) = client else {
+            // A browser without a credential from an origin no client allows: 403.
+            if extract_token(req.headers()).is_none()
+                && !self.credentials.public_by_origin.is_empty()
+                && req.headers().get(header::ORIGIN).is_some_and(|o| {
+                    o.to_str().is_ok_and(|o| {
+                        !self
+                            .credentials
+                            .public_by_origin
+                            .contains_key(&o.to_ascii_lowercase())
+                    })
+                })
+            {
+                return std::future::ready(Ok(error_response(&GatewayError::OriginForbidden)))
+                    .boxed();
+            }
             // Failed authentication spends the source IP's budget, never a client's.
             let err = match self.unauthenticated_ip(&req) {
                 Some(ip) => match self.limits.check_unauthenticated(ip) {
@@ -194,7 +270,7 @@ where
             });
             std::future::ready(Ok(res)).boxed()
         };
-        let scope = match choose_scope(&client, req.headers()) {
+        let scope = match choose_scope_within(&client, req.headers(), granted.as_deref()) {
             Ok(scope) => scope,
             Err(err) => return refuse(client, err),
         };
@@ -237,6 +313,8 @@ mod tests {
             name: "c".into(),
             token_sha256: Some(token_digest(b"tok")),
             cert_names: vec!["svc.internal".into()],
+            public: false,
+            allowed_origins: vec![],
             teams: vec![team("personal", None), team("acme", Some("t-1"))],
             methods: vec![Method::GET],
         }
@@ -274,6 +352,15 @@ mod tests {
         ));
         h.insert("x-team-id", HeaderValue::from_static(""));
         assert_eq!(choose_scope(&c, &h).unwrap().name, "personal");
+        // A signed token granting only acme: the default becomes acme, personal is refused.
+        let granted = vec!["t-1".to_string()];
+        assert_eq!(
+            choose_scope_within(&c, &h, Some(&granted)).unwrap().name,
+            "acme"
+        );
+        h.insert("x-team-id", HeaderValue::from_static("personal"));
+        assert!(choose_scope_within(&c, &h, Some(&granted)).is_err());
+        assert!(choose_scope_within(&c, &HeaderMap::new(), Some(&[])).is_err());
     }
 
     #[test]

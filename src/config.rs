@@ -233,6 +233,8 @@ struct RawRateLimit {
     #[serde(default)]
     unauthenticated: Option<RawQuota>,
     #[serde(default)]
+    public_per_ip: Option<RawQuota>,
+    #[serde(default)]
     trusted_proxies: Vec<String>,
     #[serde(default = "defaults::max_in_flight")]
     max_in_flight: usize,
@@ -250,6 +252,7 @@ impl Default for RawRateLimit {
             enabled: true,
             default: None,
             unauthenticated: None,
+            public_per_ip: None,
             trusted_proxies: Vec::new(),
             max_in_flight: defaults::max_in_flight(),
             upstream_budget: None,
@@ -364,6 +367,33 @@ struct RawClient {
     methods: Vec<String>,
     #[serde(default)]
     rate_limit: Option<RawQuota>,
+    #[serde(default)]
+    public: bool,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+    #[serde(default)]
+    ip_rate_limit: Option<RawQuota>,
+    #[serde(default)]
+    jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    issuer: String,
+    audience: String,
+    #[serde(default)]
+    hmac_secret: Option<SecretSource>,
+    #[serde(default)]
+    jwks_file: Option<PathBuf>,
+    #[serde(default)]
+    jwks_url: Option<String>,
+    #[serde(default = "defaults::jwt_leeway")]
+    leeway: String,
+    #[serde(default)]
+    scopes_claim: Option<String>,
+    #[serde(default = "defaults::jwks_refresh")]
+    jwks_refresh: String,
 }
 
 /// Where a secret comes from: `{ env = "NAME" }`, `{ file = "/path" }`, or
@@ -441,6 +471,12 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn jwt_leeway() -> String {
+        "30s".into()
+    }
+    pub fn jwks_refresh() -> String {
+        "5m".into()
+    }
     pub fn body_read_timeout() -> String {
         "30s".into()
     }
@@ -564,6 +600,8 @@ pub struct Config {
     pub reload: ReloadConfig,
     pub teams: Vec<Arc<Team>>,
     pub clients: Vec<Arc<Client>>,
+    /// JWT verification settings of the clients that use signed tokens.
+    pub jwt_clients: Vec<(Arc<Client>, crate::jwt::JwtSettings)>,
     /// Files secrets were read from (watched for changes).
     pub secret_files: Vec<PathBuf>,
     /// Non-fatal findings (inline secrets, ...) to log at start.
@@ -666,6 +704,10 @@ pub struct Client {
     pub token_sha256: Option<[u8; 32]>,
     /// Client-certificate names (subject CN or SAN) that identify this client.
     pub cert_names: Vec<String>,
+    /// No credential: matched by the request's `Origin` (browser dashboards).
+    pub public: bool,
+    /// Exact origins (`https://app.example.com`) allowed by CORS, lower-case.
+    pub allowed_origins: Vec<String>,
     /// Allowed scopes; the first is the default.
     pub teams: Vec<Arc<Team>>,
     pub methods: Vec<Method>,
@@ -1072,6 +1114,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     if let Some(q) = &rl.unauthenticated {
         rate_limit.unauthenticated_quota = validate_quota(&mut p, "rate_limit.unauthenticated", q);
     }
+    if let Some(q) = &rl.public_per_ip {
+        rate_limit.public_ip_quota = validate_quota(&mut p, "rate_limit.public_per_ip", q);
+    }
     if rl.max_in_flight == 0 {
         p.push("rate_limit.max_in_flight", "must be at least 1");
     }
@@ -1125,6 +1170,10 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         if let Some(q) = &c.rate_limit {
             let quota = validate_quota(&mut p, &format!("clients[{i}].rate_limit"), q);
             rate_limit.client_quotas.insert(c.name.clone(), quota);
+        }
+        if let Some(q) = &c.ip_rate_limit {
+            let quota = validate_quota(&mut p, &format!("clients[{i}].ip_rate_limit"), q);
+            rate_limit.client_ip_quotas.insert(c.name.clone(), quota);
         }
     }
 
@@ -1256,6 +1305,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         ));
     }
     let mut clients = Vec::new();
+    let mut jwt_clients = Vec::new();
     let mut names = HashSet::new();
     let mut digests: HashMap<[u8; 32], String> = HashMap::new();
     for (i, c) in raw.clients.iter().enumerate() {
@@ -1273,11 +1323,22 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             p.push(field("name"), format!("duplicate client name `{}`", c.name));
         }
         let mut token_sha256: Option<[u8; 32]> = None;
+        let kinds = [
+            c.token_sha256.is_some() || !c.cert_names.is_empty(),
+            c.public,
+            c.jwt.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            p.push(
+                field("public"),
+                "a client is one of: token/certificate (token_sha256, cert_names), public = true, or jwt = { ... }",
+            );
+        }
         match c.token_sha256.as_deref().map(|t| hex::decode(t.trim())) {
-            None if !c.cert_names.is_empty() => {}
+            None if !c.cert_names.is_empty() || c.public || c.jwt.is_some() => {}
             None => p.push(
                 field("token_sha256"),
-                "is missing: a client needs token_sha256 or cert_names",
+                "is missing: a client needs token_sha256, cert_names, public = true or jwt",
             ),
             Some(Ok(bytes)) if bytes.len() == 32 => {
                 let mut d = [0u8; 32];
@@ -1347,13 +1408,45 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
                 ),
             }
         }
-        clients.push(Arc::new(Client {
+        let mut origins = Vec::new();
+        for (j, o) in c.allowed_origins.iter().enumerate() {
+            match valid_origin(o) {
+                Some(o) => origins.push(o),
+                None => p.push(
+                    format!("clients[{i}].allowed_origins[{j}]"),
+                    format!("`{o}` is not an exact origin like \"https://app.example.com\" (no path, no wildcard)"),
+                ),
+            }
+        }
+        if c.public && origins.is_empty() {
+            p.push(
+                field("allowed_origins"),
+                "a public client is matched by Origin: list at least one",
+            );
+        }
+        if c.ip_rate_limit.is_some() && !c.public {
+            p.push(
+                field("ip_rate_limit"),
+                "only public clients have a per-IP limit",
+            );
+        }
+        let client = Arc::new(Client {
             name: c.name.clone(),
             token_sha256,
             cert_names: c.cert_names.clone(),
+            public: c.public,
+            allowed_origins: origins,
             teams: client_teams,
             methods,
-        }));
+        });
+        if let Some(j) = &c.jwt {
+            if let Some(settings) =
+                validate_jwt(&mut p, i, j, path, &mut warnings, &mut secret_files)
+            {
+                jwt_clients.push((client.clone(), settings));
+            }
+        }
+        clients.push(client);
     }
 
     if !p.errors.is_empty() {
@@ -1370,8 +1463,124 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         reload,
         teams,
         clients,
+        jwt_clients,
         secret_files,
         warnings,
+    })
+}
+
+/// An exact origin, lower-cased: `scheme://host[:port]`.
+fn valid_origin(o: &str) -> Option<String> {
+    let lower = o.trim().to_ascii_lowercase();
+    let uri: Uri = lower.parse().ok()?;
+    let scheme = uri.scheme_str()?;
+    if !matches!(scheme, "http" | "https") || uri.authority().is_none() {
+        return None;
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") || lower.ends_with('/') {
+        return None;
+    }
+    if lower.contains('*') {
+        return None;
+    }
+    Some(lower)
+}
+
+fn validate_jwt(
+    p: &mut Problems<'_>,
+    i: usize,
+    j: &RawJwt,
+    path: &Path,
+    warnings: &mut Vec<String>,
+    secret_files: &mut Vec<PathBuf>,
+) -> Option<crate::jwt::JwtSettings> {
+    use crate::jwt::KeySource;
+    let field = |f: &str| format!("clients[{i}].jwt.{f}");
+    let before = p.errors.len();
+    if j.issuer.trim().is_empty() {
+        p.push(field("issuer"), "must not be empty");
+    }
+    if j.audience.trim().is_empty() {
+        p.push(field("audience"), "must not be empty");
+    }
+    let keys = match (&j.hmac_secret, &j.jwks_file, &j.jwks_url) {
+        (Some(s), None, None) => {
+            if let SecretSource::File(f) = s {
+                secret_files.push(f.clone());
+            }
+            match s.load() {
+                Ok((secret, inline)) => {
+                    if inline {
+                        warnings.push(format!(
+                            "{}: {}: the JWT secret is written inline in the config file",
+                            path.display(),
+                            field("hmac_secret")
+                        ));
+                    }
+                    if secret.expose().len() < 32 {
+                        p.push(field("hmac_secret"), "must be at least 32 bytes");
+                    }
+                    Some(KeySource::Hmac(secret))
+                }
+                Err(reason) => {
+                    p.push(field("hmac_secret"), reason);
+                    None
+                }
+            }
+        }
+        (None, Some(f), None) => {
+            match std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read {}: {e}", f.display()))
+                .and_then(|t| crate::jwt::parse_jwks(&t).map(|_| ()))
+            {
+                Ok(()) => {
+                    secret_files.push(f.clone());
+                    Some(KeySource::JwksFile(f.clone()))
+                }
+                Err(e) => {
+                    p.push(field("jwks_file"), e);
+                    None
+                }
+            }
+        }
+        (None, None, Some(u)) => match u.parse::<Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https" | "http"))
+                    && uri.authority().is_some() =>
+            {
+                Some(KeySource::JwksUrl(uri))
+            }
+            _ => {
+                p.push(field("jwks_url"), format!("`{u}` is not an http(s) URL"));
+                None
+            }
+        },
+        _ => {
+            p.push(
+                format!("clients[{i}].jwt"),
+                "give exactly one of hmac_secret, jwks_file or jwks_url",
+            );
+            None
+        }
+    };
+    let leeway = parse_duration_or_zero(p, &field("leeway"), &j.leeway);
+    if leeway > Duration::from_secs(300) {
+        p.push(
+            field("leeway"),
+            "at most 5m: the leeway is for clock skew only",
+        );
+    }
+    let jwks_refresh = parse_duration(p, &field("jwks_refresh"), &j.jwks_refresh);
+    if p.errors.len() > before {
+        return None;
+    }
+    Some(crate::jwt::JwtSettings {
+        issuer: j.issuer.clone(),
+        audience: j.audience.clone(),
+        keys: keys?,
+        leeway,
+        scopes_claim: j.scopes_claim.clone(),
+        jwks_refresh,
     })
 }
 

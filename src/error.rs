@@ -100,6 +100,8 @@ pub enum GatewayError {
     ScopeForbidden,
     #[error("method not allowed for this client")]
     MethodForbidden,
+    #[error("origin not allowed")]
+    OriginForbidden,
     #[error("rate limited by policy {policy}")]
     RateLimited {
         policy: &'static str,
@@ -138,7 +140,9 @@ impl GatewayError {
             GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            GatewayError::ScopeForbidden | GatewayError::MethodForbidden => StatusCode::FORBIDDEN,
+            GatewayError::ScopeForbidden
+            | GatewayError::MethodForbidden
+            | GatewayError::OriginForbidden => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamConnect
@@ -177,6 +181,7 @@ impl GatewayError {
             GatewayError::Unauthenticated => "unauthenticated",
             GatewayError::ScopeForbidden => "scope_forbidden",
             GatewayError::MethodForbidden => "method_forbidden",
+            GatewayError::OriginForbidden => "origin_forbidden",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::UpstreamConnect => "upstream_connect",
@@ -211,6 +216,7 @@ impl GatewayError {
                 "this client may not use the team scope named by x-team-id".into()
             }
             GatewayError::MethodForbidden => "this client may not use this method".into(),
+            GatewayError::OriginForbidden => "this origin is not allowed".into(),
             GatewayError::RateLimited { policy, .. } => {
                 format!("rate limit exceeded (policy \"{policy}\")").into()
             }

@@ -4,7 +4,9 @@ use crate::cache::{Cache, CacheLayer};
 use crate::caller_auth::{CallerAuthLayer, Credentials};
 use crate::circuit::{Breakers, CircuitBreakerLayer};
 use crate::config::Config;
+use crate::cors::{CorsLayer, CorsPolicy};
 use crate::error::{Body, RescueLayer};
+use crate::jwt::{self, Verifier, Verifiers};
 use crate::rate_limit::{CallerLimitLayer, Limits, OverloadLayer, UpstreamBudgetLayer};
 use crate::routing::RoutingLayer;
 use crate::telemetry::AccessLogLayer;
@@ -27,10 +29,27 @@ pub fn build(
     limits: Arc<Limits>,
     breakers: Arc<Breakers>,
 ) -> GatewayService {
-    let credentials = Arc::new(Credentials::new(&config.clients));
+    let mut verifiers = Vec::new();
+    for (client, settings) in &config.jwt_clients {
+        match Verifier::new(client.clone(), settings.clone()) {
+            Ok(v) => {
+                jwt::spawn_jwks_refresh(&v);
+                verifiers.push(v);
+            }
+            Err(e) => {
+                tracing::error!(client = %client.name, error = %e, "JWT keys unusable; this client's tokens are refused")
+            }
+        }
+    }
+    let credentials = Arc::new(Credentials::with_jwt(
+        &config.clients,
+        Verifiers::new(verifiers),
+    ));
     let service = ServiceBuilder::new()
         // request id, one access-log line per request
         .layer(AccessLogLayer)
+        // CORS: preflights answered before auth; CORS headers on every response to an allowed origin
+        .layer(CorsLayer::new(Arc::new(CorsPolicy::new(&config.clients))))
         // every Err(GatewayError) below becomes its response (error.rs)
         .layer(RescueLayer)
         // global in-flight cap: shed with 503 instead of queueing without bound

@@ -18,6 +18,7 @@
 use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, error_response};
+use crate::listener::PeerAddr;
 use futures_util::future::{BoxFuture, FutureExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -133,6 +134,10 @@ pub struct RateLimitSettings {
     pub max_in_flight: usize,
     /// Client name -> its own quota.
     pub client_quotas: HashMap<String, Quota>,
+    /// Per source IP, for public clients (besides their total quota).
+    pub public_ip_quota: Quota,
+    /// Public client name -> its own per-IP quota.
+    pub client_ip_quotas: HashMap<String, Quota>,
     /// Scope name -> its upstream budget.
     pub scope_budgets: HashMap<String, ScopeBudget>,
 }
@@ -154,6 +159,8 @@ impl Default for RateLimitSettings {
             trusted_proxies: Vec::new(),
             max_in_flight: 4096,
             client_quotas: HashMap::new(),
+            public_ip_quota: quota(120, Duration::from_secs(60), 30),
+            client_ip_quotas: HashMap::new(),
             scope_budgets: HashMap::new(),
         }
     }
@@ -193,6 +200,8 @@ pub struct Limits {
     settings: RwLock<Arc<RateLimitSettings>>,
     callers: RwLock<HashMap<String, Arc<CallerLimiter>>>,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
+    /// Public clients: per (client, source IP).
+    public_ips: RwLock<HashMap<String, Arc<(Quota, Keyed<IpAddr>)>>>,
     scopes: RwLock<HashMap<String, Arc<ScopeState>>>,
     in_flight: AtomicUsize,
     /// Time for upstream pauses (tests move it by hand).
@@ -224,6 +233,7 @@ impl Limits {
             settings: RwLock::new(Arc::new(settings.clone())),
             callers: RwLock::new(HashMap::new()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
+            public_ips: RwLock::new(HashMap::new()),
             scopes: RwLock::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             clock,
@@ -306,6 +316,44 @@ impl Limits {
         let l = read(&self.unauthenticated).clone();
         l.retain_recent();
         l.shrink_to_fit();
+        let public: Vec<_> = read(&self.public_ips).values().cloned().collect();
+        for l in public {
+            l.1.retain_recent();
+            l.1.shrink_to_fit();
+        }
+    }
+
+    /// One cell of a public client's per-IP budget.
+    fn check_public_ip(&self, client: &str, ip: IpAddr) -> (Quota, Decision) {
+        let settings = self.settings();
+        let q = *settings
+            .client_ip_quotas
+            .get(client)
+            .unwrap_or(&settings.public_ip_quota);
+        let limiter = {
+            let existing = read(&self.public_ips).get(client).cloned();
+            match existing {
+                Some(l) if l.0 == q => l,
+                _ => write(&self.public_ips)
+                    .entry(client.to_string())
+                    .and_modify(|l| {
+                        if l.0 != q {
+                            *l = Arc::new((q, RateLimiter::keyed(q).with_middleware()));
+                        }
+                    })
+                    .or_insert_with(|| Arc::new((q, RateLimiter::keyed(q).with_middleware())))
+                    .clone(),
+            }
+        };
+        let decision = match limiter.1.check_key(&ip) {
+            Ok(s) => Decision::Allowed {
+                remaining: s.remaining_burst_capacity(),
+            },
+            Err(nu) => Decision::Limited {
+                wait: nu.wait_time_from(limiter.1.clock().now()),
+            },
+        };
+        (q, decision)
     }
 
     /// Number of source IPs with state.
@@ -457,10 +505,32 @@ where
         let client = caller.client.name.clone();
         let scope = caller.scope.name.clone();
         let limiter = self.limits.caller_limiter(&client);
-        let quota = limiter.0;
-        let decision = check(&limiter.1);
-        let policy = policy_header("caller", &quota);
-        let state = ratelimit_header("caller", &quota, decision);
+        let (mut quota, mut decision, mut name) = (limiter.0, check(&limiter.1), "caller");
+        // A public client is limited per source IP as well as in total; the
+        // tighter of the two is what the headers describe.
+        if caller.client.public {
+            if let Some(peer) = req.extensions().get::<PeerAddr>() {
+                let settings = self.limits.settings();
+                let ip = client_ip(
+                    peer.0.ip(),
+                    req.headers().get("x-forwarded-for"),
+                    &settings.trusted_proxies,
+                );
+                let (ip_quota, ip_decision) = self.limits.check_public_ip(&client, ip);
+                let tighter = match (decision, ip_decision) {
+                    (Decision::Allowed { .. }, Decision::Limited { .. }) => true,
+                    (Decision::Allowed { remaining: a }, Decision::Allowed { remaining: b }) => {
+                        b < a
+                    }
+                    _ => false,
+                };
+                if tighter {
+                    (quota, decision, name) = (ip_quota, ip_decision, "caller-ip");
+                }
+            }
+        }
+        let policy = policy_header(name, &quota);
+        let state = ratelimit_header(name, &quota, decision);
         let outcome = if matches!(decision, Decision::Allowed { .. }) {
             "allowed"
         } else {
@@ -476,7 +546,7 @@ where
         match decision {
             Decision::Limited { wait } => {
                 let res = error_response(&GatewayError::RateLimited {
-                    policy: "caller",
+                    policy: name,
                     retry_after: wait,
                 });
                 std::future::ready(Ok(add_headers(res))).boxed()

@@ -218,6 +218,9 @@ impl tower::Service<Request<Body>> for Upstream {
                 };
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // Nothing of our upstream credentials is ever echoed back to a caller.
+                parts.headers.remove("x-api-key");
+                parts.headers.remove("x-team-id");
                 parts.extensions.insert(info);
                 // An upstream that stops sending mid-body must not hold the request forever.
                 let body = IdleTimeout::wrap(

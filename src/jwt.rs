@@ -1,0 +1,460 @@
+//! Short-lived signed tokens (JWT) for browser front-ends: the front-end's
+//! own backend mints one per user; the gateway verifies it (an HMAC secret,
+//! or the public keys of a JWKS file or URL, refreshed periodically) and maps
+//! it to a configured client, whose scopes a claim may narrow.
+//!
+//! Checked: signature (the algorithm must fit the key: no `none`, no HMAC
+//! with a public key), `exp` and `nbf` with a small leeway, `iss`, `aud`.
+//! Every failure is the same 401 to the caller; the reason goes to the debug log.
+
+use crate::config::Client;
+use arc_swap::ArcSwap;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a client's verification keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    Hmac(crate::secret::Secret),
+    JwksFile(PathBuf),
+    JwksUrl(http::Uri),
+}
+
+/// `[[clients]] jwt = { ... }`, validated.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: KeySource,
+    pub leeway: Duration,
+    /// A claim listing scope names (or team ids) the token may use, narrowing the client's teams.
+    pub scopes_claim: Option<String>,
+    pub jwks_refresh: Duration,
+}
+
+struct Key {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+/// One client's verifier.
+pub struct Verifier {
+    pub client: Arc<Client>,
+    settings: JwtSettings,
+    keys: ArcSwap<Vec<Arc<Key>>>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("client", &self.client.name)
+            .field("issuer", &self.settings.issuer)
+            .finish()
+    }
+}
+
+/// What a valid token grants.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub client: Arc<Client>,
+    /// Scope names or team ids from the scopes claim (`None`: all of the client's).
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why a token was refused (for logs only).
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("not a JWT")]
+    Malformed,
+    #[error("no client trusts issuer")]
+    UnknownIssuer,
+    #[error("no key with this key id")]
+    UnknownKey,
+    #[error("algorithm not allowed for the key")]
+    Algorithm,
+    #[error("{0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Parses a JWKS document into keys with the algorithms each may verify.
+pub fn parse_jwks(text: &str) -> Result<Vec<KeyInfo>, String> {
+    let set: JwkSet =
+        serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let algorithms: Vec<Algorithm> = match (&jwk.algorithm, jwk.common.key_algorithm) {
+            (_, Some(alg)) => match alg.to_string().parse::<Algorithm>() {
+                Ok(a) => vec![a],
+                Err(_) => continue,
+            },
+            (AlgorithmParameters::RSA(_), None) => vec![
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+            ],
+            (AlgorithmParameters::EllipticCurve(ec), None) => match ec.curve {
+                EllipticCurve::P256 => vec![Algorithm::ES256],
+                EllipticCurve::P384 => vec![Algorithm::ES384],
+                _ => continue,
+            },
+            (AlgorithmParameters::OctetKeyPair(_), None) => vec![Algorithm::EdDSA],
+            // Symmetric keys do not belong in a published key set.
+            (AlgorithmParameters::OctetKey(_), None) => continue,
+        };
+        if algorithms
+            .iter()
+            .any(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512))
+        {
+            continue;
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
+        keys.push(KeyInfo {
+            kid: jwk.common.key_id.clone(),
+            algorithms,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err("the JWKS holds no usable public key".into());
+    }
+    Ok(keys)
+}
+
+/// A key from a JWKS document.
+pub struct KeyInfo {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
+}
+
+impl Verifier {
+    pub fn new(client: Arc<Client>, settings: JwtSettings) -> Result<Arc<Self>, String> {
+        let keys = match &settings.keys {
+            KeySource::Hmac(secret) => vec![Arc::new(Key {
+                kid: None,
+                algorithms: vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
+                key: DecodingKey::from_secret(secret.expose().as_bytes()),
+            })],
+            KeySource::JwksFile(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                into_keys(parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+            // Fetched after start (see `spawn_jwks_refresh`); until then nothing verifies.
+            KeySource::JwksUrl(_) => Vec::new(),
+        };
+        Ok(Arc::new(Self {
+            client,
+            settings,
+            keys: ArcSwap::from_pointee(keys),
+        }))
+    }
+
+    pub fn set_jwks(&self, keys: Vec<KeyInfo>) {
+        self.keys.store(Arc::new(into_keys(keys)));
+    }
+
+    fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Grant, JwtError> {
+        let keys = self.keys.load();
+        let candidates: Vec<&Arc<Key>> = keys
+            .iter()
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(want), Some(have)) => want == have,
+                (Some(_), None) => keys.len() == 1,
+                (None, _) => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(JwtError::UnknownKey);
+        }
+        let mut last = JwtError::Algorithm;
+        for key in candidates {
+            if !key.algorithms.contains(&header.alg) {
+                continue;
+            }
+            let mut v = Validation::new(header.alg);
+            v.set_issuer(&[&self.settings.issuer]);
+            v.set_audience(&[&self.settings.audience]);
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+            v.leeway = self.settings.leeway.as_secs();
+            v.validate_nbf = true;
+            match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &v) {
+                Ok(data) => {
+                    let scopes = self.settings.scopes_claim.as_ref().map(|claim| {
+                        match data.claims.get(claim) {
+                            Some(serde_json::Value::Array(a)) => a
+                                .iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect(),
+                            Some(serde_json::Value::String(s)) => {
+                                s.split_whitespace().map(str::to_string).collect()
+                            }
+                            // The claim is configured but absent: no scope at all.
+                            _ => Vec::new(),
+                        }
+                    });
+                    return Ok(Grant {
+                        client: self.client.clone(),
+                        scopes,
+                    });
+                }
+                Err(e) => last = JwtError::Invalid(e),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn into_keys(keys: Vec<KeyInfo>) -> Vec<Arc<Key>> {
+    keys.into_iter()
+        .map(|k| {
+            Arc::new(Key {
+                kid: k.kid,
+                algorithms: k.algorithms,
+                key: k.key,
+            })
+        })
+        .collect()
+}
+
+/// Every JWT client, by issuer.
+#[derive(Debug, Default)]
+pub struct Verifiers {
+    by_issuer: HashMap<String, Arc<Verifier>>,
+}
+
+impl Verifiers {
+    pub fn new(verifiers: Vec<Arc<Verifier>>) -> Self {
+        Self {
+            by_issuer: verifiers
+                .into_iter()
+                .map(|v| (v.settings.issuer.clone(), v))
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_issuer.is_empty()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Verifier>> {
+        self.by_issuer.values()
+    }
+
+    /// Verifies a compact JWT; the issuer claim picks the client.
+    pub fn verify(&self, token: &str) -> Result<Grant, JwtError> {
+        let mut parts = token.split('.');
+        let (Some(_), Some(payload), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed);
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .map_err(|_| JwtError::Malformed)?;
+        let claims: serde_json::Value =
+            serde_json::from_slice(&payload).map_err(|_| JwtError::Malformed)?;
+        let issuer = claims
+            .get("iss")
+            .and_then(|i| i.as_str())
+            .ok_or(JwtError::UnknownIssuer)?;
+        let verifier = self.by_issuer.get(issuer).ok_or(JwtError::UnknownIssuer)?;
+        verifier.verify(token, &header)
+    }
+}
+
+/// Whether a bearer token looks like a compact JWT (three base64url parts).
+pub fn looks_like_jwt(token: &[u8]) -> bool {
+    token.iter().filter(|b| **b == b'.').count() == 2
+        && token
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(b))
+}
+
+/// Fetches every JWKS URL now and then every `jwks_refresh`, until the verifier is dropped.
+pub fn spawn_jwks_refresh(verifier: &Arc<Verifier>) {
+    let KeySource::JwksUrl(url) = verifier.settings.keys.clone() else {
+        return;
+    };
+    let weak = Arc::downgrade(verifier);
+    let every = verifier.settings.jwks_refresh;
+    tokio::spawn(async move {
+        let client = match jwks_client() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "JWKS client setup failed");
+                return;
+            }
+        };
+        loop {
+            let Some(v) = weak.upgrade() else { return };
+            match fetch_jwks(&client, &url).await {
+                Ok(keys) => {
+                    v.set_jwks(keys);
+                    tracing::info!(client = %v.client.name, %url, "JWKS refreshed");
+                }
+                Err(e) => {
+                    tracing::warn!(client = %v.client.name, %url, error = %e, "JWKS refresh failed; keeping the previous keys")
+                }
+            }
+            drop(v);
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+type JwksClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+fn jwks_client() -> Result<JwksClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::upstream::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
+}
+
+async fn fetch_jwks(client: &JwksClient, url: &http::Uri) -> Result<Vec<KeyInfo>, String> {
+    use http_body_util::BodyExt;
+    let res = tokio::time::timeout(Duration::from_secs(10), client.get(url.clone()))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !res.status().is_success() {
+        return Err(format!("status {}", res.status()));
+    }
+    let body = http_body_util::Limited::new(res.into_body(), 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    parse_jwks(&String::from_utf8_lossy(&body))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    fn client() -> Arc<Client> {
+        Arc::new(Client {
+            name: "web".into(),
+            token_sha256: None,
+            cert_names: vec![],
+            teams: vec![],
+            methods: vec![http::Method::GET],
+            public: false,
+            allowed_origins: vec![],
+        })
+    }
+
+    fn verifiers(scopes_claim: Option<&str>) -> Verifiers {
+        let v = Verifier::new(
+            client(),
+            JwtSettings {
+                issuer: "https://auth.example".into(),
+                audience: "rungen-gateway".into(),
+                keys: KeySource::Hmac(Secret::new("s3cret-s3cret-s3cret-s3cret-s3cret")),
+                leeway: Duration::from_secs(5),
+                scopes_claim: scopes_claim.map(str::to_string),
+                jwks_refresh: Duration::from_secs(300),
+            },
+        )
+        .unwrap();
+        Verifiers::new(vec![v])
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(claims: serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    const SECRET: &str = "s3cret-s3cret-s3cret-s3cret-s3cret";
+
+    #[test]
+    fn accepts_a_valid_token_and_refuses_the_rest() {
+        let v = verifiers(Some("teams"));
+        let good = serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": now() + 60, "teams": ["acme"]});
+        let grant = v.verify(&token(good.clone(), SECRET)).unwrap();
+        assert_eq!(grant.client.name, "web");
+        assert_eq!(grant.scopes, Some(vec!["acme".to_string()]));
+
+        let mut expired = good.clone();
+        expired["exp"] = (now() - 60).into();
+        assert!(v.verify(&token(expired, SECRET)).is_err());
+        let mut aud = good.clone();
+        aud["aud"] = "someone-else".into();
+        assert!(v.verify(&token(aud, SECRET)).is_err());
+        let mut iss = good.clone();
+        iss["iss"] = "https://evil.example".into();
+        assert!(matches!(
+            v.verify(&token(iss, SECRET)),
+            Err(JwtError::UnknownIssuer)
+        ));
+        let mut nbf = good.clone();
+        nbf["nbf"] = (now() + 3600).into();
+        assert!(v.verify(&token(nbf, SECRET)).is_err());
+        assert!(
+            v.verify(&token(good.clone(), "wrong-secret")).is_err(),
+            "bad signature"
+        );
+        // alg=none is never accepted.
+        let t = token(good, SECRET);
+        let mut parts: Vec<&str> = t.split('.').collect();
+        let none = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"alg":"none","typ":"JWT"}"#);
+        parts[0] = &none;
+        assert!(v.verify(&format!("{}.{}.", parts[0], parts[1])).is_err());
+        assert!(v.verify("not-a-jwt").is_err());
+    }
+
+    #[test]
+    fn leeway_allows_small_clock_skew() {
+        let v = verifiers(None);
+        let claims = serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": now() - 2});
+        assert!(v.verify(&token(claims, SECRET)).is_ok());
+    }
+
+    #[test]
+    fn jwt_shape() {
+        assert!(looks_like_jwt(b"eyJhbGciOi.eyJpc3Mi.c2ln"));
+        assert!(!looks_like_jwt(b"rgw_0123456789abcdef"));
+        assert!(!looks_like_jwt(b"a.b"));
+    }
+}

@@ -1,0 +1,393 @@
+//! Browser front-ends over HTTP: CORS preflight and headers, origin-bound
+//! public clients, and signed short-lived tokens (HMAC and JWKS).
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use http::{Method, StatusCode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const PAGE: &str = "http://127.0.0.1:4321";
+const OTHER_PAGE: &str = "http://127.0.0.1:4322";
+const JWT_SECRET: &str = "canary-jwt-secret-0123456789abcdef0123";
+
+fn sections(extra_jwt: &str) -> String {
+    format!(
+        r#"
+[[clients]]
+name = "dashboard"
+public = true
+allowed_origins = ["{PAGE}"]
+teams = ["acme"]
+ip_rate_limit = {{ per_minute = 600, burst = 100 }}
+
+[[clients]]
+name = "web-users"
+allowed_origins = ["{PAGE}"]
+teams = ["personal", "acme"]
+methods = ["GET", "HEAD", "POST"]
+jwt = {{ issuer = "https://auth.test", audience = "rungen-gateway", hmac_secret = {{ value = "{JWT_SECRET}" }}, scopes_claim = "teams", leeway = "5s" }}
+{extra_jwt}
+"#
+    )
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(claims: serde_json::Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn claims(exp_in: i64) -> serde_json::Value {
+    serde_json::json!({
+        "iss": "https://auth.test",
+        "aud": "rungen-gateway",
+        "sub": "user-42",
+        "exp": (now() as i64 + exp_in),
+        "teams": ["acme"],
+    })
+}
+
+fn header(r: &Reply, name: &str) -> String {
+    r.headers
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn preflight_is_answered_before_auth_for_allowed_origins_only() {
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(""),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let r = c
+        .send(
+            Method::OPTIONS,
+            &h.url("/app"),
+            &[
+                ("origin", PAGE),
+                ("access-control-request-method", "GET"),
+                (
+                    "access-control-request-headers",
+                    "authorization, x-team-id, x-evil",
+                ),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "access-control-allow-origin"), PAGE);
+    let methods = header(&r, "access-control-allow-methods");
+    assert!(
+        methods.contains("GET") && methods.contains("POST"),
+        "{methods}"
+    );
+    assert_eq!(
+        header(&r, "access-control-allow-headers"),
+        "authorization, x-team-id"
+    );
+    assert!(header(&r, "vary").contains("origin"));
+    let r = c
+        .send(
+            Method::OPTIONS,
+            &h.url("/app"),
+            &[
+                ("origin", OTHER_PAGE),
+                ("access-control-request-method", "GET"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(header(&r, "access-control-allow-origin").is_empty());
+    assert_eq!(h.mock.stats().total, 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn public_client_is_matched_by_origin_read_only_and_gets_cors_headers() {
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(""),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let r = c.get(&h.url("/app"), &[("origin", PAGE)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(header(&r, "access-control-allow-origin"), PAGE);
+    let exposed = header(&r, "access-control-expose-headers");
+    for name in [
+        "RateLimit",
+        "RateLimit-Policy",
+        "Retry-After",
+        "Cache-Status",
+        "Age",
+        "ETag",
+        "x-request-id",
+    ] {
+        assert!(exposed.contains(name), "{exposed}");
+    }
+    assert!(header(&r, "ratelimit").starts_with("\"caller"));
+    assert_eq!(h.mock.requests()[0].header("x-team-id"), Some(TEAM_ID));
+    // Read-only by default.
+    let r = c
+        .send(
+            Method::POST,
+            &h.url("/app"),
+            &[("origin", PAGE)],
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        header(&r, "access-control-allow-origin"),
+        PAGE,
+        "errors carry CORS headers too"
+    );
+    // Another origin: 403 and no CORS headers.
+    let r = c.get(&h.url("/app"), &[("origin", OTHER_PAGE)]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(header(&r, "access-control-allow-origin").is_empty());
+    // A token client without that origin in its list: served, but no CORS headers.
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("origin", PAGE), ("authorization", &bearer(TOKEN_RW))],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(header(&r, "access-control-allow-origin").is_empty());
+    // Never an echo of our upstream credentials.
+    assert!(!format!("{:?}", r.headers).contains(UPSTREAM_KEY));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn signed_tokens_are_verified_and_narrow_the_scopes() {
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(""),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let fresh = hs256(claims(60), JWT_SECRET);
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[
+                ("origin", PAGE),
+                ("authorization", &format!("Bearer {fresh}")),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(header(&r, "access-control-allow-origin"), PAGE);
+    // The token's teams claim grants acme only: that is its default scope...
+    assert_eq!(
+        h.mock.requests().last().unwrap().header("x-team-id"),
+        Some(TEAM_ID)
+    );
+    // ...and the client's personal scope is refused.
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[
+                ("authorization", &format!("Bearer {fresh}")),
+                ("x-team-id", "personal"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let refused = |token: String| {
+        let c = c.clone();
+        let url = h.url("/app");
+        async move {
+            let r = c
+                .get(
+                    &url,
+                    &[
+                        ("origin", PAGE),
+                        ("authorization", &format!("Bearer {token}")),
+                    ],
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}");
+            assert!(
+                !r.error_message().contains("expired"),
+                "the reason helps no attacker"
+            );
+            assert_eq!(
+                header(&r, "access-control-allow-origin"),
+                PAGE,
+                "a 401 is readable by the page"
+            );
+        }
+    };
+    refused(hs256(claims(-120), JWT_SECRET)).await; // expired
+    refused(hs256(claims(60), "another-secret-another-secret-xx")).await; // bad signature
+    let mut aud = claims(60);
+    aud["aud"] = "someone-else".into();
+    refused(hs256(aud, JWT_SECRET)).await;
+    let mut iss = claims(60);
+    iss["iss"] = "https://evil.test".into();
+    refused(hs256(iss, JWT_SECRET)).await;
+    let mut nbf = claims(60);
+    nbf["nbf"] = (now() + 600).into();
+    refused(hs256(nbf, JWT_SECRET)).await;
+    // A small clock skew is allowed.
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[(
+                "authorization",
+                &format!("Bearer {}", hs256(claims(-2), JWT_SECRET)),
+            )],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    h.stop().await;
+}
+
+/// An ES256 key pair from rcgen, as a signing key and a JWK.
+fn ec_key(kid: &str) -> (EncodingKey, serde_json::Value) {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let raw = kp.public_key_raw(); // 0x04 || X || Y
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    });
+    (enc, jwk)
+}
+
+fn es256(kid: &str, key: &EncodingKey, claims: serde_json::Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&header, &claims, key).unwrap()
+}
+
+#[tokio::test]
+async fn jwks_keys_by_kid_and_rotation_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let (k1, jwk1) = ec_key("k1");
+    let (k2, jwk2) = ec_key("k2");
+    std::fs::write(&jwks, serde_json::json!({"keys": [jwk1]}).to_string()).unwrap();
+    let extra = format!(
+        "\n[[clients]]\nname = \"partner-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://partner.test\", audience = \"rungen-gateway\", jwks_file = \"{}\" }}\n",
+        jwks.display()
+    );
+    let mock = rungen_gateway::mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cfg = dir.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        config_toml_with(&mock.base_url(), "", "", &sections(&extra)),
+    )
+    .unwrap();
+    let g = rungen_gateway::server::start(rungen_gateway::config::Config::load(&cfg).unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}/app", g.local_addr());
+    let c = TestClient::http1();
+    let mut partner = claims(60);
+    partner["iss"] = "https://partner.test".into();
+    let get = |t: String| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            c.get(&url, &[("authorization", &format!("Bearer {t}"))])
+                .await
+                .status
+        }
+    };
+    assert_eq!(get(es256("k1", &k1, partner.clone())).await, StatusCode::OK);
+    assert_eq!(
+        get(es256("k2", &k2, partner.clone())).await,
+        StatusCode::UNAUTHORIZED,
+        "unknown kid"
+    );
+    assert_eq!(
+        get(es256("k1", &k2, partner.clone())).await,
+        StatusCode::UNAUTHORIZED,
+        "wrong key for kid"
+    );
+    // An HS256 token "signed" with the public key material is refused (no algorithm confusion).
+    assert_eq!(
+        get(hs256(partner.clone(), "k1")).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // Rotation: the new key set replaces the old on reload.
+    std::fs::write(&jwks, serde_json::json!({"keys": [jwk2]}).to_string()).unwrap();
+    g.state().reload().await.unwrap();
+    assert_eq!(get(es256("k2", &k2, partner.clone())).await, StatusCode::OK);
+    assert_eq!(
+        get(es256("k1", &k1, partner)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    g.stop().await;
+    mock.shutdown();
+}
+
+#[test]
+fn config_errors_for_browser_clients() {
+    let base = config_toml("https://api.rungen.ai", "", "");
+    let bad = [
+        (
+            "[[clients]]\nname = \"p\"\npublic = true\nteams = [\"acme\"]\n",
+            "allowed_origins",
+        ),
+        (
+            "[[clients]]\nname = \"p\"\npublic = true\nallowed_origins = [\"https://*.example.com\"]\nteams = [\"acme\"]\n",
+            "allowed_origins[0]",
+        ),
+        (
+            "[[clients]]\nname = \"p\"\npublic = true\nallowed_origins = [\"https://a.example/app\"]\nteams = [\"acme\"]\n",
+            "allowed_origins[0]",
+        ),
+        (
+            "[[clients]]\nname = \"j\"\nteams = [\"acme\"]\njwt = { issuer = \"i\", audience = \"a\", hmac_secret = { value = \"short\" } }\n",
+            "jwt.hmac_secret",
+        ),
+        (
+            "[[clients]]\nname = \"j\"\nteams = [\"acme\"]\njwt = { issuer = \"i\", audience = \"a\" }\n",
+            "clients[3].jwt",
+        ),
+        (
+            "[[clients]]\nname = \"j\"\nteams = [\"acme\"]\njwt = { issuer = \"i\", audience = \"a\", jwks_file = \"/nonexistent/jwks.json\" }\n",
+            "jwt.jwks_file",
+        ),
+    ];
+    for (extra, field) in bad {
+        let text = format!("{base}\n{extra}");
+        let err = rungen_gateway::config::Config::from_toml(std::path::Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{extra}: {err}");
+    }
+}
