@@ -17,9 +17,13 @@ fn bin() -> Command {
 }
 
 /// The environment variables config/gateway.example.toml reads its keys from.
-pub const EXAMPLE_ENV: [(&str, &str); 2] = [
+pub const EXAMPLE_ENV: [(&str, &str); 3] = [
     ("RUNGEN_KEY_ACME", "example-acme-key"),
     ("RUNGEN_KEY_PERSONAL", "example-personal-key"),
+    (
+        "RUNGEN_JWT_SECRET",
+        "example-jwt-secret-0123456789abcdef0123",
+    ),
 ];
 
 fn check_config(path: &Path) -> (bool, String, String) {
