@@ -186,6 +186,8 @@ pub fn default_scope_budget() -> ScopeBudget {
 
 /// A client's quota and its limiter.
 type CallerLimiter = (Quota, Direct<DefaultClock>);
+/// A public client's per-IP quota and its keyed limiter.
+type IpLimiter = (Quota, Keyed<IpAddr>);
 
 struct ScopeState {
     budget: ScopeBudget,
@@ -201,7 +203,7 @@ pub struct Limits {
     callers: RwLock<HashMap<String, Arc<CallerLimiter>>>,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
     /// Public clients: per (client, source IP).
-    public_ips: RwLock<HashMap<String, Arc<(Quota, Keyed<IpAddr>)>>>,
+    public_ips: RwLock<HashMap<String, Arc<IpLimiter>>>,
     scopes: RwLock<HashMap<String, Arc<ScopeState>>>,
     in_flight: AtomicUsize,
     /// Time for upstream pauses (tests move it by hand).
