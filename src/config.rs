@@ -88,6 +88,8 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    cluster: Option<RawCluster>,
+    #[serde(default)]
     reload: RawReload,
     #[serde(default)]
     teams: Vec<RawTeam>,
@@ -260,6 +262,18 @@ impl Default for RawRateLimit {
             upstream_queue_timeout: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: SecretSource,
+    #[serde(default = "defaults::redis_timeout")]
+    timeout: String,
+    #[serde(default = "defaults::heartbeat")]
+    heartbeat: String,
+    #[serde(default = "defaults::key_prefix")]
+    key_prefix: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +485,15 @@ impl SecretSource {
 }
 
 mod defaults {
+    pub fn redis_timeout() -> String {
+        "250ms".into()
+    }
+    pub fn heartbeat() -> String {
+        "1s".into()
+    }
+    pub fn key_prefix() -> String {
+        "rungen-gateway".into()
+    }
     pub fn jwt_leeway() -> String {
         "30s".into()
     }
@@ -596,6 +619,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub cache: crate::cache::CacheSettings,
     pub rate_limit: crate::rate_limit::RateLimitSettings,
+    /// `None`: single-replica semantics.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
     pub teams: Vec<Arc<Team>>,
@@ -1177,6 +1202,44 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    let mut secret_files = Vec::new();
+    // [cluster]
+    let cluster = raw.cluster.as_ref().and_then(|c| {
+        if let SecretSource::File(f) = &c.redis_url {
+            secret_files.push(f.clone());
+        }
+        let url = match c.redis_url.load() {
+            Ok((url, _inline)) => url,
+            Err(reason) => {
+                p.push("cluster.redis_url", reason);
+                return None;
+            }
+        };
+        let ok_scheme = url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
+        if !ok_scheme || redis::Client::open(url.expose()).is_err() {
+            p.push(
+                "cluster.redis_url",
+                "must be a redis://host:port or rediss://host:port URL",
+            );
+            return None;
+        }
+        if url.expose().contains('@') && matches!(c.redis_url, SecretSource::Inline(_)) {
+            warnings.push(format!(
+                "{}: cluster.redis_url holds a password inline; use {{ env = \"NAME\" }} or {{ file = \"/path\" }}",
+                path.display()
+            ));
+        }
+        if c.key_prefix.is_empty() || !valid_name(&c.key_prefix) {
+            p.push("cluster.key_prefix", "1-64 letters, digits, '-', '_' or '.'");
+        }
+        Some(crate::cluster::ClusterSettings {
+            redis_url: url,
+            timeout: parse_duration(&mut p, "cluster.timeout", &c.timeout),
+            heartbeat: parse_duration(&mut p, "cluster.heartbeat", &c.heartbeat),
+            key_prefix: c.key_prefix.clone(),
+        })
+    });
+
     // [admin]
     let admin_listen = if raw.admin.listen.is_empty() || raw.admin.listen == "off" {
         None
@@ -1226,7 +1289,6 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         watch: raw.reload.watch,
         poll_interval: parse_duration(&mut p, "reload.poll_interval", &raw.reload.poll_interval),
     };
-    let mut secret_files = Vec::new();
 
     // [[teams]]
     if raw.teams.is_empty() {
@@ -1459,6 +1521,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         logging,
         cache,
         rate_limit,
+        cluster,
         admin,
         reload,
         teams,

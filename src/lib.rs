@@ -12,6 +12,7 @@ pub mod caller_auth;
 pub mod circuit;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod cors;
 pub mod error;

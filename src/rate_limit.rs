@@ -166,6 +166,17 @@ impl Default for RateLimitSettings {
     }
 }
 
+/// One replica's share of a quota among `replicas`: the rate and the burst divided.
+pub fn share(q: Quota, replicas: u32) -> Quota {
+    if replicas <= 1 {
+        return q;
+    }
+    let burst = (q.burst_size().get() / replicas).max(1);
+    Quota::with_period(q.replenish_interval() * replicas)
+        .unwrap_or(q)
+        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN))
+}
+
 /// `count` requests per `per`, with a burst of `burst` (all at least 1).
 pub fn quota(count: u32, per: Duration, burst: u32) -> Quota {
     let count = count.max(1);
@@ -191,7 +202,8 @@ type IpLimiter = (Quota, Keyed<IpAddr>);
 
 struct ScopeState {
     budget: ScopeBudget,
-    limiter: Direct<DefaultClock>,
+    /// The local limiter, at this replica's share of the budget.
+    limiter: RwLock<Arc<CallerLimiter>>,
     slots: Arc<Semaphore>,
     paused_until: Mutex<Option<Instant>>,
 }
@@ -208,6 +220,7 @@ pub struct Limits {
     in_flight: AtomicUsize,
     /// Time for upstream pauses (tests move it by hand).
     clock: SharedClock,
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -239,6 +252,7 @@ impl Limits {
             scopes: RwLock::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             clock,
+            cluster: std::sync::OnceLock::new(),
         });
         limits.configure(settings);
         limits
@@ -263,7 +277,10 @@ impl Limits {
                 scopes.entry(name.clone()).or_insert_with(|| {
                     Arc::new(ScopeState {
                         budget: budget.clone(),
-                        limiter: RateLimiter::direct(budget.quota).with_middleware(),
+                        limiter: RwLock::new(Arc::new((
+                            budget.quota,
+                            RateLimiter::direct(budget.quota).with_middleware(),
+                        ))),
                         slots: Arc::new(Semaphore::new(budget.max_concurrent)),
                         paused_until: Mutex::new(None),
                     })
@@ -282,19 +299,31 @@ impl Limits {
         read(&self.settings).clone()
     }
 
+    /// Live replicas sharing the quotas (1 without cluster mode).
+    pub fn replicas(&self) -> u32 {
+        self.cluster.get().map_or(1, |c| c.replicas())
+    }
+
+    /// Cluster mode: budgets in Redis, quotas shared among live replicas.
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
     fn caller_limiter(&self, client: &str) -> Arc<CallerLimiter> {
-        if let Some(l) = read(&self.callers).get(client) {
+        let settings = self.settings();
+        let q = share(
+            *settings
+                .client_quotas
+                .get(client)
+                .unwrap_or(&settings.default_quota),
+            self.replicas(),
+        );
+        if let Some(l) = read(&self.callers).get(client).filter(|l| l.0 == q) {
             return l.clone();
         }
-        let settings = self.settings();
-        let q = *settings
-            .client_quotas
-            .get(client)
-            .unwrap_or(&settings.default_quota);
-        write(&self.callers)
-            .entry(client.to_string())
-            .or_insert_with(|| Arc::new((q, RateLimiter::direct(q).with_middleware())))
-            .clone()
+        let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
+        write(&self.callers).insert(client.to_string(), fresh.clone());
+        fresh
     }
 
     /// Spends one cell of the source IP's unauthenticated budget. `Err(wait)` when over it.
@@ -593,9 +622,41 @@ pub struct UpstreamBudget<S> {
 }
 
 /// Waits for a cell of the scope's budget, at most `deadline`.
-async fn wait_for_budget(state: &ScopeState, deadline: Instant) -> Result<(), Duration> {
+async fn wait_for_budget(
+    state: &ScopeState,
+    limits: &Limits,
+    scope: &str,
+    deadline: Instant,
+) -> Result<(), Duration> {
+    // Cluster mode: the budget lives in Redis and is exact across replicas.
+    if let Some(cluster) = limits.cluster.get() {
+        loop {
+            match cluster.take_budget(scope, &state.budget.quota).await {
+                Ok(crate::cluster::Budget::Allowed) => return Ok(()),
+                Ok(crate::cluster::Budget::Wait(wait)) => {
+                    if Instant::now() + wait > deadline {
+                        return Err(wait);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                // Redis did not answer: this replica's share, locally.
+                Err(()) => break,
+            }
+        }
+    }
+    let q = share(state.budget.quota, limits.replicas());
+    let limiter = {
+        let current = read(&state.limiter).clone();
+        if current.0 == q {
+            current
+        } else {
+            let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
+            *write(&state.limiter) = fresh.clone();
+            fresh
+        }
+    };
     loop {
-        match check(&state.limiter) {
+        match check(&limiter.1) {
             Decision::Allowed { .. } => return Ok(()),
             Decision::Limited { wait } => {
                 if Instant::now() + wait > deadline {
@@ -658,7 +719,7 @@ where
                 return Err(limited("upstream-paused", until - now));
             }
             let deadline = Instant::now() + state.budget.queue_timeout;
-            if let Err(wait) = wait_for_budget(&state, deadline).await {
+            if let Err(wait) = wait_for_budget(&state, &limits, &scope, deadline).await {
                 return Err(limited("upstream", wait));
             }
             let remaining = deadline.saturating_duration_since(Instant::now());

@@ -6,6 +6,7 @@
 use crate::cache::{Cache, PurgeScope};
 use crate::circuit::Breakers;
 use crate::clock::{SharedClock, SystemClock};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::{self, GatewayService};
 use crate::rate_limit::{self, Limits};
@@ -27,6 +28,7 @@ pub struct State {
     cache: Arc<Cache>,
     limits: Arc<Limits>,
     breakers: Arc<Breakers>,
+    cluster: Option<Arc<Cluster>>,
     tls: Option<Arc<tls::CertStore>>,
     draining: AtomicBool,
     generation: AtomicU64,
@@ -51,6 +53,10 @@ impl State {
             return Some("the TLS certificate in use has expired");
         }
         None
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     pub fn tls(&self) -> Option<&Arc<tls::CertStore>> {
@@ -265,6 +271,8 @@ pub enum StartError {
     Upstream(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -285,9 +293,28 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Like [`start`], with a given clock (tests move time by hand).
 pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, StartError> {
     telemetry::metrics();
+    // One crypto provider in the process (ring), also for libraries that ask
+    // rustls for the default (the Redis client's rediss://).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = upstream::build_client(&config.upstream).map_err(StartError::Upstream)?;
     let cache = Cache::new(config.cache.clone(), clock.clone());
     let limits = Limits::with_clock(config.rate_limit.clone(), clock.clone());
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let c = Cluster::start(settings.clone(), cache.clone()).map_err(StartError::Cluster)?;
+            cache.set_fanout(c.outbox());
+            limits.set_cluster(c.clone());
+            tracing::info!(replica = %c.id(), "cluster mode: upstream budgets in Redis, quotas shared among live replicas, invalidations fanned out");
+            Some(c)
+        }
+        None => {
+            metrics::gauge!("rungen_gateway_cluster_mode").set(0.0);
+            tracing::info!(
+                "cluster mode off: single-replica semantics (cache and limits are this replica's own)"
+            );
+            None
+        }
+    };
     let breakers = Breakers::new(
         config.upstream.breaker_failures,
         config.upstream.breaker_cooldown,
@@ -323,6 +350,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         cache,
         limits,
         breakers,
+        cluster,
         tls: tls_store.clone(),
         draining: AtomicBool::new(false),
         generation: AtomicU64::new(1),

@@ -109,6 +109,8 @@ pub struct Cache {
     epoch: AtomicU64,
     /// Scopes whose upstream said 429, until when.
     backoff: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Cluster mode: where this replica's invalidations and purges go.
+    fanout: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::cluster::FanOut>>,
     clock: SharedClock,
 }
 
@@ -142,6 +144,7 @@ impl Cache {
             flights: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(HashMap::new()),
+            fanout: std::sync::OnceLock::new(),
             clock,
         })
     }
@@ -171,7 +174,44 @@ impl Cache {
     }
 
     /// Drops entries of `scopes` whose path matches, then bumps the epoch.
+    /// Drops what a write changed, here and (in cluster mode) on every replica.
     fn invalidate(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
+        self.invalidate_local(scopes, exact, prefixes);
+        if let Some(out) = self.fanout.get() {
+            let _ = out.send(crate::cluster::FanOut::Invalidate {
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                exact: exact.to_vec(),
+                prefixes: prefixes.to_vec(),
+            });
+        }
+    }
+
+    /// Sends this replica's invalidations and purges to the cluster.
+    pub fn set_fanout(&self, out: tokio::sync::mpsc::UnboundedSender<crate::cluster::FanOut>) {
+        let _ = self.fanout.set(out);
+    }
+
+    /// Applies a change another replica made.
+    pub fn apply(&self, change: &crate::cluster::FanOut) {
+        match change {
+            crate::cluster::FanOut::Invalidate {
+                scopes,
+                exact,
+                prefixes,
+            } => {
+                let scopes: Vec<Arc<str>> = scopes.iter().map(|s| Arc::from(s.as_str())).collect();
+                self.invalidate_local(&scopes, exact, prefixes);
+            }
+            crate::cluster::FanOut::Purge { scope, path_prefix } => {
+                self.purge_local(&PurgeScope {
+                    scope: scope.clone(),
+                    path_prefix: path_prefix.clone(),
+                });
+            }
+        }
+    }
+
+    fn invalidate_local(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         let scopes: Vec<Arc<str>> = scopes.to_vec();
         let exact = exact.to_vec();
@@ -192,6 +232,17 @@ impl Cache {
     /// Admin purge: everything, one scope, or a path prefix in a scope.
     /// Returns the number of entries before the purge (an upper bound of what it dropped).
     pub fn purge(&self, what: &PurgeScope) -> u64 {
+        if let Some(out) = self.fanout.get() {
+            let _ = out.send(crate::cluster::FanOut::Purge {
+                scope: what.scope.clone(),
+                path_prefix: what.path_prefix.clone(),
+            });
+        }
+        self.purge_local(what)
+    }
+
+    /// Purges this replica only.
+    pub fn purge_local(&self, what: &PurgeScope) -> u64 {
         let before = self.entries.entry_count();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         match (&what.scope, &what.path_prefix) {

@@ -1,0 +1,361 @@
+//! Several replicas behaving as one service, through Redis:
+//!
+//! - **Upstream budgets are exact cluster-wide**: each upstream-bound request
+//!   takes a cell from a GCRA bucket in Redis (one round trip; the hit path
+//!   never pays it).
+//! - **Caller limits** are enforced locally with each replica's share of the
+//!   quota (quota / live replicas, counted by Redis heartbeats): no Redis round
+//!   trip on a cache hit. Exact under balanced load; under unbalanced load a
+//!   busy replica admits only its share (see README for the figures).
+//! - **Invalidations and purges fan out** over Redis pub/sub and are applied
+//!   by every replica; a replica that loses its subscription drops the caches
+//!   it cannot vouch for when it reconnects.
+//! - **Redis failures never take the gateway down**: every call has a short
+//!   timeout; without Redis the gateway runs degraded (local budgets at the
+//!   per-replica share, local invalidation), counts it, stays ready, and
+//!   recovers by itself.
+//!
+//! Redis keys hold scope names and replica ids only, never a key or a token.
+
+use crate::cache::Cache;
+use crate::secret::Secret;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub redis_url: Secret,
+    /// Every Redis call's deadline.
+    pub timeout: Duration,
+    /// Heartbeat period; a replica silent for three periods is no longer counted.
+    pub heartbeat: Duration,
+    pub key_prefix: String,
+}
+
+/// A cache change to apply on every replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FanOut {
+    Invalidate {
+        scopes: Vec<String>,
+        exact: Vec<String>,
+        prefixes: Vec<String>,
+    },
+    Purge {
+        scope: Option<String>,
+        path_prefix: Option<String>,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    change: FanOut,
+}
+
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat or tat < now then tat = now end
+local limit = interval * (burst - 1)
+if tat - now > limit then
+  return {0, tat - now - limit}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+return {1, 0}
+"#;
+
+/// The cluster link of one replica.
+pub struct Cluster {
+    settings: ClusterSettings,
+    id: String,
+    conn: Mutex<Option<ConnectionManager>>,
+    connected: AtomicBool,
+    replicas: AtomicU32,
+    outbox: mpsc::UnboundedSender<FanOut>,
+    gcra: redis::Script,
+    degraded_since: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .field("connected", &self.is_connected())
+            .field("replicas", &self.replicas())
+            .finish()
+    }
+}
+
+/// A cluster-wide budget decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Allowed,
+    Wait(Duration),
+}
+
+impl Cluster {
+    /// Starts the heartbeat, the subscriber and the publisher; returns at once
+    /// (Redis may come up later: until then the replica runs degraded).
+    pub fn start(settings: ClusterSettings, cache: Arc<Cache>) -> Result<Arc<Self>, String> {
+        let client = redis::Client::open(settings.redis_url.expose()).map_err(|_| {
+            "cluster.redis_url is not a valid redis:// or rediss:// URL".to_string()
+        })?;
+        let (outbox, inbox) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            settings,
+            conn: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            replicas: AtomicU32::new(1),
+            outbox,
+            gcra: redis::Script::new(GCRA),
+            degraded_since: Mutex::new(Some(Instant::now())),
+        });
+        metrics::gauge!("rungen_gateway_cluster_mode").set(1.0);
+        tokio::spawn(heartbeat(Arc::downgrade(&cluster), client.clone()));
+        tokio::spawn(subscriber(Arc::downgrade(&cluster), client, cache));
+        tokio::spawn(publisher(Arc::downgrade(&cluster), inbox));
+        Ok(cluster)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Live replicas (at least 1).
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::SeqCst).max(1)
+    }
+
+    /// Where the cache sends changes for every other replica.
+    pub fn outbox(&self) -> mpsc::UnboundedSender<FanOut> {
+        self.outbox.clone()
+    }
+
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_health(&self, ok: bool) {
+        let was = self.connected.swap(ok, Ordering::SeqCst);
+        let mut since = self
+            .degraded_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if ok && !was {
+            if let Some(t) = since.take() {
+                metrics::counter!("rungen_gateway_cluster_degraded_seconds_total")
+                    .increment(t.elapsed().as_secs());
+            }
+            tracing::info!("cluster: Redis reachable; cluster-wide limits and fan-out resumed");
+        } else if !ok && was {
+            *since = Some(Instant::now());
+            tracing::error!(
+                "cluster: Redis unreachable; running degraded on local limits (per-replica share) and local invalidation"
+            );
+        }
+        metrics::gauge!("rungen_gateway_cluster_degraded").set(if ok { 0.0 } else { 1.0 });
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.settings.key_prefix.clone();
+        for p in parts {
+            k.push(':');
+            k.push_str(p);
+        }
+        k
+    }
+
+    /// One cell of the scope's cluster-wide upstream budget. `Err(())` when
+    /// Redis did not answer in time (the caller falls back to local limits).
+    pub async fn take_budget(&self, scope: &str, quota: &governor::Quota) -> Result<Budget, ()> {
+        let Some(mut conn) = self.connection().filter(|_| self.is_connected()) else {
+            return Err(());
+        };
+        let interval_ms = quota.replenish_interval().as_millis().max(1) as u64;
+        let burst = quota.burst_size().get();
+        let key = self.key(&["budget", scope]);
+        let started = Instant::now();
+        let mut invocation = self.gcra.key(key);
+        invocation.arg(interval_ms).arg(burst);
+        let call = invocation.invoke_async::<(i64, i64)>(&mut conn);
+        let result = tokio::time::timeout(self.settings.timeout, call).await;
+        metrics::histogram!("rungen_gateway_redis_duration_seconds", "op" => "budget")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok((1, _))) => Ok(Budget::Allowed),
+            Ok(Ok((_, wait_ms))) => Ok(Budget::Wait(Duration::from_millis(wait_ms.max(1) as u64))),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster: budget script failed");
+                metrics::counter!("rungen_gateway_redis_errors_total", "op" => "budget")
+                    .increment(1);
+                Err(())
+            }
+            Err(_) => {
+                metrics::counter!("rungen_gateway_redis_errors_total", "op" => "budget_timeout")
+                    .increment(1);
+                Err(())
+            }
+        }
+    }
+}
+
+/// Keeps a command connection, beats, and counts live replicas.
+async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
+    loop {
+        let Some(c) = weak.upgrade() else { return };
+        let every = c.settings.heartbeat;
+        let timeout = c.settings.timeout;
+        if c.connection().is_none() {
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout)
+                .set_number_of_retries(1);
+            match tokio::time::timeout(
+                timeout * 4,
+                ConnectionManager::new_with_config(client.clone(), cfg),
+            )
+            .await
+            {
+                Ok(Ok(m)) => *c.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(m),
+                _ => c.set_health(false),
+            }
+        }
+        if let Some(mut conn) = c.connection() {
+            let me = c.key(&["replica", &c.id]);
+            let pattern = c.key(&["replica", "*"]);
+            let ttl_ms = (every * 3).as_millis() as u64;
+            let beat = async {
+                let _: () = redis::cmd("SET")
+                    .arg(&me)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut conn)
+                    .await?;
+                let mut cursor: u64 = 0;
+                let mut count = 0u32;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await?;
+                    count += keys.len() as u32;
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+                Ok::<u32, redis::RedisError>(count)
+            };
+            match tokio::time::timeout(timeout * 2, beat).await {
+                Ok(Ok(n)) => {
+                    c.replicas.store(n.max(1), Ordering::SeqCst);
+                    metrics::gauge!("rungen_gateway_cluster_replicas").set(n.max(1) as f64);
+                    c.set_health(true);
+                }
+                _ => {
+                    metrics::counter!("rungen_gateway_redis_errors_total", "op" => "heartbeat")
+                        .increment(1);
+                    c.set_health(false);
+                }
+            }
+        }
+        drop(c);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Publishes queued cache changes.
+async fn publisher(weak: std::sync::Weak<Cluster>, mut inbox: mpsc::UnboundedReceiver<FanOut>) {
+    while let Some(change) = inbox.recv().await {
+        let Some(c) = weak.upgrade() else { return };
+        let Some(mut conn) = c.connection().filter(|_| c.is_connected()) else {
+            metrics::counter!("rungen_gateway_cluster_fanout_dropped_total").increment(1);
+            continue;
+        };
+        let Ok(payload) = serde_json::to_string(&Envelope {
+            from: c.id.clone(),
+            change,
+        }) else {
+            continue;
+        };
+        let channel = c.key(&["invalidate"]);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&channel).arg(payload);
+        let publish = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(c.settings.timeout, publish).await {
+            Ok(Ok(_)) => metrics::counter!("rungen_gateway_cluster_fanout_sent_total").increment(1),
+            _ => metrics::counter!("rungen_gateway_redis_errors_total", "op" => "publish")
+                .increment(1),
+        }
+    }
+}
+
+/// Applies other replicas' cache changes; after a lost subscription, drops
+/// the local cache (messages may have been missed) before resuming.
+async fn subscriber(weak: std::sync::Weak<Cluster>, client: redis::Client, cache: Arc<Cache>) {
+    let mut first = true;
+    loop {
+        let Some(c) = weak.upgrade() else { return };
+        let channel = c.key(&["invalidate"]);
+        let id = c.id.clone();
+        let timeout = c.settings.timeout;
+        let retry = c.settings.heartbeat;
+        drop(c);
+        let pubsub = async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        let Ok(Ok(ps)) = tokio::time::timeout(timeout * 4, pubsub).await else {
+            tokio::time::sleep(retry).await;
+            continue;
+        };
+        if !first {
+            tracing::warn!(
+                "cluster: re-subscribed after a disconnect; dropping the local cache it cannot vouch for"
+            );
+            cache.purge_local(&crate::cache::PurgeScope::default());
+        }
+        first = false;
+        let mut messages = ps.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(env) = serde_json::from_str::<Envelope>(&payload) else {
+                continue;
+            };
+            if env.from == id {
+                continue;
+            }
+            cache.apply(&env.change);
+            metrics::counter!("rungen_gateway_cluster_fanout_applied_total").increment(1);
+        }
+        if weak.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(retry).await;
+    }
+}

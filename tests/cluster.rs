@@ -1,0 +1,359 @@
+//! Several replicas through a real Redis (Debian's redis-server, started per
+//! test on a free loopback port, no persistence). Skipped when redis-server is
+//! not installed, unless RUNGEN_REQUIRE_REDIS is set (CI sets it).
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use rungen_gateway::config::Config;
+use rungen_gateway::mock_upstream::{self, MockHandle};
+use rungen_gateway::server::{self, Running};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("RUNGEN_REQUIRE_REDIS").is_none(),
+                "RUNGEN_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!("skipped: no redis-server (apt-get install redis-server); CI runs this test");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Redis {
+            child: Some(child),
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every key and every string value in the database.
+    async fn dump(&self) -> String {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut out = String::new();
+        for k in keys {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            out.push_str(&format!("{k} = {v:?}\n"));
+        }
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Replicas {
+    mock: MockHandle,
+    gateways: Vec<Running>,
+}
+
+impl Replicas {
+    async fn start(redis: &Redis, n: usize, sections: &str) -> Replicas {
+        let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let cluster = format!(
+            "[cluster]\nredis_url = \"{}\"\ntimeout = \"200ms\"\nheartbeat = \"200ms\"\n{sections}",
+            redis.url()
+        );
+        let mut gateways = Vec::new();
+        for _ in 0..n {
+            let text = config_toml_with(&mock.base_url(), "", "", &cluster);
+            let config = Config::from_toml(Path::new("cluster.toml"), &text).unwrap();
+            gateways.push(server::start(config).await.unwrap());
+        }
+        let r = Replicas { mock, gateways };
+        r.wait_until(|g| {
+            let c = g.state().cluster().unwrap();
+            c.is_connected() && c.replicas() == n as u32
+        })
+        .await;
+        r
+    }
+
+    async fn wait_until(&self, cond: impl Fn(&Running) -> bool) {
+        let started = Instant::now();
+        while !self.gateways.iter().all(&cond) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "replicas never agreed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{}", self.gateways[i].local_addr(), path)
+    }
+
+    async fn stop(self) {
+        for g in self.gateways {
+            g.stop().await;
+        }
+        self.mock.shutdown();
+    }
+}
+
+fn status(r: &Reply) -> String {
+    r.headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_budget_is_exact_across_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "[rate_limit]\nupstream_budget = { per_minute = 6, burst = 6 }\nupstream_queue_timeout = \"0s\"\n",
+    )
+    .await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let mut ok = 0;
+    for i in 0..30 {
+        let res = c
+            .get(
+                &r.url(i % 3, &format!("/app/budget-{i}")),
+                &[("authorization", &auth)],
+            )
+            .await;
+        match res.status {
+            StatusCode::NOT_FOUND => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        r.mock.stats().total,
+        6,
+        "exactly the cluster-wide budget reached the upstream"
+    );
+    assert_eq!(ok, 6);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_quotas_are_shared_among_live_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "[rate_limit]\ndefault = { per_minute = 30, burst = 30 }\n",
+    )
+    .await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let mut allowed = 0;
+    for i in 0..60 {
+        let res = c
+            .get(&r.url(i % 3, "/app"), &[("authorization", &auth)])
+            .await;
+        if res.status == StatusCode::OK {
+            allowed += 1;
+        }
+    }
+    // Balanced load: each replica admits its third of the burst.
+    assert_eq!(allowed, 30);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_purges_reach_every_replica_within_a_second() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(&redis, 3, "").await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let hdr = [("authorization", auth.as_str())];
+    for i in 0..3 {
+        c.get(&r.url(i, "/app"), &hdr).await;
+        assert_eq!(
+            status(&c.get(&r.url(i, "/app"), &hdr).await),
+            "rungen-gateway; hit"
+        );
+    }
+    // A create through replica 0 drops the list on 1 and 2.
+    let body = r#"{"name":"fan-out","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let res = c
+        .send(
+            Method::POST,
+            &r.url(0, "/app"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+        .await;
+    assert!(res.status.is_success());
+    let started = Instant::now();
+    for i in 1..3 {
+        loop {
+            let res = c.get(&r.url(i, "/app"), &hdr).await;
+            if res.text().contains("fan-out") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "replica {i} still serves the old list"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A purge on replica 2 reaches 0 and 1.
+    for i in 0..3 {
+        c.get(&r.url(i, "/app"), &hdr).await;
+    }
+    r.gateways[2]
+        .cache()
+        .purge(&rungen_gateway::cache::PurgeScope::default());
+    let started = Instant::now();
+    for i in 0..2 {
+        loop {
+            let res = c.get(&r.url(i, "/app"), &hdr).await;
+            if status(&res).contains("fwd=uri-miss") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "replica {i} kept its entry"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Nothing secret is ever written to Redis.
+    let dump = redis.dump().await;
+    assert!(dump.contains("rungen-gateway:replica:"), "{dump}");
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        OTHER_UPSTREAM_KEY,
+        TOKEN_RW,
+        TOKEN_RO,
+        ADMIN_TOKEN,
+    ] {
+        assert!(!dump.contains(canary), "{canary} in Redis: {dump}");
+    }
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_redis_degrades_without_hanging_and_recovers() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let port = redis.port;
+    let r = Replicas::start(&redis, 2, "").await;
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    redis.stop();
+    r.wait_until(|g| !g.state().cluster().unwrap().is_connected())
+        .await;
+    for i in 0..10 {
+        let started = Instant::now();
+        let res = c
+            .get(
+                &r.url(i % 2, &format!("/app/degraded-{i}")),
+                &[("authorization", &auth)],
+            )
+            .await;
+        assert_eq!(
+            res.status,
+            StatusCode::NOT_FOUND,
+            "served (the upstream's answer) while Redis is down"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a request waited on a dead Redis"
+        );
+    }
+    let ready = c
+        .get(
+            &format!("http://{}/readyz", r.gateways[0].admin_addr().unwrap()),
+            &[],
+        )
+        .await;
+    assert_eq!(ready.status, StatusCode::OK, "degraded is still ready");
+    // Redis back on the same port: cluster mode resumes by itself.
+    let _redis = Redis::start_on(port).unwrap();
+    r.wait_until(|g| g.state().cluster().unwrap().is_connected())
+        .await;
+    let res = c.get(&r.url(0, "/app"), &[("authorization", &auth)]).await;
+    assert_eq!(res.status, StatusCode::OK);
+    r.stop().await;
+}
