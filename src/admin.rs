@@ -86,6 +86,13 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
                 )
             }
         }
+        (Method::GET, "/metrics" | "/config")
+            if state.config().admin.protect_reads && refusal(&state, &req).is_some() =>
+        {
+            refusal(&state, &req).unwrap_or_else(|| {
+                error(StatusCode::UNAUTHORIZED, "missing or invalid admin token")
+            })
+        }
         (Method::GET, "/metrics") => {
             let cache = state.cache();
             metrics::gauge!("rungen_gateway_cache_entries").set(cache.entry_count() as f64);

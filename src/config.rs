@@ -283,6 +283,8 @@ struct RawAdmin {
     listen: String,
     #[serde(default)]
     token_sha256: Option<String>,
+    #[serde(default)]
+    protect_reads: bool,
 }
 
 impl Default for RawAdmin {
@@ -290,6 +292,7 @@ impl Default for RawAdmin {
         Self {
             listen: defaults::admin_listen(),
             token_sha256: None,
+            protect_reads: false,
         }
     }
 }
@@ -690,6 +693,8 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// SHA-256 of the admin token that mutating calls need; `None`: they are refused.
     pub token_sha256: Option<[u8; 32]>,
+    /// `GET /metrics` and `GET /config` need the admin token too (probes stay open).
+    pub protect_reads: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1281,9 +1286,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         },
     };
+    if raw.admin.protect_reads && admin_token.is_none() {
+        p.push("admin.protect_reads", "needs admin.token_sha256");
+    }
     let admin = AdminConfig {
         listen: admin_listen,
         token_sha256: admin_token,
+        protect_reads: raw.admin.protect_reads,
     };
     let reload = ReloadConfig {
         watch: raw.reload.watch,

@@ -135,6 +135,44 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
 }
 
 #[tokio::test]
+async fn reads_can_require_the_admin_token() {
+    let h = Harness::start_full(
+        "",
+        "",
+        "",
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    assert_eq!(
+        c.get(&admin_url(&h, "/metrics"), &[]).await.status,
+        StatusCode::OK
+    );
+    h.stop().await;
+    let text = config_toml("https://api.rungen.ai", "", "")
+        .replace("[reload]", "protect_reads = true\n\n[reload]");
+    let config = Config::from_toml(Path::new("t.toml"), &text).unwrap();
+    let g = server::start(config).await.unwrap();
+    let admin = g.admin_addr().unwrap();
+    for path in ["/metrics", "/config"] {
+        let r = c.get(&format!("http://{admin}{path}"), &[]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        let r = c
+            .get(
+                &format!("http://{admin}{path}"),
+                &[("authorization", &admin_auth())],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+    }
+    assert_eq!(
+        c.get(&format!("http://{admin}/readyz"), &[]).await.status,
+        StatusCode::OK
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
 async fn effective_config_shows_fingerprints_only() {
     let h = Harness::start().await;
     let c = TestClient::http1();
