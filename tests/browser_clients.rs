@@ -391,3 +391,88 @@ fn config_errors_for_browser_clients() {
         assert!(err.contains(field), "{extra}: {err}");
     }
 }
+
+/// Serves whatever `body` currently holds at every path; returns the URL.
+async fn serve_jwks(body: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let text = body.lock().unwrap().clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(text)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/jwks.json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_and_refreshed() {
+    let (k1, jwk1) = ec_key("u1");
+    let (k2, jwk2) = ec_key("u2");
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [jwk1]}).to_string(),
+    ));
+    let url = serve_jwks(doc.clone()).await;
+    let extra = format!(
+        "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{url}\", jwks_refresh = \"200ms\" }}\n"
+    );
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(&extra),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let mut sso = claims(60);
+    sso["iss"] = "https://sso.test".into();
+    let status = |t: String| {
+        let c = c.clone();
+        let url = h.url("/app");
+        async move {
+            c.get(&url, &[("authorization", &format!("Bearer {t}"))])
+                .await
+                .status
+        }
+    };
+    let wait_for = |want: StatusCode, t: String| {
+        let status = status.clone();
+        async move {
+            for _ in 0..100 {
+                if status(t.clone()).await == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("never got {want}");
+        }
+    };
+    wait_for(StatusCode::OK, es256("u1", &k1, sso.clone())).await;
+    assert_eq!(
+        status(es256("u2", &k2, sso.clone())).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // The identity provider rotates its keys: picked up at the next refresh.
+    *doc.lock().unwrap() = serde_json::json!({"keys": [jwk2]}).to_string();
+    wait_for(StatusCode::OK, es256("u2", &k2, sso.clone())).await;
+    assert_eq!(
+        status(es256("u1", &k1, sso)).await,
+        StatusCode::UNAUTHORIZED
+    );
+    h.stop().await;
+}

@@ -16,6 +16,7 @@ use rungen_gateway::config::Config;
 use rungen_gateway::{mock_upstream, server};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -495,4 +496,88 @@ fn check_config_validates_tls_files() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing.pem"), "{err}");
+}
+
+/// RSA (PKCS#1 and PKCS#8) and ECDSA (SEC1 and PKCS#8) keys all load, made
+/// by openssl the way operators make them.
+#[test]
+fn rsa_and_ecdsa_keys_in_every_pem_form_load() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "openssl is needed in CI");
+        eprintln!("skipped: no openssl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["genrsa", "-traditional", "-out", "rsa1.pem", "2048"]);
+    run(&[
+        "pkcs8", "-topk8", "-nocrypt", "-in", "rsa1.pem", "-out", "rsa8.pem",
+    ]);
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "ec1.pem",
+    ]);
+    run(&[
+        "pkcs8", "-topk8", "-nocrypt", "-in", "ec1.pem", "-out", "ec8.pem",
+    ]);
+    for (key, cert) in [("rsa1.pem", "rsa.crt"), ("ec1.pem", "ec.crt")] {
+        run(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key,
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "2",
+            "-out",
+            cert,
+        ]);
+    }
+    let first = |f: &str| {
+        std::fs::read_to_string(d.join(f))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(first("rsa1.pem"), "-----BEGIN RSA PRIVATE KEY-----");
+    assert_eq!(first("ec1.pem"), "-----BEGIN EC PRIVATE KEY-----");
+    assert_eq!(first("ec8.pem"), "-----BEGIN PRIVATE KEY-----");
+    for (key, cert) in [
+        ("rsa1.pem", "rsa.crt"),
+        ("rsa8.pem", "rsa.crt"),
+        ("ec1.pem", "ec.crt"),
+        ("ec8.pem", "ec.crt"),
+    ] {
+        let head = std::fs::read_to_string(d.join(key)).unwrap();
+        let pair = rungen_gateway::tls::load_pair(&d.join(cert), &d.join(key));
+        assert!(
+            pair.is_ok(),
+            "{key} ({}): {:?}",
+            head.lines().next().unwrap_or(""),
+            pair.err()
+        );
+    }
+    // And a mismatched pair is refused.
+    assert!(rungen_gateway::tls::load_pair(&d.join("rsa.crt"), &d.join("ec1.pem")).is_err());
 }
