@@ -451,7 +451,6 @@ async fn a_jwks_url_is_fetched_and_refreshed() {
         }
     };
     let wait_for = |want: StatusCode, t: String| {
-        let status = status;
         async move {
             for _ in 0..100 {
                 if status(t.clone()).await == want {
