@@ -133,6 +133,18 @@ class Checker:
             self._pem = (crt.read_text(), key.read_text())
         return self._pem
 
+    def jwks_stub(self) -> str:
+        """A JWKS document holding the public half of the throwaway P-256 key."""
+        _, key_pem = self.pem_pair()
+        der = subprocess.run(["openssl", "pkey", "-pubout", "-outform", "DER"], input=key_pem.encode(),
+                             check=True, capture_output=True).stdout
+        point = der[-65:]  # a P-256 SubjectPublicKeyInfo ends with the point 04 || x || y
+        if point[0] != 4:
+            raise ValueError("unexpected P-256 public key encoding")
+        b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+        return json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "ci",
+                                     "x": b64(point[1:33]), "y": b64(point[33:])}]})
+
     # -- per values file -----------------------------------------------------------------------
 
     def check_case(self, name: str, values: dict[str, Any], min_kube: str | None = None) -> None:
@@ -299,10 +311,22 @@ class Checker:
         replicas = dep["spec"].get("replicas", 1)
         if hpa:
             replicas = max(replicas, hpa[0]["spec"].get("minReplicas", 1), hpa[0]["spec"]["maxReplicas"])
-        if replicas > 1 and "PER REPLICA" not in notes:
+        cluster = bool(((merged.get("config") or {}).get("cluster") or {}).get("enabled"))
+        if cluster:
+            if "PER REPLICA" in notes:
+                self.fail("config.cluster is on but NOTES.txt still warns about per-replica limits")
+            if "Cluster mode" not in notes:
+                self.fail("config.cluster is on but NOTES.txt does not describe cluster mode")
+        elif replicas > 1 and "PER REPLICA" not in notes:
             self.fail("several replicas but NOTES.txt lacks the per-replica cache/limits warning")
         if replicas <= 1 and "PER REPLICA" in notes:
             self.fail("NOTES.txt warns about replicas with a single replica")
+        # cluster: the NetworkPolicy's egress must open the Redis port
+        redis_port = (((merged.get("networkPolicy") or {}).get("egress") or {}).get("redis") or {}).get("port")
+        for np_ in by_kind.get("NetworkPolicy", []):
+            egress_ports = [p.get("port") for r in np_["spec"].get("egress", []) for p in r.get("ports", [])]
+            if cluster and redis_port not in egress_ports:
+                self.fail(f"config.cluster is on but the NetworkPolicy has no egress to the Redis port {redis_port}")
         for word in ("new-token", "Authorization: Bearer"):
             if word not in notes:
                 self.fail(f"NOTES.txt does not mention `{word}`")
@@ -370,7 +394,35 @@ class Checker:
             if vol is None:
                 self.fail(f"volumeMount {m['name']} has no volume")
                 return None
-            if "configMap" in vol:
+            if "projected" in vol:
+                # Several ConfigMaps/Secrets in one directory: the source that projects `key`
+                # (explicit items first, then a chart-rendered whole source holding it, then a
+                # whole source from outside the chart, then a chart-rendered one without it).
+                choice = None
+                whole: list[tuple[int, str, str, dict[str, Any]]] = []
+                for source in vol["projected"].get("sources", []):
+                    kind = "configMap" if "configMap" in source else "secret" if "secret" in source else None
+                    if kind is None:
+                        continue
+                    src_name = source[kind]["name"]
+                    src_pool = configmaps if kind == "configMap" else secrets
+                    label = "ConfigMap" if kind == "configMap" else "Secret"
+                    items = source[kind].get("items")
+                    if items:
+                        item = next((i for i in items if i["path"] == key), None)
+                        if item is not None and choice is None:
+                            choice = (label, src_name, src_pool, item["key"])
+                        continue
+                    rank = 0 if key in src_pool.get(src_name, {}) else 1 if src_name not in src_pool else 2
+                    whole.append((rank, label, src_name, src_pool))
+                if choice is None and whole:
+                    _, label, src_name, src_pool = min(whole, key=lambda w: w[0])
+                    choice = (label, src_name, src_pool, key)
+                if choice is None:
+                    self.fail(f"{role}: {path}: projected volume {m['name']} does not project {key}")
+                    return None
+                src, name, pool, key = choice
+            elif "configMap" in vol:
                 src, name, pool = "ConfigMap", vol["configMap"]["name"], configmaps
             elif "secret" in vol:
                 src, name, pool = "Secret", vol["secret"]["secretName"], secrets
@@ -378,7 +430,7 @@ class Checker:
                 self.fail(f"{role}: {path} is on a {sorted(vol)} volume")
                 return None
             items = (vol.get("configMap") or vol.get("secret") or {}).get("items")
-            if items:
+            if items and "projected" not in vol:
                 item = next((i for i in items if i["path"] == key), None)
                 if item is None:
                     self.fail(f"{role}: {path}: volume {m['name']} does not project {key}")
@@ -396,9 +448,19 @@ class Checker:
                     return f"ci-stub-{key}"
                 self.fail(f"{role}: {path}: the chart's {src} {name} has no key {key}")
                 return None
-            # A ConfigMap/Secret that lives outside the chart (existingSecret, cert-manager...).
-            crt, pk = self.pem_pair()
-            return {"cert": crt, "key": pk, "ca": crt}.get(role.split(".")[-1], f"ci-stub-{key}")
+            # A ConfigMap/Secret that lives outside the chart (existingSecret, cert-manager...):
+            # a stub the gateway accepts for that role.
+            kind = role.split(".")[-1]
+            if kind in ("cert", "key", "ca"):
+                crt, pk = self.pem_pair()
+                return {"cert": crt, "key": pk, "ca": crt}[kind]
+            if kind == "redis_url":
+                return "redis://redis:6379\n"
+            if kind == "hmac_secret":
+                return f"ci-stub-hmac-{key}-".ljust(48, "x") + "\n"
+            if kind == "jwks_file":
+                return self.jwks_stub()
+            return f"ci-stub-{key}"
 
         text = resolve(config_path, "config")
         if text is None:
@@ -421,6 +483,25 @@ class Checker:
                 referenced.append((f"server.tls.{role}", tls[field]))
         if "ca_file" in (toml.get("upstream") or {}):
             referenced.append(("upstream.ca", toml["upstream"]["ca_file"]))
+        cluster = toml.get("cluster")
+        if cluster is not None:
+            url = cluster.get("redis_url")
+            if isinstance(url, dict) and set(url) == {"file"}:
+                referenced.append(("cluster.redis_url", url["file"]))
+            else:
+                self.fail(f"cluster.redis_url is not a {{ file = ... }} reference (it is a secret): {url!r}")
+        for i, client in enumerate(toml.get("clients", [])):
+            jwt = client.get("jwt")
+            if not isinstance(jwt, dict):
+                continue
+            if "hmac_secret" in jwt:
+                h = jwt["hmac_secret"]
+                if isinstance(h, dict) and set(h) == {"file"}:
+                    referenced.append((f"clients[{i}].jwt.hmac_secret", h["file"]))
+                else:
+                    self.fail(f"clients[{i}].jwt.hmac_secret is not a {{ file = ... }} reference: {h!r}")
+            if "jwks_file" in jwt:
+                referenced.append((f"clients[{i}].jwt.jwks_file", jwt["jwks_file"]))
 
         root = self.tmp / self.case
         rewritten = text
@@ -485,6 +566,24 @@ class Checker:
             "quota with both rates": {"config": {"rateLimit": {"default": {"perSecond": 1, "perMinute": 60}}}},
             "bad token hash": {"clients": [{"name": "a", "tokenSha256": "xyz", "teams": ["personal"]}]},
             "bad team name": {"teams": [{"name": "../etc"}]},
+            "unknown key in config.cluster": {"config": {"cluster": {"redisURL": "redis://r:6379"}}},
+            "cluster without a Redis URL": {"config": {"cluster": {"enabled": True}}},
+            "public client without origins": {"clients": [{"name": "a", "public": True, "teams": ["personal"]}]},
+            "public client with a token": {"clients": [{"name": "a", "public": True, "allowedOrigins": ["https://a.example"],
+                                                        "tokenSha256": "a" * 64, "teams": ["personal"]}]},
+            "origin with a path": {"clients": [{"name": "a", "public": True, "allowedOrigins": ["https://a.example/x"],
+                                                "teams": ["personal"]}]},
+            "ipRateLimit on a token client": {"clients": [{"name": "a", "tokenSha256": "a" * 64, "teams": ["personal"],
+                                                           "ipRateLimit": {"perSecond": 1}}]},
+            "jwt without a key source": {"clients": [{"name": "a", "teams": ["personal"],
+                                                      "jwt": {"issuer": "https://i", "audience": "x"}}]},
+            "jwt with two key sources": {"clients": [{"name": "a", "teams": ["personal"], "jwt": {
+                "issuer": "https://i", "audience": "x", "jwksUrl": "https://i/jwks",
+                "hmacSecret": {"existingSecret": "s"}}}]},
+            "jwt HMAC value under 32 bytes": {"clients": [{"name": "a", "teams": ["personal"], "jwt": {
+                "issuer": "https://i", "audience": "x", "hmacSecret": {"value": "short"}}}]},
+            "unknown key in server": {"config": {"server": {"maxConnectionPerIp": 5}}},
+            "negative retries": {"config": {"upstream": {"retries": -1}}},
         }
         with helm.Chart.load(self.chart_dir) as chart:
             for what, vals in bad_cases.items():
@@ -511,6 +610,16 @@ class Checker:
             "upstream": {"config": {"upstream": {"requestTimeout": "5s"}}},
             "api keys": {"apiKeys": {"keys": {"personal": "k2"}}},
             "admin token": {"config": {"admin": {"tokenSha256": "b" * 64}}},
+            "public client": {"clients": [{"name": "p", "public": True, "allowedOrigins": ["https://a.example"],
+                                           "teams": ["personal"]}]},
+            "jwt client": {"clients": [{"name": "j", "teams": ["personal"], "jwt": {
+                "issuer": "https://i", "audience": "x", "hmacSecret": {"value": "v" * 40}}}]},
+            "upstream retries/breaker": {"config": {"upstream": {"retries": 0, "breakerFailures": 0, "bodyTimeout": "5s"}}},
+            "body limits": {"config": {"server": {"maxBodyBytes": 10, "maxUriBytes": 100, "bodyReadTimeout": "5s",
+                                                  "allowChunkedRequests": True}}},
+            "cache routes": {"config": {"cache": {"routes": {"/app": {"ttl": "1s"}}}}},
+            "public per-IP quota": {"config": {"rateLimit": {"publicPerIp": {"perMinute": 10}}}},
+            "cluster settings while off": {"config": {"cluster": {"timeout": "1s"}}},
         }
         cold = {
             "http port": {"ports": {"http": 8443, "admin": 9090, "plaintext": 8081}},
@@ -518,7 +627,19 @@ class Checker:
             "log level": {"config": {"logging": {"level": "debug"}}},
             "shutdown timeout": {"shutdown": {"timeoutSeconds": 10}},
             "server limits": {"config": {"server": {"maxConnections": 5}}},
+            "connections per IP": {"config": {"server": {"maxConnectionsPerIp": 5}}},
+            "requests per connection": {"config": {"server": {"maxRequestsPerConnection": 5}}},
+            "coalesce timeout": {"config": {"cache": {"coalesceTimeout": "5s"}}},
+            "cluster on": {"config": {"cluster": {"enabled": True, "redisUrl": {"existingSecret": "r"}}}},
         }
+        on = {"enabled": True, "redisUrl": {"existingSecret": "r"}}
+        cluster_base = checksum({"config": {"cluster": on}})
+        for what, change in (("cluster timeout", {"timeout": "1s"}), ("cluster heartbeat", {"heartbeat": "5s"}),
+                             ("cluster key prefix", {"keyPrefix": "other"}),
+                             ("Redis URL Secret", {"redisUrl": {"existingSecret": "r2"}})):
+            cold[what] = {"config": {"cluster": {**on, **change}}}
+            if checksum(cold[what]) == cluster_base:
+                self.fail(f"changing {what} (read at start only) would not restart the pods")
         for what, vals in hot.items():
             if checksum(vals) != base:
                 self.fail(f"changing {what} (hot reloaded) would restart the pods")

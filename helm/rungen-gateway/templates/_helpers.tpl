@@ -84,6 +84,7 @@ subPath): kubelet then updates every file in place and the gateway's hot reload 
 {{- define "rungen-gateway.tlsDir" -}}/etc/rungen-gateway/tls{{- end }}
 {{- define "rungen-gateway.clientCADir" -}}/etc/rungen-gateway/client-ca{{- end }}
 {{- define "rungen-gateway.upstreamCADir" -}}/etc/rungen-gateway/upstream-ca{{- end }}
+{{- define "rungen-gateway.jwksDir" -}}/etc/rungen-gateway/jwks{{- end }}
 
 {{/*
 Name of the Secret holding the RunGen API keys.
@@ -181,23 +182,160 @@ drain delay + the drain deadline, or kubelet kills the gateway in the middle of 
 {{- end }}
 
 {{/*
-Everything the gateway reads only at start (a change needs a restart), hashed into the pod
-template's checksum/restart-settings annotation. Everything else in the ConfigMap and the Secrets
-(upstream, rate limits, teams, clients, admin token, API keys, certificate files) is hot reloaded
-and deliberately left out, so editing it never rolls the pods.
+Everything the gateway reads only at start (a reload that changes it only logs a warning), hashed
+into the pod template's checksum/restart-settings annotation: the listen addresses (ports,
+bindAddress, the plaintext listener), TLS settings, the header limits / connection caps / HTTP/2
+streams / header_read_timeout / max_requests_per_connection, shutdown_timeout, the admin listener,
+[logging], [reload], the cache's size bounds and coalesce timeout, and [cluster] (including the
+chart-held Redis URL; a Redis URL in an existing Secret is not visible here: roll the pods yourself
+after changing it). Everything else (upstream, rate limits, teams, clients and their JWT keys, the
+admin token, API keys, certificate files, cache route policies, body and URI limits, drain delay)
+is hot reloaded and deliberately left out, so editing it never rolls the pods.
 */}}
 {{- define "rungen-gateway.restartSettings" -}}
+{{- $srv := .Values.config.server }}
+{{- $cache := .Values.config.cache }}
 {{- $s := dict
   "ports" .Values.ports
   "bindAddress" .Values.bindAddress
-  "server" .Values.config.server
-  "shutdown" .Values.shutdown
-  "cache" .Values.config.cache
+  "server" (dict
+    "headerReadTimeout" $srv.headerReadTimeout
+    "maxHeaderBytes" $srv.maxHeaderBytes
+    "maxHeaders" $srv.maxHeaders
+    "maxConnections" $srv.maxConnections
+    "maxConnectionsPerIp" $srv.maxConnectionsPerIp
+    "maxRequestsPerConnection" $srv.maxRequestsPerConnection
+    "h2MaxConcurrentStreams" $srv.h2MaxConcurrentStreams)
+  "shutdownTimeout" .Values.shutdown.timeoutSeconds
+  "cache" (dict
+    "maxBytes" $cache.maxBytes
+    "maxEntryBytes" $cache.maxEntryBytes
+    "coalesceTimeout" $cache.coalesceTimeout)
   "reload" .Values.config.reload
   "logging" .Values.config.logging
   "tls" .Values.tls
+  "cluster" (ternary .Values.config.cluster (dict) (eq (include "rungen-gateway.clusterEnabled" .) "true"))
 }}
 {{- toJson $s }}
+{{- end }}
+
+{{/*
+"true" when [cluster] is rendered (config.cluster.enabled).
+*/}}
+{{- define "rungen-gateway.clusterEnabled" -}}
+{{- if .Values.config.cluster.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+Redis key prefix: config.cluster.keyPrefix, or the release's full name (so two releases sharing
+one Redis never share budgets or invalidations).
+*/}}
+{{- define "rungen-gateway.clusterKeyPrefix" -}}
+{{- .Values.config.cluster.keyPrefix | default (include "rungen-gateway.fullname" .) }}
+{{- end }}
+
+{{/*
+Name of the chart-created Secret for the Redis URL and JWT HMAC secrets given as values.
+*/}}
+{{- define "rungen-gateway.gatewaySecretName" -}}
+{{- printf "%s-secrets" (include "rungen-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Secret files besides the API keys, all mounted under /etc/rungen-gateway/secrets/<key>: the Redis
+URL (config.cluster.redisUrl) and each JWT client's HMAC secret (clients[].jwt.hmacSecret), from
+the chart-created Secret (value) or an existing Secret. JSON: {"refs": [{what, secret, key,
+value, chart}]}.
+*/}}
+{{- define "rungen-gateway.extraSecretRefs" -}}
+{{- $refs := list }}
+{{- $chartSecret := include "rungen-gateway.gatewaySecretName" . }}
+{{- if .Values.config.cluster.enabled }}
+{{- $r := .Values.config.cluster.redisUrl | default dict }}
+{{- $key := $r.key | default "redis-url" }}
+{{- if $r.existingSecret }}
+{{- $refs = append $refs (dict "what" "config.cluster.redisUrl" "secret" $r.existingSecret "key" $key "value" "" "chart" false) }}
+{{- else }}
+{{- $refs = append $refs (dict "what" "config.cluster.redisUrl" "secret" $chartSecret "key" $key "value" ($r.value | default "" | toString) "chart" true) }}
+{{- end }}
+{{- end }}
+{{- range .Values.clients }}
+{{- $client := . }}
+{{- if and .jwt .jwt.hmacSecret }}
+{{- $h := .jwt.hmacSecret }}
+{{- $key := $h.key | default (printf "jwt-%s" $client.name) }}
+{{- $what := printf "clients[%s].jwt.hmacSecret" $client.name }}
+{{- if $h.existingSecret }}
+{{- $refs = append $refs (dict "what" $what "secret" $h.existingSecret "key" $key "value" "" "chart" false) }}
+{{- else }}
+{{- $refs = append $refs (dict "what" $what "secret" $chartSecret "key" $key "value" ($h.value | default "" | toString) "chart" true) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson (dict "refs" $refs) }}
+{{- end }}
+
+{{/*
+Path of a secret file (a key under /etc/rungen-gateway/secrets).
+*/}}
+{{- define "rungen-gateway.secretFile" -}}
+{{- printf "%s/%s" (include "rungen-gateway.secretsDir" .root) .key }}
+{{- end }}
+
+{{/*
+Sources of the projected `secrets` volume (/etc/rungen-gateway/secrets): the whole API-key Secret,
+the whole chart-created Secret (when it exists), and the needed keys of other existing Secrets
+(grouped per Secret, each key once; keys of the two whole Secrets are not repeated).
+*/}}
+{{- define "rungen-gateway.secretSources" -}}
+{{- $apiSecret := include "rungen-gateway.apiKeysSecretName" . }}
+{{- $chartSecret := include "rungen-gateway.gatewaySecretName" . }}
+{{- $refs := (include "rungen-gateway.extraSecretRefs" . | fromJson).refs }}
+{{- $hasChart := false }}
+{{- $external := dict }}
+{{- $order := list }}
+{{- range $refs }}
+{{- if .chart }}
+{{- $hasChart = true }}
+{{- else if ne .secret $apiSecret }}
+{{- if not (hasKey $external .secret) }}
+{{- $_ := set $external .secret list }}
+{{- $order = append $order .secret }}
+{{- end }}
+{{- if not (has .key (get $external .secret)) }}
+{{- $_ := set $external .secret (append (get $external .secret) .key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+- secret:
+    name: {{ $apiSecret }}
+{{- if $hasChart }}
+- secret:
+    name: {{ $chartSecret }}
+{{- end }}
+{{- range $order }}
+- secret:
+    name: {{ . }}
+    items:
+      {{- range get $external . }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+JWT clients whose JWKS document comes from a ConfigMap key (clients[].jwt.jwksConfigMap), mounted
+as /etc/rungen-gateway/jwks/<client name>.json.
+*/}}
+{{- define "rungen-gateway.jwksClients" -}}
+{{- $names := list }}
+{{- range .Values.clients }}
+{{- if and .jwt .jwt.jwksConfigMap }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- end }}
+{{- join "," $names }}
 {{- end }}
 
 {{/*
@@ -235,6 +373,73 @@ Render-time checks with a clear message (the gateway's own check-config covers t
 {{- $_ := set $names .name true }}
 {{- end }}
 {{- $_ := include "rungen-gateway.terminationGracePeriod" . }}
+{{- if .Values.config.cluster.enabled }}
+{{- $r := .Values.config.cluster.redisUrl | default dict }}
+{{- if and (not $r.existingSecret) (not $r.value) }}
+{{- fail "config.cluster.enabled needs config.cluster.redisUrl.existingSecret (recommended) or config.cluster.redisUrl.value (redis://host:port or rediss://host:port)" }}
+{{- end }}
+{{- if and $r.value (not (regexMatch "^rediss?://" (toString $r.value))) }}
+{{- fail "config.cluster.redisUrl.value must be a redis://host:port or rediss://host:port URL" }}
+{{- end }}
+{{- end }}
+{{- $clientNames := dict }}
+{{- range .Values.clients }}
+{{- $cname := .name }}
+{{- if hasKey $clientNames .name }}
+{{- fail (printf "clients: duplicate client name %q" .name) }}
+{{- end }}
+{{- $_ := set $clientNames .name true }}
+{{- $kinds := list }}
+{{- if or .tokenSha256 .certNames }}{{ $kinds = append $kinds "tokenSha256/certNames" }}{{ end }}
+{{- if .public }}{{ $kinds = append $kinds "public: true" }}{{ end }}
+{{- if .jwt }}{{ $kinds = append $kinds "jwt" }}{{ end }}
+{{- if gt (len $kinds) 1 }}
+{{- fail (printf "clients[%s]: a client is one of token/certificate (tokenSha256, certNames), public: true, or jwt; it has %s" .name (join " and " $kinds)) }}
+{{- end }}
+{{- if eq (len $kinds) 0 }}
+{{- fail (printf "clients[%s]: needs tokenSha256, certNames, public: true or jwt" .name) }}
+{{- end }}
+{{- if and .public (not .allowedOrigins) }}
+{{- fail (printf "clients[%s]: a public client is matched by Origin: list at least one in allowedOrigins" .name) }}
+{{- end }}
+{{- if and .ipRateLimit (not .public) }}
+{{- fail (printf "clients[%s]: only public clients have an ipRateLimit" .name) }}
+{{- end }}
+{{- with .jwt }}
+{{- $sources := 0 }}
+{{- if .hmacSecret }}{{ $sources = add1 $sources }}{{ end }}
+{{- if .jwksUrl }}{{ $sources = add1 $sources }}{{ end }}
+{{- if .jwksConfigMap }}{{ $sources = add1 $sources }}{{ end }}
+{{- if ne (int $sources) 1 }}
+{{- fail (printf "clients[%s].jwt: give exactly one of hmacSecret, jwksUrl or jwksConfigMap" $cname) }}
+{{- end }}
+{{- if and .hmacSecret (not .hmacSecret.existingSecret) (not .hmacSecret.value) }}
+{{- fail (printf "clients[%s].jwt.hmacSecret needs existingSecret (recommended) or value (at least 32 bytes)" $cname) }}
+{{- end }}
+{{- if and .hmacSecret .hmacSecret.value (not .hmacSecret.existingSecret) (lt (len (toString .hmacSecret.value)) 32) }}
+{{- fail (printf "clients[%s].jwt.hmacSecret.value must be at least 32 bytes" $cname) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* Every file under /etc/rungen-gateway/secrets must come from exactly one Secret key. */}}
+{{- $files := dict }}
+{{- $apiSecret := include "rungen-gateway.apiKeysSecretName" . }}
+{{- range .Values.teams }}
+{{- $_ := set $files (default .name .secretKey) (printf "%s/%s (teams[%s])" $apiSecret (default .name .secretKey) .name) }}
+{{- end }}
+{{- range (include "rungen-gateway.extraSecretRefs" . | fromJson).refs }}
+{{- $id := printf "%s/%s (%s)" .secret .key .what }}
+{{- if hasKey $files .key }}
+{{- $other := get $files .key }}
+{{- if ne (regexReplaceAll " \\(.*" $other "") (printf "%s/%s" .secret .key) }}
+{{- fail (printf "two secrets would both be mounted as /etc/rungen-gateway/secrets/%s: %s and %s; set a different key (teams[].secretKey, config.cluster.redisUrl.key, clients[].jwt.hmacSecret.key)" .key $other $id) }}
+{{- end }}
+{{- if .chart }}
+{{- fail (printf "two secrets would both be mounted as /etc/rungen-gateway/secrets/%s: %s and %s" .key $other $id) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $files .key $id }}
+{{- end }}
 {{- end }}
 
 {{/*
