@@ -1,9 +1,13 @@
 //! rungen-gateway: a caching reverse-proxy gateway in front of the RunGen.AI API.
 //!
-//! The request path, in order (see `gateway::build`): accept (`listener`),
-//! routing and request limits (`routing`), caller auth (`caller_auth`),
-//! credential injection (`upstream_credentials`), upstream (`upstream`).
-//! Beside it: `config`, `error`, `telemetry`, `mock_upstream`.
+//! The request path, in order (see `gateway::build`): accept (`listener`,
+//! `tls`), access log (`telemetry`), CORS (`cors`), rescue (`error`),
+//! overload and request limits (`rate_limit`, `routing`), caller auth
+//! (`caller_auth`, `jwt`), caller limits (`rate_limit`), cache (`cache`),
+//! circuit breaker (`circuit`), upstream budget (`rate_limit`), credential
+//! injection (`upstream_credentials`), upstream (`upstream`).
+//! Beside it: `config`, `server` (wiring, reload, shutdown), `admin`,
+//! `cluster` (Redis), `clock`, `body`, `secret`, `mock_upstream`.
 
 pub mod admin;
 pub mod body;
