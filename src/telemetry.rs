@@ -41,9 +41,9 @@ fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
         if id.len() == 32 && valid_traceparent(&[b"00-", id, b"-0000000000000001-01"].concat()) {
             String::from_utf8_lossy(id).into_owned()
         } else {
-            uuid::Uuid::new_v4().simple().to_string()
+            format!("{:032x}", rand::Rng::random::<u128>(&mut rand::rng()) | 1)
         };
-    let parent = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let parent = format!("{:016x}", rand::Rng::random::<u64>(&mut rand::rng()) | 1);
     HeaderValue::from_str(&format!("00-{trace_id}-{parent}-01")).unwrap_or(
         HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
     )
@@ -115,11 +115,12 @@ fn valid_request_id(v: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
 }
 
+/// 32 lower-case hex digits from the thread-local CSPRNG (no syscall per
+/// request, unlike `getrandom`-backed UUIDs).
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::new_v4();
-    let mut buf = uuid::Uuid::encode_buffer();
-    HeaderValue::from_str(id.simple().encode_lower(&mut buf))
-        .unwrap_or(HeaderValue::from_static("-"))
+    use rand::Rng;
+    let id: u128 = rand::rng().random::<u128>() | 1;
+    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
 }
 
 #[derive(Clone, Copy, Debug, Default)]

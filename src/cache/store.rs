@@ -48,6 +48,10 @@ impl CachedResponse {
             .and_then(|a| a.parse::<u64>().ok())
             .map_or(Duration::ZERO, Duration::from_secs);
         headers.remove(header::AGE);
+        // Own every header value: values parsed by hyper are slices of its
+        // read buffer, and keeping one alive would keep the whole buffer (KiBs
+        // per entry that the weigher never sees).
+        let mut headers = owned(headers);
         let upstream_etag = headers.get(header::ETAG).cloned();
         let last_modified = headers.get(header::LAST_MODIFIED).cloned();
         let etag = match &upstream_etag {
@@ -117,6 +121,17 @@ impl CachedResponse {
             .map(str::trim)
             .any(|tag| tag == "*" || strip_weak(tag.as_bytes()) == ours)
     }
+}
+
+/// A copy of `headers` whose values share no buffer with anything else.
+fn owned(headers: HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers.iter() {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+    }
+    out
 }
 
 fn strip_weak(tag: &[u8]) -> &[u8] {
