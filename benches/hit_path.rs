@@ -1,16 +1,22 @@
 //! The cache-hit path, in process (no sockets on the measured path).
 //!
-//! `cargo bench --bench hit_path` prints, before criterion's own output:
-//! - allocations per hit through the whole `GatewayService` (stats_alloc, over
-//!   10 000 hits) and requests/s of one task answering 200 000 hits in a row
-//!   on a current-thread runtime, without and with an access-log subscriber;
-//! - allocations per call of the pieces on the hit path (key, token lookup).
+//! `cargo bench --bench hit_path` first prints two tables, then criterion's
+//! own output:
+//! - the whole `GatewayService` answering cache hits of `GET /app`, one after
+//!   another on a current-thread runtime: allocations per hit (stats_alloc,
+//!   over 10 000 hits), requests/s and µs per hit over 200 000 hits (wall
+//!   clock and this thread's CPU time), for three configurations: the
+//!   default (rate limiter on, with a quota never reached), the same with an
+//!   access-log subscriber writing to a sink, and `[rate_limit] enabled = false`;
+//! - allocations per call of the pieces on the hit path (`CacheKey::new`,
+//!   `Credentials::lookup`, and the request the bench builds for each hit).
 //!
-//! Then criterion times `CacheKey::new`, `Credentials::lookup` and the whole
-//! service answering a hit. See benches/README.md.
+//! Criterion then times `CacheKey::new`, `Credentials::lookup` and the whole
+//! service answering a hit. Every answer is checked to be a cache hit (after
+//! the clock stops). See benches/README.md.
 //!
-//! Under `cargo test --benches` (no `--bench` argument) everything runs once,
-//! with small counts, as a smoke test.
+//! Under `cargo test --benches` (no `--bench` argument) or with `-- --test`
+//! everything runs once, with tiny counts, as a smoke test.
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -24,12 +30,14 @@ use rungen_gateway::clock::{SharedClock, SystemClock};
 use rungen_gateway::config::Config;
 use rungen_gateway::error::{Body, empty_body};
 use rungen_gateway::gateway::{self, GatewayService};
+use rungen_gateway::listener::PeerAddr;
 use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle};
 use rungen_gateway::rate_limit::Limits;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use std::alloc::System;
 use std::error::Error;
 use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +55,7 @@ const TEAM_ID: &str = "123e4567-e89b-12d3-a456-426614174000";
 /// The scope (team name) the bench client uses by default.
 const SCOPE: &str = "acme";
 const HIT: &str = "rungen-gateway; hit";
+const PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 40_000));
 
 fn token() -> &'static str {
     &AUTHORIZATION["Bearer ".len()..]
@@ -183,7 +192,8 @@ impl Fixture {
             return Err("the cache hit has an empty body".into());
         }
         eprintln!(
-            "hit path: GET /app, scope {SCOPE}: {} {HIT}, {} body bytes",
+            "warm-up: GET /app, scope {SCOPE}: {} then {} {HIT}, {} body bytes",
+            miss.status(),
             hit.status(),
             body.len()
         );
@@ -206,7 +216,8 @@ impl Fixture {
     }
 }
 
-/// A request as the listener hands it to the service.
+/// A request as the listener hands it to the service (`listener.rs`,
+/// `HyperAdapter::call`): origin-form URI, the caller's token, the peer address.
 fn request() -> Request<Body> {
     let mut req = Request::new(empty_body());
     *req.method_mut() = Method::GET;
@@ -215,6 +226,7 @@ fn request() -> Request<Body> {
         header::AUTHORIZATION,
         HeaderValue::from_static(AUTHORIZATION),
     );
+    req.extensions_mut().insert(PeerAddr(PEER));
     req
 }
 
@@ -253,6 +265,13 @@ struct PerCall {
 }
 
 impl PerCall {
+    fn print_piece(&self, what: &str) {
+        println!(
+            "{what:<40} {:>6.2} {:>9.2} {:>8.0}",
+            self.allocations, self.reallocations, self.bytes
+        );
+    }
+
     fn measure(n: u64, f: impl FnOnce()) -> Self {
         let region = Region::new(GLOBAL);
         f();
@@ -264,30 +283,45 @@ impl PerCall {
             bytes: s.bytes_allocated as f64 / n,
         }
     }
-
-    fn print(&self, what: &str) {
-        println!(
-            "{what:<44} {:>7.2} allocs {:>6.2} reallocs {:>8.1} bytes",
-            self.allocations, self.reallocations, self.bytes
-        );
-    }
 }
 
-/// Allocations per hit and requests/s of the whole service.
+/// CPU time this thread has used (Linux: `/proc/thread-self/stat`, in
+/// USER_HZ = 100 ticks/s); `None` elsewhere. Unlike wall time, it does not
+/// grow while other processes hold the core, so it is the steadier figure on
+/// a shared machine; over a 2 s run its 10 ms grain is under 1 %.
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+const TABLE_HEAD: &str = "allocs  reallocs    bytes      req/s  µs/hit wall  µs/hit CPU";
+
+/// Allocations per hit and requests/s of the whole service, one table row.
 fn service_figures(f: &Fixture, counts: &Counts, label: &str) {
-    // Also a warm-up for the rate below (moka, the recorder, the allocator).
-    PerCall::measure(counts.alloc_hits, || {
+    // Also the warm-up of the timed run below (moka, the recorder, malloc).
+    let allocs = PerCall::measure(counts.alloc_hits, || {
         f.hits(counts.alloc_hits);
-    })
-    .print(&format!("GatewayService hit {label}"));
-    let elapsed = f.hits(counts.rate_hits);
+    });
+    let cpu_before = thread_cpu_time();
+    let wall = f.hits(counts.rate_hits);
+    let cpu = thread_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let per_hit = |d: Duration| d.as_secs_f64() * 1e6 / counts.rate_hits as f64;
     println!(
-        "{:<44} {:>10.0} req/s ({} hits in {:.2?}, {:.2} µs/hit)",
-        format!("GatewayService hit {label}"),
-        counts.rate_hits as f64 / elapsed.as_secs_f64(),
-        counts.rate_hits,
-        elapsed,
-        elapsed.as_secs_f64() * 1e6 / counts.rate_hits as f64
+        "{label:<36} {:>6.2} {:>9.2} {:>8.0} {:>10.0} {:>12.2} {:>11}",
+        allocs.allocations,
+        allocs.reallocations,
+        allocs.bytes,
+        counts.rate_hits as f64 / wall.as_secs_f64(),
+        per_hit(wall),
+        cpu.map_or("-".to_string(), |c| format!("{:.2}", per_hit(c))),
     );
 }
 
@@ -304,7 +338,7 @@ fn piece_figures(f: &Fixture, counts: &Counts) {
             ));
         }
     })
-    .print("CacheKey::new(\"/app\", no query)");
+    .print_piece("CacheKey::new(\"/app\", no query)");
     PerCall::measure(n, || {
         for _ in 0..n {
             black_box(CacheKey::new(
@@ -314,20 +348,20 @@ fn piece_figures(f: &Fixture, counts: &Counts) {
             ));
         }
     })
-    .print("CacheKey::new(\"/app\", 2-pair query)");
+    .print_piece("CacheKey::new(\"/app\", 2-pair query)");
     let credentials = Credentials::new(&f.config.clients);
     PerCall::measure(n, || {
         for _ in 0..n {
             black_box(credentials.lookup(black_box(token().as_bytes())));
         }
     })
-    .print("Credentials::lookup (known token)");
+    .print_piece("Credentials::lookup (known token)");
     PerCall::measure(n, || {
         for _ in 0..n {
             black_box(request());
         }
     })
-    .print("building the request (in the hit figures)");
+    .print_piece("building the request (in the hit rows)");
 }
 
 fn criterion_benches(c: &mut Criterion, f: &Fixture) {
@@ -366,9 +400,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     let counts = Counts::new(full);
 
     let fixture = Fixture::start(RATE_LIMIT_ON)?;
+    let unlimited = Fixture::start(RATE_LIMIT_OFF)?;
 
-    println!("-- allocations per call and requests/s (one task, current-thread runtime)");
-    service_figures(&fixture, &counts, "(no log subscriber)");
+    println!();
+    println!(
+        "GatewayService, cache hits of GET /app, one after another on a current-thread runtime\n\
+         (allocations over {} hits, rates over {}):",
+        counts.alloc_hits, counts.rate_hits
+    );
+    println!("{:<36} {TABLE_HEAD}", "config");
+    service_figures(&fixture, &counts, "rate limiter on, no log subscriber");
     // The access log as `telemetry::init` sets it up (info, pretty format),
     // written to a sink: the formatting is measured, the write(2) is not.
     let subscriber = tracing_subscriber::fmt()
@@ -377,11 +418,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         .with_writer(std::io::sink)
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        service_figures(&fixture, &counts, "(access log to a sink)");
+        service_figures(&fixture, &counts, "rate limiter on, access log (sink)");
     });
-    let unlimited = Fixture::start(RATE_LIMIT_OFF)?;
-    service_figures(&unlimited, &counts, "([rate_limit] enabled = false)");
+    service_figures(&unlimited, &counts, "[rate_limit] enabled = false");
     unlimited.mock.shutdown();
+    println!();
+    println!(
+        "Pieces of the hit path, per call (over {} calls):",
+        counts.piece_calls
+    );
+    println!("{:<40} allocs  reallocs    bytes", "piece");
     piece_figures(&fixture, &counts);
     println!();
 

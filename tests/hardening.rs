@@ -1,6 +1,7 @@
 //! Hardening against hostile clients: malformed and ambiguous HTTP/1 framing
 //! over raw sockets, request targets and upgrades a reverse proxy must not
-//! act on, a slow-header client, and h2 streams cancelled in bursts.
+//! act on, a slow-header client, h2 streams cancelled in bursts, and a
+//! (hostile or buggy) upstream's out-of-range cache directives.
 //!
 //! Every refusal case checks the same four things: a 4xx answer (never 2xx,
 //! never 5xx), the connection closed afterwards where the framing was
