@@ -661,3 +661,58 @@ async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
     })
     .await;
 }
+
+/// A minimal upstream that answers every request with `status` and the JSON
+/// `body` (and `connection: close`); returns its base URL.
+async fn canned_upstream(status: u16, body: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let res = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(res.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A finished job whose signed result URL claims an absurd lifetime
+/// (`X-Amz-Expires` near `u64::MAX`): the job route reads every signed URL
+/// of a terminal job to bound its cache entry, and must not break on it.
+#[tokio::test]
+async fn absurd_signed_url_expiry_in_a_job_body_does_not_break_the_gateway() {
+    with_timeout(async {
+        const JOB: &str = r#"{"data":{"id":"j","status":"COMPLETED","output":{"url":"https://b.s3.amazonaws.com/o.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20250615T120000Z&X-Amz-Expires=18446744073709551615&X-Amz-Signature=ab"}}}"#;
+        let upstream = canned_upstream(200, JOB).await;
+        let text = config_toml(&upstream, "", "");
+        let config = rungen_gateway::config::Config::from_toml(std::path::Path::new("test.toml"), &text)
+            .unwrap();
+        let gateway = rungen_gateway::server::start(config).await.unwrap();
+        let addr = gateway.local_addr();
+        let mut failures = Vec::new();
+        for attempt in ["first", "second"] {
+            match try_get(addr, "/app/a/job/j").await {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => failures.push(format!("{attempt}: {} {}", r.status, r.head)),
+                Err(e) => failures.push(format!("{attempt}: {e}")),
+            }
+        }
+        gateway.stop().await;
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    })
+    .await;
+}

@@ -447,7 +447,9 @@ pub fn signed_url_expiry(url: &str) -> Option<SystemTime> {
             expires = v.parse::<u64>().ok();
         }
     }
-    Some(date? + Duration::from_secs(expires?))
+    // Capped and checked: an absurd X-Amz-Expires must not overflow (SigV4
+    // allows at most 7 days anyway).
+    date?.checked_add(Duration::from_secs(expires?.min(MAX_DIRECTIVE_SECS)))
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) to a time.
