@@ -450,16 +450,14 @@ async fn a_jwks_url_is_fetched_and_refreshed() {
                 .status
         }
     };
-    let wait_for = |want: StatusCode, t: String| {
-        async move {
-            for _ in 0..100 {
-                if status(t.clone()).await == want {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let wait_for = |want: StatusCode, t: String| async move {
+        for _ in 0..100 {
+            if status(t.clone()).await == want {
+                return;
             }
-            panic!("never got {want}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        panic!("never got {want}");
     };
     wait_for(StatusCode::OK, es256("u1", &k1, sso.clone())).await;
     assert_eq!(
