@@ -72,6 +72,14 @@ fn refusal(state: &State, req: &Request<Body>) -> Option<Response<Body>> {
 async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if method == Method::GET
+        && matches!(path.as_str(), "/metrics" | "/config")
+        && state.config().admin.protect_reads
+    {
+        if let Some(res) = refusal(&state, &req) {
+            return res;
+        }
+    }
     match (method, path.as_str()) {
         (Method::GET | Method::HEAD, "/healthz") => {
             json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
@@ -85,13 +93,6 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
                     serde_json::json!({ "status": "ready", "generation": state.generation() }),
                 )
             }
-        }
-        (Method::GET, "/metrics" | "/config")
-            if state.config().admin.protect_reads && refusal(&state, &req).is_some() =>
-        {
-            refusal(&state, &req).unwrap_or_else(|| {
-                error(StatusCode::UNAUTHORIZED, "missing or invalid admin token")
-            })
         }
         (Method::GET, "/metrics") => {
             let cache = state.cache();

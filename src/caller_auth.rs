@@ -10,8 +10,7 @@
 use crate::config::{Client, Team};
 use crate::error::{Body, GatewayError, error_response};
 use crate::jwt::{Verifiers, looks_like_jwt};
-use crate::listener::PeerAddr;
-use crate::rate_limit::{Limits, client_ip};
+use crate::rate_limit::Limits;
 use crate::secret::token_digest;
 use crate::tls::ClientCertIdentity;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -173,18 +172,6 @@ pub struct CallerAuth<S> {
     limits: Arc<Limits>,
 }
 
-impl<S> CallerAuth<S> {
-    fn unauthenticated_ip(&self, req: &Request<Body>) -> Option<std::net::IpAddr> {
-        let peer = req.extensions().get::<PeerAddr>()?.0.ip();
-        let settings = self.limits.settings();
-        Some(client_ip(
-            peer,
-            req.headers().get("x-forwarded-for"),
-            &settings.trusted_proxies,
-        ))
-    }
-}
-
 impl<S> tower::Service<Request<Body>> for CallerAuth<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
@@ -250,7 +237,7 @@ where
                     .boxed();
             }
             // Failed authentication spends the source IP's budget, never a client's.
-            let err = match self.unauthenticated_ip(&req) {
+            let err = match self.limits.source_ip(&req) {
                 Some(ip) => match self.limits.check_unauthenticated(ip) {
                     Ok(()) => GatewayError::Unauthenticated,
                     Err(wait) => GatewayError::RateLimited {

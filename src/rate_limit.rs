@@ -342,6 +342,16 @@ impl Limits {
         }
     }
 
+    /// The source IP of a request (see [`client_ip`]), if it came over a socket.
+    pub fn source_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        let peer = req.extensions().get::<PeerAddr>()?.0.ip();
+        Some(client_ip(
+            peer,
+            req.headers().get("x-forwarded-for"),
+            &self.settings().trusted_proxies,
+        ))
+    }
+
     /// Drops per-IP state that has fully refilled (bounded memory under a flood of IPs).
     pub fn prune(&self) {
         let l = read(&self.unauthenticated).clone();
@@ -540,13 +550,7 @@ where
         // A public client is limited per source IP as well as in total; the
         // tighter of the two is what the headers describe.
         if caller.client.public {
-            if let Some(peer) = req.extensions().get::<PeerAddr>() {
-                let settings = self.limits.settings();
-                let ip = client_ip(
-                    peer.0.ip(),
-                    req.headers().get("x-forwarded-for"),
-                    &settings.trusted_proxies,
-                );
+            if let Some(ip) = self.limits.source_ip(&req) {
                 let (ip_quota, ip_decision) = self.limits.check_public_ip(&client, ip);
                 let tighter = match (decision, ip_decision) {
                     (Decision::Allowed { .. }, Decision::Limited { .. }) => true,

@@ -121,7 +121,12 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
     assert!(text.contains("rungen_gateway_cache_entries"));
     assert!(text.contains("rungen_gateway_config_generation"));
     // No raw ids in labels: only route templates.
-    assert!(!text.contains("route=\"/app/") || text.contains("route=\"/app/{id}"));
+    for line in text.lines().filter(|l| l.contains("route=\"/app/")) {
+        assert!(
+            line.contains("route=\"/app/{id}") || line.contains("route=\"/app/*"),
+            "raw path in a label: {line}"
+        );
+    }
     for canary in [
         UPSTREAM_KEY,
         WRONG_UPSTREAM_KEY,

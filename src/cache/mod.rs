@@ -442,10 +442,6 @@ fn is_upstream_error(status: StatusCode) -> bool {
     status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
-fn retry_after(headers: &HeaderMap, now_wall: std::time::SystemTime) -> Option<Duration> {
-    crate::error::parse_retry_after(headers, now_wall)
-}
-
 /// Calls the inner service. A plain function returning a boxed future: inside
 /// async blocks, rustc cannot prove `Send` for the `Oneshot` of a service whose
 /// request type contains a `dyn Error` (the witness loses its lifetime).
@@ -517,7 +513,7 @@ impl Fill {
         let wall = cache.clock.wall();
 
         if status == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(wait) = retry_after(res.headers(), wall) {
+            if let Some(wait) = crate::error::parse_retry_after(res.headers(), wall) {
                 cache.set_backoff(&key.scope, now + wait);
             }
         }
@@ -759,7 +755,7 @@ impl CacheService {
             }
             if !client_revalidate && entry.within_stale_while_revalidate(now) {
                 // Refresh once in the background (joins a refresh already in the air).
-                let (parts, _) = clone_parts(&req);
+                let parts = clone_parts(&req);
                 let _ = self.flight(Fill {
                     inner: self.inner.clone(),
                     cache: cache.clone(),
@@ -785,7 +781,7 @@ impl CacheService {
             // except for job results, whose signed URLs may have expired.
             e.usable(now) || !matches!(route, Route::Job { .. })
         });
-        let (parts, _) = clone_parts(&req);
+        let parts = clone_parts(&req);
         let (flight, led) = self.flight(Fill {
             inner: self.inner.clone(),
             cache: cache.clone(),
@@ -935,7 +931,7 @@ fn count(route: &str, scope: &Arc<str>, outcome: &'static str) {
 }
 
 /// A copy of a request's head (method, URI, headers, extensions).
-fn clone_parts(req: &Request<Body>) -> (http::request::Parts, ()) {
+fn clone_parts(req: &Request<Body>) -> http::request::Parts {
     let mut builder = Request::builder()
         .method(req.method().clone())
         .uri(req.uri().clone())
@@ -946,11 +942,11 @@ fn clone_parts(req: &Request<Body>) -> (http::request::Parts, ()) {
     if let Some(ext) = builder.extensions_mut() {
         *ext = req.extensions().clone();
     }
-    let (parts, ()) = builder
+    builder
         .body(())
         .unwrap_or_else(|_| Request::new(()))
-        .into_parts();
-    (parts, ())
+        .into_parts()
+        .0
 }
 
 impl tower::Service<Request<Body>> for CacheService {
