@@ -37,16 +37,36 @@ pub fn valid_traceparent(v: &[u8]) -> bool {
 
 fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
     let id = request_id.as_bytes();
-    let trace_id =
-        if id.len() == 32 && valid_traceparent(&[b"00-", id, b"-0000000000000001-01"].concat()) {
-            String::from_utf8_lossy(id).into_owned()
-        } else {
-            format!("{:032x}", rand::Rng::random::<u128>(&mut rand::rng()) | 1)
-        };
-    let parent = format!("{:016x}", rand::Rng::random::<u64>(&mut rand::rng()) | 1);
-    HeaderValue::from_str(&format!("00-{trace_id}-{parent}-01")).unwrap_or(
-        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-    )
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let ours = id.len() == 32
+        && id
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        && id.iter().any(|c| *c != b'0');
+    if ours {
+        out[3..35].copy_from_slice(id);
+    } else {
+        hex_into(
+            &mut out[3..35],
+            rand::Rng::random::<u128>(&mut rand::rng()) | 1,
+        );
+    }
+    hex_into(
+        &mut out[36..52],
+        u128::from(rand::Rng::random::<u64>(&mut rand::rng()) | 1),
+    );
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ))
+}
+
+/// Writes the low `out.len()` hex digits of `v` (lower case) into `out`.
+fn hex_into(out: &mut [u8], mut v: u128) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level.
@@ -116,11 +136,12 @@ fn valid_request_id(v: &HeaderValue) -> bool {
 }
 
 /// 32 lower-case hex digits from the thread-local CSPRNG (no syscall per
-/// request, unlike `getrandom`-backed UUIDs).
+/// request, unlike `getrandom`-backed UUIDs; no formatting machinery).
 fn new_request_id() -> HeaderValue {
     use rand::Rng;
-    let id: u128 = rand::rng().random::<u128>() | 1;
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"))
+    let mut out = [0u8; 32];
+    hex_into(&mut out, rand::rng().random::<u128>() | 1);
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -169,15 +190,19 @@ where
                 new_traceparent(&request_id)
             }
         };
-        let trace_id = String::from_utf8_lossy(&traceparent.as_bytes()[3..35]).into_owned();
+        let mut trace_id = [0u8; 32];
+        trace_id.copy_from_slice(&traceparent.as_bytes()[3..35]);
         req.headers_mut().insert(TRACEPARENT, traceparent);
         let method = req.method().clone();
-        metrics::gauge!("rungen_gateway_in_flight_requests").increment(1.0);
-        // The path only: query strings are not logged.
-        let path = req.uri().path().to_owned();
+        // The path only (query strings are not logged), and only when the
+        // access log is on: a hit should not pay for a line nobody writes.
+        let path = tracing::enabled!(target: "rungen_gateway::access", tracing::Level::INFO)
+            .then(|| req.uri().path().to_owned());
+        let in_flight = in_flight_gauge();
+        in_flight.increment(1.0);
         let fut = self.inner.call(req);
         fut.map(move |res| {
-            metrics::gauge!("rungen_gateway_in_flight_requests").decrement(1.0);
+            in_flight.decrement(1.0);
             let mut res = res?;
             res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
             let ext = res.extensions();
@@ -188,47 +213,51 @@ where
                 .map_or("-", |s| s.name.as_str());
             let route = ext.get::<Route>().map_or("-", |r| r.as_str());
             let error = ext.get::<ErrorKind>();
-            let upstream = ext.get::<UpstreamInfo>();
             let cache = ext.get::<CacheLog>().map_or("-", |c| c.0);
-            let rate_limit = ext
-                .get::<crate::rate_limit::RateLimitLog>()
-                .map_or("-", |r| r.0);
-            tracing::info!(
-                target: "rungen_gateway::access",
-                request_id = %request_id.to_str().unwrap_or("-"),
-                trace_id = %trace_id,
-                method = %method,
-                path = %path,
-                route,
-                status = res.status().as_u16(),
-                client,
-                scope,
-                cache,
-                rate_limit,
-                error = error.map_or("-", |e| e.kind),
-                error_source = error.map_or("-", |e| e.source.as_str()),
-                upstream_status = upstream.map_or(0, |u| u.status),
-                upstream_ms = upstream.map_or(0.0, |u| u.latency.as_secs_f64() * 1000.0),
-                latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
             let status = res.status().as_u16();
-            metrics::counter!(
+            if let Some(path) = &path {
+                let upstream = ext.get::<UpstreamInfo>();
+                let rate_limit = ext
+                    .get::<crate::rate_limit::RateLimitLog>()
+                    .map_or("-", |r| r.0);
+                tracing::info!(
+                    target: "rungen_gateway::access",
+                    request_id = %request_id.to_str().unwrap_or("-"),
+                    trace_id = %std::str::from_utf8(&trace_id).unwrap_or("-"),
+                    method = %method,
+                    path = %path,
+                    route,
+                    status,
+                    client,
+                    scope,
+                    cache,
+                    rate_limit,
+                    error = error.map_or("-", |e| e.kind),
+                    error_source = error.map_or("-", |e| e.source.as_str()),
+                    upstream_status = upstream.map_or(0, |u| u.status),
+                    upstream_ms = upstream.map_or(0.0, |u| u.latency.as_secs_f64() * 1000.0),
+                    latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "request"
+                );
+            }
+            let method = method.as_str();
+            with_counter(
                 "rungen_gateway_requests_total",
-                "route" => route.to_string(),
-                "method" => method.as_str().to_string(),
-                "status_class" => status_class(status),
-                "client" => client.to_string(),
-                "scope" => scope.to_string(),
-                "cache" => cache,
-            )
-            .increment(1);
-            metrics::histogram!(
+                &[
+                    ("route", route),
+                    ("method", method),
+                    ("status_class", status_class(status)),
+                    ("client", client),
+                    ("scope", scope),
+                    ("cache", cache),
+                ],
+                |c| c.increment(1),
+            );
+            with_histogram(
                 "rungen_gateway_request_duration_seconds",
-                "route" => route.to_string(),
-                "method" => method.as_str().to_string(),
-            )
-            .record(started.elapsed().as_secs_f64());
+                &[("route", route), ("method", method)],
+                |h| h.record(started.elapsed().as_secs_f64()),
+            );
             if let Some(e) = error {
                 metrics::counter!(
                     "rungen_gateway_errors_total",
@@ -242,6 +271,120 @@ where
         })
         .boxed()
     }
+}
+
+/// `rungen_gateway_in_flight_requests`, resolved once (after the recorder is installed).
+fn in_flight_gauge() -> &'static metrics::Gauge {
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    GAUGE.get_or_init(|| {
+        metrics();
+        metrics::gauge!("rungen_gateway_in_flight_requests")
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Metric handles for label sets seen before.
+//
+// `metrics::counter!(name, labels...)` allocates the label strings, sorts
+// them, hashes the key and looks it up in the registry on every call: about
+// 5,000 instructions per request on the cache-hit path (callgrind). The hot
+// path instead keeps, per thread, the handle of every (metric, label values)
+// it has used, found by a hash of the borrowed values and confirmed by
+// comparing them, so a repeat costs a hash and an atomic add. Label values
+// here come from the config and from fixed sets (route templates, methods,
+// outcomes), so the memo is small; it is cleared if it ever grows past
+// `MEMO_MAX` (the registry keeps every series either way).
+
+const MEMO_MAX: usize = 4096;
+
+struct Memo<H> {
+    name: &'static str,
+    labels: Box<[(&'static str, Box<str>)]>,
+    handle: H,
+}
+
+type MemoMap<H> = std::collections::HashMap<u64, Vec<Memo<H>>, foldhash::fast::FixedState>;
+
+thread_local! {
+    static COUNTERS: std::cell::RefCell<MemoMap<metrics::Counter>> = Default::default();
+    static HISTOGRAMS: std::cell::RefCell<MemoMap<metrics::Histogram>> = Default::default();
+}
+
+fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::fast::FixedState::default().build_hasher();
+    name.hash(&mut h);
+    for (k, v) in labels {
+        k.hash(&mut h);
+        v.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn with_memo<H>(
+    map: &'static std::thread::LocalKey<std::cell::RefCell<MemoMap<H>>>,
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    register: impl FnOnce(Vec<metrics::Label>) -> H,
+    f: impl FnOnce(&H),
+) {
+    let hash = memo_hash(name, labels);
+    map.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(found) = m.get(&hash).and_then(|bucket| {
+            bucket.iter().find(|e| {
+                e.name == name
+                    && e.labels.len() == labels.len()
+                    && e.labels
+                        .iter()
+                        .zip(labels)
+                        .all(|((k1, v1), (k2, v2))| k1 == k2 && **v1 == **v2)
+            })
+        }) {
+            return f(&found.handle);
+        }
+        if m.len() >= MEMO_MAX {
+            m.clear();
+        }
+        // A handle taken before the recorder exists would be a no-op forever.
+        metrics();
+        let handle = register(
+            labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+                .collect(),
+        );
+        f(&handle);
+        m.entry(hash).or_default().push(Memo {
+            name,
+            labels: labels.iter().map(|(k, v)| (*k, Box::from(*v))).collect(),
+            handle,
+        });
+    })
+}
+
+/// `metrics::counter!(name, labels)`, memoised per thread (see above).
+pub fn with_counter(
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    f: impl FnOnce(&metrics::Counter),
+) {
+    with_memo(&COUNTERS, name, labels, |l| metrics::counter!(name, l), f)
+}
+
+/// `metrics::histogram!(name, labels)`, memoised per thread (see above).
+pub fn with_histogram(
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    f: impl FnOnce(&metrics::Histogram),
+) {
+    with_memo(
+        &HISTOGRAMS,
+        name,
+        labels,
+        |l| metrics::histogram!(name, l),
+        f,
+    )
 }
 
 #[cfg(test)]

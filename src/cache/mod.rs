@@ -104,6 +104,8 @@ pub struct Cache {
     policies: arc_swap::ArcSwap<(bool, CachePolicies)>,
     entries: Entries,
     vary: VaryIndex,
+    /// Set once any response has varied: until then a lookup skips the index.
+    any_vary: std::sync::atomic::AtomicBool,
     flights: Mutex<HashMap<CacheKey, Flight>>,
     /// Bumped by every invalidation: a fill that raced a write is not stored.
     epoch: AtomicU64,
@@ -140,6 +142,7 @@ impl Cache {
             )),
             entries: store::build_entries(settings.max_bytes),
             vary: store::build_vary_index(),
+            any_vary: std::sync::atomic::AtomicBool::new(false),
             settings,
             flights: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
@@ -169,8 +172,8 @@ impl Cache {
 
     /// Runs moka's pending maintenance (counts become exact).
     pub async fn sync(&self) {
-        self.entries.run_pending_tasks().await;
-        self.vary.run_pending_tasks().await;
+        self.entries.run_pending_tasks();
+        self.vary.run_pending_tasks();
     }
 
     /// Drops entries of `scopes` whose path matches, then bumps the epoch.
@@ -319,6 +322,8 @@ type ScopeGroups = HashMap<Arc<str>, Arc<[Arc<str>]>>;
 #[derive(Clone)]
 pub struct CacheLayer {
     cache: Arc<Cache>,
+    /// Each scope's name as the `Arc<str>` cache keys hold (no allocation per request).
+    scope_names: Arc<HashMap<String, Arc<str>>>,
     /// Scope name -> every scope name that shares its upstream team (for
     /// invalidation: a team app changed through one key is stale under all).
     scope_groups: Arc<ScopeGroups>,
@@ -335,10 +340,22 @@ impl CacheLayer {
                 .collect();
             groups.insert(Arc::from(t.name.as_str()), Arc::from(members));
         }
+        let scope_names = teams
+            .iter()
+            .map(|t| (t.name.clone(), Arc::from(t.name.as_str())))
+            .collect();
         Self {
             cache,
+            scope_names: Arc::new(scope_names),
             scope_groups: Arc::new(groups),
         }
+    }
+
+    fn scope_name(&self, name: &str) -> Arc<str> {
+        self.scope_names
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(name))
     }
 }
 
@@ -549,7 +566,7 @@ impl Fill {
                         stale.vary.clone(),
                     ));
                     if cache.epoch.load(Ordering::SeqCst) == epoch {
-                        cache.entries.insert(key.clone(), entry.clone()).await;
+                        cache.entries.insert(key.clone(), entry.clone());
                     }
                     return FetchResult::Stored {
                         entry,
@@ -633,14 +650,14 @@ impl Fill {
                 }
                 let base = key.with_variant(0);
                 if names.is_empty() {
-                    cache.vary.invalidate(&base).await;
+                    cache.vary.invalidate(&base);
                 } else {
-                    cache.vary.insert(base.clone(), Arc::from(names)).await;
+                    cache.any_vary.store(true, Ordering::SeqCst);
+                    cache.vary.insert(base.clone(), Arc::from(names));
                 }
                 cache
                     .entries
-                    .insert(base.with_variant(variant), entry.clone())
-                    .await;
+                    .insert(base.with_variant(variant), entry.clone());
                 metrics::counter!("rungen_gateway_cache_stores_total", "route" => route.as_str().to_string(), "scope" => key.scope.to_string()).increment(1);
                 FetchResult::Stored {
                     entry,
@@ -711,38 +728,40 @@ impl CacheService {
         (flight, true)
     }
 
+    /// The key of a request: scope, path, normalised query and, when the
+    /// upstream varies on request headers, the request's variant.
+    fn key_for(&self, scope: &Arc<str>, req: &Request<Body>) -> CacheKey {
+        let base = CacheKey::new(scope, req.uri().path(), req.uri().query());
+        let cache = &self.layer.cache;
+        if !cache.any_vary.load(Ordering::SeqCst) {
+            return base;
+        }
+        match cache.vary.get(&base) {
+            Some(names) => base.with_variant(key::variant(&names, req.headers())),
+            None => base,
+        }
+    }
+
+    /// A cacheable read: `entry` is what the store holds for `key` (looked up
+    /// by `call`, which answered fresh hits without coming here).
+    #[allow(clippy::too_many_arguments)]
     async fn handle(
         self,
         req: Request<Body>,
         route: Route,
         policy: RoutePolicy,
         scope: Arc<str>,
+        key: CacheKey,
+        entry: Option<Arc<CachedResponse>>,
+        client_revalidate: bool,
     ) -> Result<Response<Body>, GatewayError> {
         let cache = self.layer.cache.clone();
         let now = cache.clock.now();
         let method = req.method().clone();
-        let base = CacheKey::new(&scope, req.uri().path(), req.uri().query());
-        let key = match cache.vary.get(&base).await {
-            Some(names) => base.with_variant(key::variant(&names, req.headers())),
-            None => base,
-        };
         let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
-        let client_revalidate =
-            policy.allow_client_revalidate && policy::client_wants_revalidation(req.headers());
-        let entry = cache.entries.get(&key).await;
         let route_label = route.as_str().to_string();
 
         if let Some(entry) = &entry {
-            if !client_revalidate && entry.is_fresh(now) {
-                count(&route_label, &scope, "hit");
-                return Ok(from_entry(
-                    entry,
-                    &method,
-                    if_none_match.as_ref(),
-                    now,
-                    CacheStatus::Hit,
-                ));
-            }
             if !client_revalidate && entry.usable(now) && cache.in_backoff(&scope, now) {
                 count(&route_label, &scope, "stale-backoff");
                 return Ok(from_entry(
@@ -920,14 +939,12 @@ impl CacheService {
     }
 }
 
-fn count(route: &str, scope: &Arc<str>, outcome: &'static str) {
-    metrics::counter!(
+fn count(route: &str, scope: &str, outcome: &'static str) {
+    crate::telemetry::with_counter(
         "rungen_gateway_cache_requests_total",
-        "route" => route.to_string(),
-        "scope" => scope.to_string(),
-        "outcome" => outcome
-    )
-    .increment(1);
+        &[("route", route), ("scope", scope), ("outcome", outcome)],
+        |c| c.increment(1),
+    );
 }
 
 /// A copy of a request's head (method, URI, headers, extensions).
@@ -965,7 +982,7 @@ impl tower::Service<Request<Body>> for CacheService {
         ) else {
             return self.inner.call(req).boxed();
         };
-        let scope: Arc<str> = Arc::from(caller.scope.name.as_str());
+        let scope = self.layer.scope_name(&caller.scope.name);
         let current = self.layer.cache.policies.load();
         let policy = if current.0 {
             current.1.for_route(&route).cloned()
@@ -978,13 +995,35 @@ impl tower::Service<Request<Body>> for CacheService {
             .map(|_| policy::request_cacheable(req.method(), req.headers()));
         match (policy, cacheable) {
             (Some(policy), Some(Ok(()))) => {
+                let cache = &self.layer.cache;
+                let key = self.key_for(&scope, &req);
+                let client_revalidate = policy.allow_client_revalidate
+                    && policy::client_wants_revalidation(req.headers());
+                let entry = cache.entries.get(&key);
+                // The hot path: a fresh hit is answered here, without a task,
+                // a clone of the services behind, or an async state machine.
+                if let Some(e) = entry.as_ref().filter(|_| !client_revalidate) {
+                    let now = cache.clock.now();
+                    if e.is_fresh(now) {
+                        count(route.as_str(), &scope, "hit");
+                        let res = from_entry(
+                            e,
+                            req.method(),
+                            req.headers().get(header::IF_NONE_MATCH),
+                            now,
+                            CacheStatus::Hit,
+                        );
+                        return std::future::ready(Ok(res)).boxed();
+                    }
+                }
                 let this = self.clone();
                 // The clone in `self` was ready; swap so the ready one is used.
                 let this = CacheService {
                     inner: std::mem::replace(&mut self.inner, this.inner),
                     layer: this.layer,
                 };
-                this.handle(req, route, policy, scope).boxed()
+                this.handle(req, route, policy, scope, key, entry, client_revalidate)
+                    .boxed()
             }
             (policy, reason) => {
                 let unsafe_method =

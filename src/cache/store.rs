@@ -1,4 +1,5 @@
-//! The moka store: entries ready to send, bounded by bytes (weigher +
+//! The moka store (the synchronous flavour: a lookup never waits, so the
+//! hit path needs no future of its own): entries ready to send, bounded by bytes (weigher +
 //! `max_capacity`), each expiring after its own lifetime (`Expiry`), plus the
 //! index of which paths vary on which request headers.
 
@@ -180,11 +181,11 @@ fn keep_for(value: &CachedResponse) -> Duration {
     }
 }
 
-pub type Entries = moka::future::Cache<CacheKey, Arc<CachedResponse>>;
+pub type Entries = moka::sync::Cache<CacheKey, Arc<CachedResponse>>;
 
 /// Builds the bounded entry store.
 pub fn build_entries(max_bytes: u64) -> Entries {
-    moka::future::Cache::builder()
+    moka::sync::Cache::builder()
         .name("rungen-gateway-responses")
         .max_capacity(max_bytes)
         .weigher(|k: &CacheKey, v: &Arc<CachedResponse>| {
@@ -201,10 +202,10 @@ pub fn build_entries(max_bytes: u64) -> Entries {
 }
 
 /// Which base keys vary on which request headers (absent: they do not vary).
-pub type VaryIndex = moka::future::Cache<CacheKey, Arc<[HeaderName]>>;
+pub type VaryIndex = moka::sync::Cache<CacheKey, Arc<[HeaderName]>>;
 
 pub fn build_vary_index() -> VaryIndex {
-    moka::future::Cache::builder()
+    moka::sync::Cache::builder()
         .max_capacity(100_000)
         .time_to_idle(Duration::from_secs(3600))
         .support_invalidation_closures()
