@@ -570,7 +570,9 @@ mod defaults {
         16 * 1024
     }
     pub fn max_headers() -> usize {
-        64
+        // hyper's own default: any other value makes hyper build (and fill) a
+        // header index of that size for every request it parses.
+        100
     }
     pub fn max_uri_bytes() -> usize {
         4096

@@ -31,6 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+/// hyper's default (and inline) limit on request header fields.
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// The per-connection protocol settings, from `[server]`.
 fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -39,8 +42,12 @@ fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
         .max_buf_size(cfg.max_header_bytes)
-        .max_headers(cfg.max_headers)
         .keep_alive(true);
+    // hyper parses into a fixed inline index of 100 headers; any explicit
+    // limit (even 100) makes it allocate and fill one of that size per parse.
+    if cfg.max_headers != HYPER_MAX_HEADERS {
+        builder.http1().max_headers(cfg.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
