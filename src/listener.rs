@@ -1,6 +1,7 @@
 //! Accept loop: binds, accepts, serves HTTP/1.1 and HTTP/2 (h2c prior
 //! knowledge) with hyper-util's auto builder, bounds connections and header
-//! reads, and drains in-flight requests on shutdown up to a deadline.
+//! reads, closes idle connections, and drains in-flight requests on shutdown
+//! up to a deadline.
 //! It never looks at requests: it hands each one to the current gateway
 //! service (swappable, so a config reload applies to the next request).
 
@@ -16,7 +17,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,10 +24,12 @@ use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 /// The per-connection protocol settings, from `[server]`.
@@ -63,7 +65,9 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let builder = Arc::new(connection_builder(&cfg));
-    let graceful = GracefulShutdown::new();
+    // Shutdown: a change on this channel tells every connection to finish
+    // gracefully; the drain is over when every connection dropped its receiver.
+    let (drain, _) = watch::channel(());
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let per_ip_counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
@@ -101,15 +105,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
-        let requests = Arc::new(RequestCounter {
-            served: AtomicU64::new(0),
-            limit: cfg.max_requests_per_connection,
-        });
+        let requests = Arc::new(RequestCounter::new(cfg.max_requests_per_connection));
         let service = service.clone();
         let builder = builder.clone();
-        let graceful_watcher = graceful.watcher();
+        let drain_rx = drain.subscribe();
         let tls = tls.clone();
         let handshake_timeout = cfg.header_read_timeout;
+        let idle_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
             match tls {
                 None => {
@@ -117,12 +119,10 @@ pub async fn serve(
                         service,
                         peer,
                         identity: None,
-                        requests,
+                        requests: requests.clone(),
                     };
-                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
-                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                        .await;
                 }
                 Some(acceptor) => {
                     let stream = match tokio::time::timeout(
@@ -161,12 +161,10 @@ pub async fn serve(
                         service,
                         peer,
                         identity,
-                        requests,
+                        requests: requests.clone(),
                     };
-                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
-                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                        .await;
                 }
             }
             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
@@ -177,11 +175,62 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
+    let _ = drain.send(());
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = drain.closed() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(cfg.shutdown_timeout) => {
             tracing::warn!(timeout = ?cfg.shutdown_timeout, "drain deadline reached; closing remaining connections");
         }
+    }
+}
+
+/// Serves one connection until it ends. It is asked to finish gracefully
+/// (HTTP/1.1: close once the current response is sent; HTTP/2: GOAWAY, then
+/// close once open streams are done) when the server drains, or when it has
+/// had no request in flight for `idle_timeout`. hyper's own timers do not
+/// cover every idle state: an HTTP/2 connection between requests, and a
+/// connection that has not yet sent enough bytes to tell its protocol (a
+/// silent client, a partial HTTP/2 preface), would otherwise hold their
+/// connection slots forever.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    adapter: HyperAdapter,
+    mut drain: watch::Receiver<()>,
+    requests: &RequestCounter,
+    idle_timeout: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = adapter.peer;
+    let conn = builder.serve_connection(TokioIo::new(io), adapter);
+    tokio::pin!(conn);
+    let mut finishing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = drain.changed(), if !finishing => {
+                conn.as_mut().graceful_shutdown();
+                requests.touch();
+                finishing = true;
+            }
+            _ = requests.idle_for(idle_timeout), if !finishing => {
+                tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
+                metrics::counter!("rungen_gateway_connections_idle_closed_total").increment(1);
+                conn.as_mut().graceful_shutdown();
+                requests.touch();
+                finishing = true;
+            }
+            // Asked to finish, yet still open and idle (an HTTP/2 peer that
+            // never acknowledges the GOAWAY's PING): drop it.
+            _ = requests.idle_for(idle_timeout), if finishing => {
+                tracing::debug!(%peer, "dropping a connection that did not finish");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
     }
 }
 
@@ -195,10 +244,101 @@ struct HyperAdapter {
     requests: Arc<RequestCounter>,
 }
 
-/// Requests served on one connection, and the most it may serve.
+/// Requests served on one connection, the most it may serve, and whether
+/// (and since when) it has been idle.
 struct RequestCounter {
     served: AtomicU64,
     limit: u64,
+    /// Requests whose response (body included) is not finished.
+    in_flight: AtomicUsize,
+    /// Last time a request started or a response finished.
+    last_active: Mutex<Instant>,
+}
+
+impl RequestCounter {
+    fn new(limit: u64) -> Self {
+        Self {
+            served: AtomicU64::new(0),
+            limit,
+            in_flight: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// Resolves once the connection has had no request in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let since = *self.last_active.lock().unwrap_or_else(|e| e.into_inner());
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                // Busy: look again later (a connection is closed at most two
+                // timeouts after its last response).
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let deadline = since + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// One request in flight on a connection, until its response body is done
+/// (or dropped).
+struct InFlight(Arc<RequestCounter>);
+
+impl InFlight {
+    fn start(counter: &Arc<RequestCounter>) -> Self {
+        counter.in_flight.fetch_add(1, Ordering::SeqCst);
+        counter.touch();
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it ends.
+    struct TrackedBody {
+        #[pin]
+        inner: Body,
+        guard: Option<InFlight>,
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            this.guard.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Holds one of a source IP's connection slots.
@@ -254,18 +394,24 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         let last = self.requests.limit > 0
             && served >= self.requests.limit
             && req.version() <= http::Version::HTTP_11;
+        let in_flight = InFlight::start(&self.requests);
         let fut = svc.oneshot(req);
-        if !last {
-            return Box::pin(fut);
-        }
-        // The connection's last request: hyper closes it after this response.
         Box::pin(async move {
             let mut res = fut.await?;
-            res.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            Ok(res)
+            if last {
+                // The connection's last request: hyper closes it after this response.
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(res.map(|inner| {
+                TrackedBody {
+                    inner,
+                    guard: Some(in_flight),
+                }
+                .boxed_unsync()
+            }))
         })
     }
 }

@@ -321,3 +321,143 @@ async fn idle_keep_alive_connection_is_closed_after_the_timeout() {
     })
     .await;
 }
+
+/// A connection that sends nothing, or only part of the HTTP/2 preface
+/// (so its protocol cannot be told yet), is closed after
+/// `header_read_timeout` instead of holding its slot forever.
+#[tokio::test]
+async fn silent_and_partial_preface_connections_are_closed() {
+    with_timeout(async {
+        let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
+        let silent = connect_from(LOCAL, h.addr).await;
+        let mut partial = connect_from(LOCAL, h.addr).await;
+        partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let started = Instant::now();
+        for (name, mut s) in [("silent", silent), ("partial preface", partial)] {
+            closed_within(&mut s, Duration::from_secs(4))
+                .await
+                .unwrap_or_else(|e| panic!("{name} connection: {e}"));
+        }
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_millis(800) && after < Duration::from_millis(3000),
+            "closed after {after:?} (header_read_timeout = 1s)"
+        );
+        h.stop().await;
+    })
+    .await;
+}
+
+/// An idle HTTP/2 connection gets GOAWAY and is closed after the idle
+/// timeout (a graceful end: the client's connection task finishes cleanly),
+/// while a request in flight for longer than twice that (a slow upstream) is
+/// neither cut nor ends its connection, on HTTP/2 or HTTP/1.1.
+#[tokio::test]
+async fn idle_h2_connection_is_closed_but_a_slow_request_is_not() {
+    with_timeout(async {
+        let h = Harness::start_with("header_read_timeout = \"600ms\"", "").await;
+        let get = |path: &str| {
+            http::Request::get(h.url(path))
+                .header("authorization", bearer(TOKEN_RW))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let s = connect_from(LOCAL, h.addr).await;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(s),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+
+        // Slower than two idle timeouts (but within the upstream's request
+        // timeout), in flight: answered, on both protocols.
+        h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+            latency_ms: 1500,
+            ..Default::default()
+        });
+        let addr = h.addr;
+        let slow_h1 = tokio::spawn(async move {
+            let mut s = connect_from(LOCAL, addr).await;
+            slow_h1_request(&mut s).await;
+            s
+        });
+        let r = send.send_request(get("/app")).await.unwrap();
+        assert_eq!(r.status(), 200, "a slow h2 request was cut");
+        drop(r);
+        let mut h1 = slow_h1.await.unwrap();
+        h.mock
+            .set_faults(rungen_gateway::mock_upstream::Faults::default());
+
+        // Both connections are still usable after their slow request.
+        let r = send.send_request(get("/app/after-slow")).await;
+        assert_eq!(
+            r.expect("the h2 connection was shut while a request was in flight")
+                .status(),
+            404
+        );
+        let idle_since = Instant::now();
+        assert_eq!(exchange(&mut h1).await.unwrap().status, 200);
+
+        let ended = tokio::time::timeout(Duration::from_secs(4), conn)
+            .await
+            .expect("the idle h2 connection was not closed");
+        assert!(
+            ended.unwrap().is_ok(),
+            "the h2 connection did not end gracefully"
+        );
+        let after = idle_since.elapsed();
+        assert!(
+            after >= Duration::from_millis(500),
+            "closed after {after:?}"
+        );
+        h.stop().await;
+    })
+    .await;
+}
+
+/// `GET /app` on HTTP/1.1 whose upstream is slower than the idle timeout.
+async fn slow_h1_request(s: &mut TcpStream) {
+    // A fresh cache key, so the request really waits for the slow upstream.
+    let req = format!(
+        "GET /app?slow=1 HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_reply(s, &mut buf, IO_TIMEOUT)
+        .await
+        .expect("a slow HTTP/1.1 request was cut");
+    assert_eq!(r.status, 200);
+    assert!(!r.connection_close());
+}
+
+/// An HTTP/2 peer that sends its preface and SETTINGS, then nothing (it
+/// never acknowledges the GOAWAY's PING either), is dropped too.
+#[tokio::test]
+async fn h2_peer_that_goes_silent_is_dropped() {
+    with_timeout(async {
+        let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
+        let mut s = connect_from(LOCAL, h.addr).await;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        // Frames (SETTINGS, GOAWAY, PING) may come; then the close.
+        let mut chunk = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+                Err(_) => panic!("the silent h2 peer was still connected after 5s"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(3500),
+            "{:?}",
+            started.elapsed()
+        );
+        h.stop().await;
+    })
+    .await;
+}
