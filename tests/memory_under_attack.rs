@@ -247,10 +247,11 @@ async fn status_from(from: IpAddr, addr: SocketAddr, request: &str) -> u16 {
         .expect("no answer")
 }
 
-/// Distinct source IPs, through a trusted proxy's `X-Forwarded-For` (4000)
-/// and as real 127.x.y.z peers (300): each gets per-IP limiter state, and
-/// the pruner drops all of it once the buckets refill, so the state held
-/// is what arrived within about one prune interval, not the whole flood.
+/// Distinct source IPs, through a trusted proxy's `X-Forwarded-For` (4000
+/// failing authentication, 1000 of a public browser client) and as real
+/// 127.x.y.z peers (300): each gets per-IP limiter state, and the pruner
+/// drops all of it once the buckets refill, so the state held is what
+/// arrived within about one prune interval, not the whole flood.
 #[tokio::test]
 async fn distinct_source_ips_are_pruned() {
     with_timeout(async {
@@ -259,6 +260,14 @@ async fn distinct_source_ips_are_pruned() {
 trusted_proxies = ["127.0.0.1/32"]
 unauthenticated = { per_second = 1000, burst = 1 }
 prune_interval = "300ms"
+
+[[clients]]
+name = "dashboard"
+public = true
+allowed_origins = ["https://page.example"]
+teams = ["acme"]
+rate_limit = { per_second = 100000, burst = 100000 }
+ip_rate_limit = { per_second = 1000, burst = 1 }
 "#;
         let h = Harness::start_full(
             "",
@@ -304,6 +313,40 @@ prune_interval = "300ms"
             limits.tracked_ips()
         );
 
+        // A public (tokenless, origin-matched) client: per (client, IP) state.
+        let client = TestClient::http1();
+        let url = h.url("/app");
+        let peak = Arc::new(AtomicUsize::new(0));
+        {
+            let limits = limits.clone();
+            let peak = peak.clone();
+            flood(1000, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                let limits = limits.clone();
+                let peak = peak.clone();
+                async move {
+                    let xff = format!("172.16.{}.{}", i >> 8, i & 255);
+                    let r = client
+                        .get(
+                            &url,
+                            &[("origin", "https://page.example"), ("x-forwarded-for", &xff)],
+                        )
+                        .await;
+                    assert_eq!(r.status, StatusCode::OK, "{xff}: {r:?}");
+                    peak.fetch_max(limits.tracked_ips(), Ordering::Relaxed);
+                }
+            })
+            .await;
+        }
+        let peak = peak.load(Ordering::Relaxed);
+        assert!(peak > 50, "the public flood created almost no state ({peak})");
+        assert!(
+            eventually(Duration::from_secs(3), || limits.tracked_ips() == 0).await,
+            "{} public-client entries still held after the flood",
+            limits.tracked_ips()
+        );
+
         // Real peers: one connection from each of 300 loopback addresses.
         let addr = h.addr;
         let request = "GET /app HTTP/1.1\r\nhost: g\r\nauthorization: Bearer bad\r\nconnection: close\r\n\r\n";
@@ -328,7 +371,10 @@ prune_interval = "300ms"
             gauge(&text, "rungen_gateway_rate_limit_tracked_ips"),
             Some(0.0)
         );
-        assert_eq!(h.mock.stats().total, 0);
+        // Failed authentications never go upstream; the public client's
+        // reads are cached (a refresh or two if the flood outlasts the TTL).
+        let upstream = h.mock.stats().total;
+        assert!((1..=5).contains(&upstream), "{upstream} upstream requests");
         h.stop().await;
     })
     .await;
