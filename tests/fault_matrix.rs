@@ -2,7 +2,8 @@
 //! GET hit, GET stale, write) with the caller's status, the number of
 //! requests that reached the upstream, the time the answer took, and what a
 //! request after the fault is cleared gets (nothing partial was stored: a
-//! read reaches the upstream again and gets the whole, correct body).
+//! read reaches the upstream again and gets the whole, correct body), and
+//! no connection to the upstream is left open beyond the idle pool.
 //!
 //! Each cell runs on its own gateway and mock (fresh cache, counters, retry
 //! budget and circuit state); each fault is its own `#[test]`, so rows run in
@@ -265,6 +266,29 @@ fn counted(h: &Harness, case: Case) -> u64 {
     }
 }
 
+/// Open client-side TCP connections to `port` on this host (ESTABLISHED or
+/// CLOSE_WAIT in /proc/net/tcp): the gateway's connections to the mock.
+/// `None` where /proc is not available.
+fn connections_to(port: u16) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = format!("{port:04X}");
+    Some(
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 3
+                    && fields[2].rsplit(':').next() == Some(port.as_str())
+                    && (fields[3] == "01" || fields[3] == "08")
+            })
+            .count(),
+    )
+}
+
+/// Idle pooled connections the gateway may keep to the mock after a cell.
+const POOLED: usize = 2;
+
 /// Runs one cell; returns a description of every mismatch.
 async fn run_cell(fault: Fault, case: Case) -> Vec<String> {
     let clock = ManualClock::new();
@@ -400,6 +424,21 @@ async fn run_cell(fault: Fault, case: Case) -> Vec<String> {
                 );
             }
         }
+    }
+    // Whatever the fault did, no connection to the upstream is held beyond
+    // the idle pool (a stalled body or a trickle must not pin one).
+    let port = h.mock.local_addr().port();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut open = connections_to(port);
+    while open.is_some_and(|n| n > POOLED) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = connections_to(port);
+    }
+    if let Some(n) = open.filter(|n| *n > POOLED) {
+        fail(
+            &mut errors,
+            format!("{n} connections to the upstream still open"),
+        );
     }
     h.stop().await;
     errors
