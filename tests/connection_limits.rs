@@ -303,7 +303,11 @@ async fn idle_keep_alive_connection_is_closed_after_the_timeout() {
             let t = Instant::now();
             let mut other = connect_from(OTHER_LOCAL, addr).await;
             assert_eq!(exchange(&mut other).await.unwrap().status, 200);
-            assert!(t.elapsed() < Duration::from_millis(500));
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "served after {:?}",
+                t.elapsed()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
