@@ -246,6 +246,8 @@ struct RawRateLimit {
     upstream_max_concurrent: Option<usize>,
     #[serde(default)]
     upstream_queue_timeout: Option<String>,
+    #[serde(default = "defaults::prune_interval")]
+    prune_interval: String,
 }
 
 impl Default for RawRateLimit {
@@ -260,6 +262,7 @@ impl Default for RawRateLimit {
             upstream_budget: None,
             upstream_max_concurrent: None,
             upstream_queue_timeout: None,
+            prune_interval: defaults::prune_interval(),
         }
     }
 }
@@ -532,6 +535,9 @@ mod defaults {
     }
     pub fn tls_reload_interval() -> String {
         "10s".into()
+    }
+    pub fn prune_interval() -> String {
+        "60s".into()
     }
     pub fn max_in_flight() -> usize {
         4096
@@ -1138,6 +1144,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut rate_limit = crate::rate_limit::RateLimitSettings {
         enabled: rl.enabled,
         max_in_flight: rl.max_in_flight,
+        prune_interval: parse_duration(&mut p, "rate_limit.prune_interval", &rl.prune_interval),
         ..Default::default()
     };
     if let Some(q) = &rl.default {

@@ -1,6 +1,7 @@
 //! Accept loop: binds, accepts, serves HTTP/1.1 and HTTP/2 (h2c prior
 //! knowledge) with hyper-util's auto builder, bounds connections and header
-//! reads, and drains in-flight requests on shutdown up to a deadline.
+//! reads, closes idle connections, and drains in-flight requests on shutdown
+//! up to a deadline.
 //! It never looks at requests: it hands each one to the current gateway
 //! service (swappable, so a config reload applies to the next request).
 
@@ -16,7 +17,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,11 +24,12 @@ use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 
 /// hyper's default (and inline) limit on request header fields.
@@ -71,7 +72,9 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let builder = Arc::new(connection_builder(&cfg));
-    let graceful = GracefulShutdown::new();
+    // Shutdown: a change on this channel tells every connection to finish
+    // gracefully; the drain is over when every connection dropped its receiver.
+    let (drain, _) = watch::channel(());
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let per_ip_counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
@@ -109,15 +112,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
-        let requests = Arc::new(RequestCounter {
-            served: AtomicU64::new(0),
-            limit: cfg.max_requests_per_connection,
-        });
+        let requests = Arc::new(RequestCounter::new(cfg.max_requests_per_connection));
         let service = service.clone();
         let builder = builder.clone();
-        let graceful_watcher = graceful.watcher();
+        let drain_rx = drain.subscribe();
         let tls = tls.clone();
         let handshake_timeout = cfg.header_read_timeout;
+        let idle_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
             match tls {
                 None => {
@@ -126,12 +127,10 @@ pub async fn serve(
                         local: Arc::default(),
                         peer,
                         identity: None,
-                        requests,
+                        requests: requests.clone(),
                     };
-                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
-                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                        .await;
                 }
                 Some(acceptor) => {
                     let stream = match tokio::time::timeout(
@@ -171,12 +170,10 @@ pub async fn serve(
                         local: Arc::default(),
                         peer,
                         identity,
-                        requests,
+                        requests: requests.clone(),
                     };
-                    let conn = builder.serve_connection(TokioIo::new(stream), adapter);
-                    if let Err(e) = graceful_watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                        .await;
                 }
             }
             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
@@ -187,11 +184,62 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
+    let _ = drain.send(());
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = drain.closed() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(cfg.shutdown_timeout) => {
             tracing::warn!(timeout = ?cfg.shutdown_timeout, "drain deadline reached; closing remaining connections");
         }
+    }
+}
+
+/// Serves one connection until it ends. It is asked to finish gracefully
+/// (HTTP/1.1: close once the current response is sent; HTTP/2: GOAWAY, then
+/// close once open streams are done) when the server drains, or when it has
+/// had no request in flight for `idle_timeout`. hyper's own timers do not
+/// cover every idle state: an HTTP/2 connection between requests, and a
+/// connection that has not yet sent enough bytes to tell its protocol (a
+/// silent client, a partial HTTP/2 preface), would otherwise hold their
+/// connection slots forever.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    adapter: HyperAdapter,
+    mut drain: watch::Receiver<()>,
+    requests: &RequestCounter,
+    idle_timeout: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = adapter.peer;
+    let conn = builder.serve_connection(TokioIo::new(io), adapter);
+    tokio::pin!(conn);
+    let mut finishing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = drain.changed(), if !finishing => {
+                conn.as_mut().graceful_shutdown();
+                requests.touch();
+                finishing = true;
+            }
+            _ = requests.idle_for(idle_timeout), if !finishing => {
+                tracing::debug!(%peer, ?idle_timeout, "closing an idle connection");
+                metrics::counter!("rungen_gateway_connections_idle_closed_total").increment(1);
+                conn.as_mut().graceful_shutdown();
+                requests.touch();
+                finishing = true;
+            }
+            // Asked to finish, yet still open and idle (an HTTP/2 peer that
+            // never acknowledges the GOAWAY's PING): drop it.
+            _ = requests.idle_for(idle_timeout), if finishing => {
+                tracing::debug!(%peer, "dropping a connection that did not finish");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
     }
 }
 
@@ -241,10 +289,99 @@ impl LocalService {
     }
 }
 
-/// Requests served on one connection, and the most it may serve.
+/// Requests served on one connection, the most it may serve, and whether
+/// (and since when) it has been idle.
 struct RequestCounter {
     served: AtomicU64,
     limit: u64,
+    /// Requests whose response (body included) is not finished.
+    in_flight: AtomicUsize,
+    /// Bumped when a request starts or a response finishes (no clock read
+    /// and no lock per request: the idle check compares two readings).
+    activity: AtomicU64,
+}
+
+impl RequestCounter {
+    fn new(limit: u64) -> Self {
+        Self {
+            served: AtomicU64::new(0),
+            limit,
+            in_flight: AtomicUsize::new(0),
+            activity: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection has had no request in flight, and no
+    /// request start or response end, for a whole `timeout` (so an idle
+    /// connection is noticed between one and two timeouts after it went quiet).
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let seen = self.activity.load(Ordering::SeqCst);
+            tokio::time::sleep(timeout).await;
+            if self.in_flight.load(Ordering::SeqCst) == 0
+                && self.activity.load(Ordering::SeqCst) == seen
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection, until its response body is done
+/// (or dropped).
+struct InFlight(Arc<RequestCounter>);
+
+impl InFlight {
+    fn start(counter: &Arc<RequestCounter>) -> Self {
+        counter.in_flight.fetch_add(1, Ordering::SeqCst);
+        counter.touch();
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it ends.
+    struct TrackedBody {
+        #[pin]
+        inner: Body,
+        guard: Option<InFlight>,
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            this.guard.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Holds one of a source IP's connection slots.
@@ -285,9 +422,9 @@ impl Drop for PerIpGuard {
 }
 
 impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
-    type Response = Response<Body>;
+    type Response = Response<TrackedBody>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = TrackedResponse;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let mut req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
@@ -299,19 +436,44 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
         let last = self.requests.limit > 0
             && served >= self.requests.limit
             && req.version() <= http::Version::HTTP_11;
+        let guard = InFlight::start(&self.requests);
         let fut = self.local.call(&self.service, req);
-        if !last {
-            return fut;
+        TrackedResponse {
+            inner: fut,
+            guard: Some(guard),
+            last,
         }
-        // The connection's last request: hyper closes it after this response.
-        Box::pin(async move {
-            let mut res = fut.await?;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a request counted as in flight until its
+    /// body's last frame (or until hyper drops it).
+    struct TrackedResponse {
+        #[pin]
+        inner: BoxFuture<'static, Result<Response<Body>, Infallible>>,
+        guard: Option<InFlight>,
+        last: bool,
+    }
+}
+
+impl Future for TrackedResponse {
+    type Output = Result<Response<TrackedBody>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Poll::Ready(Ok(mut res)) = this.inner.poll(cx) else {
+            return Poll::Pending;
+        };
+        if *this.last {
+            // The connection's last request: hyper closes it after this response.
             res.headers_mut().insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
             );
-            Ok(res)
-        })
+        }
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
     }
 }
 

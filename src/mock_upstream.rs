@@ -59,9 +59,15 @@
 //! connection without a response (on HTTP/2 the stream is reset), else `fail_status`
 //! answers `{"error": "mock failure"}` (with `Retry-After` if `retry_after_secs`), and
 //! `truncate_body` sends the headers with a `Content-Length` larger than the half body
-//! that follows, then closes. `fail_count` limits all three failure faults to the next N
-//! requests; when it reaches 0 they are all switched off (so [`MockHandle::faults`] shows
-//! the truth). `extra_response_headers` are added to every 2xx answer;
+//! that follows, then closes. Faults below the HTTP layer act on the plain-TCP
+//! HTTP/1.1 connection itself (the response's bytes are rewritten on their way out):
+//! `reset_mid_headers` sends half a head, then resets the connection (RST);
+//! `reset_mid_body` sends the head and half the body, then resets; `invalid_response`
+//! sends bytes that are not HTTP, then closes; `trickle_ms` sends the head at once, then
+//! the body one byte every that many milliseconds. (Over TLS or h2c, where bytes cannot
+//! be rewritten, these four drop the connection instead.) `fail_count` limits every
+//! failure fault to the next N requests; when it reaches 0 they are all switched off (so
+//! [`MockHandle::faults`] shows the truth). `extra_response_headers` are added to every 2xx answer;
 //! `large_body_bytes` pads `GET /app` with a top-level `"padding"` string.
 //!
 //! # Control surface (HTTP, not counted, no key, no faults)
@@ -312,6 +318,15 @@ pub struct Faults {
     pub truncate_body: bool,
     /// Send the headers and half the body, then nothing more (a response that never ends).
     pub stall_body: bool,
+    /// Send half a status line and headers, then reset the connection (TCP RST).
+    pub reset_mid_headers: bool,
+    /// Send the headers and half the body, then reset the connection (TCP RST).
+    pub reset_mid_body: bool,
+    /// Answer bytes that are not an HTTP response, then close the connection.
+    pub invalid_response: bool,
+    /// Send the headers at once, then the body one byte every this many milliseconds
+    /// (a very slow trickle: no single gap is long, the whole is).
+    pub trickle_ms: Option<u64>,
     /// Added (appended) to every 2xx answer.
     pub extra_response_headers: Vec<(String, String)>,
     /// `GET /app` pads its body with a `"padding"` string to at least this many bytes.
@@ -701,8 +716,8 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let service = hyper::service::service_fn(move |req| serve(shared.clone(), req));
         if let Some(acceptor) = &tls {
+            let service = hyper::service::service_fn(move |req| serve(shared.clone(), None, req));
             let acceptor = acceptor.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
@@ -717,8 +732,12 @@ async fn accept_loop(
             });
             continue;
         }
+        let slot = RawSlot::default();
+        let io = FaultIo::new(stream, slot.clone());
+        let service =
+            hyper::service::service_fn(move |req| serve(shared.clone(), Some(slot.clone()), req));
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -827,6 +846,7 @@ struct FaultPlan {
     action: FaultAction,
     truncate: bool,
     stall: bool,
+    raw: Option<RawFaultKind>,
     extra_headers: Vec<(String, String)>,
     large_body_bytes: Option<usize>,
 }
@@ -872,8 +892,14 @@ impl Shared {
 
     fn take_fault_plan(&self) -> FaultPlan {
         let mut f = lock(&self.faults);
-        let failure_armed =
-            f.fail_status.is_some() || f.drop_connections || f.truncate_body || f.stall_body;
+        let failure_armed = f.fail_status.is_some()
+            || f.drop_connections
+            || f.truncate_body
+            || f.stall_body
+            || f.reset_mid_headers
+            || f.reset_mid_body
+            || f.invalid_response
+            || f.trickle_ms.is_some();
         let apply = failure_armed
             && match f.fail_count {
                 None => true,
@@ -895,11 +921,24 @@ impl Shared {
         } else {
             FaultAction::None
         };
+        let raw = if !apply {
+            None
+        } else if f.reset_mid_headers {
+            Some(RawFaultKind::ResetMidHeaders)
+        } else if f.reset_mid_body {
+            Some(RawFaultKind::ResetMidBody)
+        } else if f.invalid_response {
+            Some(RawFaultKind::Invalid)
+        } else {
+            f.trickle_ms
+                .map(|ms| RawFaultKind::Trickle(Duration::from_millis(ms.max(1))))
+        };
         let plan = FaultPlan {
             latency: Duration::from_millis(f.latency_ms),
             action,
             truncate: apply && f.truncate_body,
             stall: apply && f.stall_body,
+            raw,
             extra_headers: f.extra_response_headers.clone(),
             large_body_bytes: f.large_body_bytes,
         };
@@ -909,6 +948,10 @@ impl Shared {
             f.drop_connections = false;
             f.truncate_body = false;
             f.stall_body = false;
+            f.reset_mid_headers = false;
+            f.reset_mid_body = false;
+            f.invalid_response = false;
+            f.trickle_ms = None;
         }
         plan
     }
@@ -933,6 +976,7 @@ impl Shared {
 
 async fn serve(
     shared: Arc<Shared>,
+    raw: Option<RawSlot>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, DropConnection> {
     let (parts, body) = req.into_parts();
@@ -1001,6 +1045,23 @@ async fn serve(
         }
     }
 
+    if let Some(kind) = plan.raw {
+        // The connection rewrites this response's bytes; without access to
+        // them (TLS, h2) the nearest thing is a dropped connection.
+        let Some(slot) = raw else {
+            return Err(DropConnection);
+        };
+        let body_len = resp.body().len();
+        *lock(&slot) = Some(RawFault {
+            kind,
+            body_len: if resp.status() == StatusCode::NO_CONTENT {
+                0
+            } else {
+                body_len
+            },
+        });
+        return Ok(resp.map(boxed_full));
+    }
     if plan.stall {
         return Ok(truncate(resp, Duration::from_secs(3600)));
     }
@@ -1060,6 +1121,278 @@ impl Body for TruncatedBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => Poll::Ready(Some(Err("mock upstream: truncated body".into()))),
         }
+    }
+}
+
+/// A fault that rewrites a response's bytes on the connection.
+#[derive(Debug, Clone, Copy)]
+enum RawFaultKind {
+    ResetMidHeaders,
+    ResetMidBody,
+    Invalid,
+    Trickle(Duration),
+}
+
+/// The fault for the response the service is about to return, with its body length.
+#[derive(Debug, Clone, Copy)]
+struct RawFault {
+    kind: RawFaultKind,
+    body_len: usize,
+}
+
+/// Shared by a connection's service (which arms it) and its [`FaultIo`] (which takes it
+/// at the response's first write). HTTP/1.1 has one response in flight at a time.
+type RawSlot = Arc<Mutex<Option<RawFault>>>;
+
+/// What the connection is doing to the bytes of the current response.
+enum Rewrite {
+    /// Passing everything through.
+    None,
+    /// Writing `bytes[written..]` instead of the response, then resetting (or closing).
+    Replace {
+        bytes: &'static [u8],
+        written: usize,
+        reset: bool,
+    },
+    /// Passing the head and `body_left` body bytes through, then resetting.
+    Cut { head: HeadScan, body_left: usize },
+    /// Passing the head through, then the body one byte per `every`.
+    Trickle {
+        head: HeadScan,
+        body_left: usize,
+        every: Duration,
+        next: Pin<Box<tokio::time::Sleep>>,
+    },
+    /// Waiting a moment (so what was written leaves the socket), then ending the connection.
+    Ending {
+        after: Pin<Box<tokio::time::Sleep>>,
+        reset: bool,
+    },
+    /// Ended: every write fails, so hyper drops the connection.
+    Dead,
+}
+
+/// Finds the end of a response head (`\r\n\r\n`) across writes.
+#[derive(Default)]
+struct HeadScan {
+    matched: usize,
+    done: bool,
+}
+
+impl HeadScan {
+    /// How many of `buf`'s bytes still belong to the head (all of them if it does not end there).
+    fn head_bytes(&self, buf: &[u8]) -> usize {
+        if self.done {
+            return 0;
+        }
+        let mut matched = self.matched;
+        for (i, b) in buf.iter().enumerate() {
+            matched = match (*b, matched) {
+                (b'\r', 0 | 2) => matched + 1,
+                (b'\n', 1 | 3) => matched + 1,
+                (b'\r', _) => 1,
+                _ => 0,
+            };
+            if matched == 4 {
+                return i + 1;
+            }
+        }
+        buf.len()
+    }
+
+    /// Records that `written` head bytes of `buf` went out.
+    fn advance(&mut self, buf: &[u8], written: usize) {
+        let head = self.head_bytes(&buf[..written]);
+        for b in &buf[..head] {
+            self.matched = match (*b, self.matched) {
+                (b'\r', 0 | 2) => self.matched + 1,
+                (b'\n', 1 | 3) => self.matched + 1,
+                (b'\r', _) => 1,
+                _ => 0,
+            };
+            if self.matched == 4 {
+                self.done = true;
+                break;
+            }
+        }
+    }
+}
+
+/// Half a status line and headers.
+const HALF_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: applic";
+/// Not an HTTP response at all.
+const NOT_HTTP: &[u8] = b"SSH-2.0-OpenSSH_9.6\r\nthis is not an HTTP response\r\n\r\n";
+/// Time for written bytes to leave before a reset (a reset discards unsent data).
+const FLUSH_BEFORE_END: Duration = Duration::from_millis(30);
+
+/// A plain TCP connection that applies [`RawFault`]s to the responses written on it.
+struct FaultIo {
+    inner: tokio::net::TcpStream,
+    slot: RawSlot,
+    rewrite: Rewrite,
+}
+
+impl FaultIo {
+    fn new(inner: tokio::net::TcpStream, slot: RawSlot) -> Self {
+        Self {
+            inner,
+            slot,
+            rewrite: Rewrite::None,
+        }
+    }
+
+    fn ending(reset: bool) -> Rewrite {
+        Rewrite::Ending {
+            after: Box::pin(tokio::time::sleep(FLUSH_BEFORE_END)),
+            reset,
+        }
+    }
+
+    fn ended() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "mock upstream: connection ended by fault injection",
+        )
+    }
+}
+
+impl tokio::io::AsyncRead for FaultIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for FaultIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if matches!(this.rewrite, Rewrite::None) {
+            if let Some(fault) = lock(&this.slot).take() {
+                this.rewrite = match fault.kind {
+                    RawFaultKind::ResetMidHeaders => Rewrite::Replace {
+                        bytes: HALF_HEAD,
+                        written: 0,
+                        reset: true,
+                    },
+                    RawFaultKind::Invalid => Rewrite::Replace {
+                        bytes: NOT_HTTP,
+                        written: 0,
+                        reset: false,
+                    },
+                    RawFaultKind::ResetMidBody => Rewrite::Cut {
+                        head: HeadScan::default(),
+                        body_left: fault.body_len / 2,
+                    },
+                    RawFaultKind::Trickle(every) => Rewrite::Trickle {
+                        head: HeadScan::default(),
+                        body_left: fault.body_len,
+                        every,
+                        next: Box::pin(tokio::time::sleep(every)),
+                    },
+                };
+            }
+        }
+        loop {
+            match &mut this.rewrite {
+                Rewrite::None => return Pin::new(&mut this.inner).poll_write(cx, buf),
+                Rewrite::Dead => return Poll::Ready(Err(Self::ended())),
+                Rewrite::Ending { after, reset } => {
+                    if after.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if *reset {
+                        let _ = this.inner.set_zero_linger();
+                    }
+                    this.rewrite = Rewrite::Dead;
+                }
+                Rewrite::Replace {
+                    bytes,
+                    written,
+                    reset,
+                } => {
+                    if *written < bytes.len() {
+                        match Pin::new(&mut this.inner).poll_write(cx, &bytes[*written..]) {
+                            Poll::Ready(Ok(n)) => *written += n,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                        continue;
+                    }
+                    this.rewrite = Self::ending(*reset);
+                }
+                Rewrite::Cut { head, body_left } => {
+                    let in_head = head.head_bytes(buf);
+                    let allowed = in_head + (buf.len() - in_head).min(*body_left);
+                    if allowed == 0 {
+                        this.rewrite = Self::ending(true);
+                        continue;
+                    }
+                    let n = match Pin::new(&mut this.inner).poll_write(cx, &buf[..allowed]) {
+                        Poll::Ready(Ok(n)) => n,
+                        other => return other,
+                    };
+                    head.advance(buf, n);
+                    *body_left -= n.saturating_sub(in_head);
+                    return Poll::Ready(Ok(n));
+                }
+                Rewrite::Trickle {
+                    head,
+                    body_left,
+                    every,
+                    next,
+                } => {
+                    let in_head = head.head_bytes(buf);
+                    if in_head > 0 {
+                        let n = match Pin::new(&mut this.inner).poll_write(cx, &buf[..in_head]) {
+                            Poll::Ready(Ok(n)) => n,
+                            other => return other,
+                        };
+                        head.advance(buf, n);
+                        if head.done && *body_left == 0 {
+                            this.rewrite = Rewrite::None;
+                        }
+                        return Poll::Ready(Ok(n));
+                    }
+                    if *body_left == 0 || buf.is_empty() {
+                        this.rewrite = Rewrite::None;
+                        continue;
+                    }
+                    if next.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let n = match Pin::new(&mut this.inner).poll_write(cx, &buf[..1]) {
+                        Poll::Ready(Ok(n)) => n,
+                        other => return other,
+                    };
+                    *body_left -= n;
+                    let every = *every;
+                    next.as_mut().reset(tokio::time::Instant::now() + every);
+                    if *body_left == 0 {
+                        this.rewrite = Rewrite::None;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if matches!(this.rewrite, Rewrite::Dead) {
+            return Poll::Ready(Err(Self::ended()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -2281,6 +2614,107 @@ mod tests {
         assert!(h.requests().is_empty());
         h.reset_stats();
         h.shutdown();
+    }
+
+    /// One `GET` on a raw connection: every byte that came, and how the connection ended
+    /// (`None`: a clean close).
+    async fn raw_get(h: &MockHandle, path: &str) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(h.local_addr())
+            .await
+            .unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nhost: mock\r\nx-api-key: {DEFAULT_API_KEY}\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf));
+            match read.await.expect("the mock neither answered nor closed") {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e.kind())),
+            }
+        }
+    }
+
+    /// The head's end and the declared body length of a raw response.
+    fn head_and_length(raw: &[u8]) -> (usize, usize) {
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        (end, len)
+    }
+
+    #[tokio::test]
+    async fn faults_below_http() {
+        use std::io::ErrorKind::ConnectionReset;
+        let (h, _c) = mock(config()).await;
+        let once = |f: Faults| Faults {
+            fail_count: Some(1),
+            ..f
+        };
+
+        // Half a head, then a reset.
+        h.set_faults(once(Faults {
+            reset_mid_headers: true,
+            ..Faults::default()
+        }));
+        let (got, end) = raw_get(&h, "/app").await;
+        assert_eq!(got, HALF_HEAD);
+        assert_eq!(end, Some(ConnectionReset));
+
+        // The whole head and half the body, then a reset.
+        h.set_faults(once(Faults {
+            reset_mid_body: true,
+            ..Faults::default()
+        }));
+        let (got, end) = raw_get(&h, "/app").await;
+        let (head_end, len) = head_and_length(&got);
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert_eq!(got.len() - head_end, len / 2);
+        assert_eq!(end, Some(ConnectionReset));
+
+        // Not HTTP, then a clean close.
+        h.set_faults(once(Faults {
+            invalid_response: true,
+            ..Faults::default()
+        }));
+        let (got, end) = raw_get(&h, "/app").await;
+        assert_eq!(got, NOT_HTTP);
+        assert_eq!(end, None);
+
+        // The head at once, then the body a byte every 10 ms: whole, but slow.
+        h.set_faults(once(Faults {
+            trickle_ms: Some(10),
+            ..Faults::default()
+        }));
+        let t0 = Instant::now();
+        let (got, end) = raw_get(&h, "/app/no-such-app").await;
+        let (head_end, len) = head_and_length(&got);
+        assert!(got.starts_with(b"HTTP/1.1 404"));
+        assert_eq!(got.len() - head_end, len);
+        assert_eq!(end, None);
+        let least = Duration::from_millis(10) * u32::try_from(len - 1).unwrap();
+        assert!(t0.elapsed() >= least, "{:?} < {least:?}", t0.elapsed());
+
+        // Every fault was used up: a normal answer, and all four were counted.
+        let (got, end) = raw_get(&h, "/app").await;
+        let (head_end, len) = head_and_length(&got);
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert_eq!(got.len() - head_end, len);
+        assert_eq!(end, None);
+        assert_eq!(h.stats().total, 5);
+        let f = h.faults();
+        assert!(!f.reset_mid_headers && !f.reset_mid_body && !f.invalid_response);
+        assert!(f.trickle_ms.is_none());
     }
 
     #[tokio::test]

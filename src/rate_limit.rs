@@ -140,6 +140,8 @@ pub struct RateLimitSettings {
     pub client_ip_quotas: HashMap<String, Quota>,
     /// Scope name -> its upstream budget.
     pub scope_budgets: HashMap<String, ScopeBudget>,
+    /// How often per-IP state that has fully refilled is dropped.
+    pub prune_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +164,7 @@ impl Default for RateLimitSettings {
             public_ip_quota: quota(120, Duration::from_secs(60), 30),
             client_ip_quotas: HashMap::new(),
             scope_budgets: HashMap::new(),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -397,9 +400,12 @@ impl Limits {
         (q, decision)
     }
 
-    /// Number of source IPs with state.
+    /// Per-IP limiter entries held: source IPs with unauthenticated state,
+    /// plus (public client, source IP) pairs. Bounded by what arrives
+    /// between two prunes (see [`spawn_pruner`]).
     pub fn tracked_ips(&self) -> usize {
-        read(&self.unauthenticated).len()
+        let public: usize = read(&self.public_ips).values().map(|l| l.1.len()).sum();
+        read(&self.unauthenticated).len() + public
     }
 
     fn scope(&self, name: &str) -> Option<Arc<ScopeState>> {
@@ -407,11 +413,15 @@ impl Limits {
     }
 }
 
-/// Prunes per-IP limiter state every `every` until the process ends.
-pub fn spawn_pruner(limits: &Arc<Limits>, every: Duration) {
+/// Prunes per-IP limiter state every `rate_limit.prune_interval` (as
+/// currently configured) until the limits are dropped.
+pub fn spawn_pruner(limits: &Arc<Limits>) {
     let weak = Arc::downgrade(limits);
     tokio::spawn(async move {
         loop {
+            let Some(every) = weak.upgrade().map(|l| l.settings().prune_interval) else {
+                return;
+            };
             tokio::time::sleep(every).await;
             match weak.upgrade() {
                 Some(l) => l.prune(),

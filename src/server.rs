@@ -44,6 +44,11 @@ impl State {
         &self.cache
     }
 
+    /// The rate limiters (per-IP state size: [`Limits::tracked_ips`]).
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
     /// Why the gateway is not ready, if it is not.
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.is_draining() {
@@ -320,7 +325,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         config.upstream.breaker_cooldown,
         clock,
     );
-    rate_limit::spawn_pruner(&limits, Duration::from_secs(60));
+    rate_limit::spawn_pruner(&limits);
     let service: GatewayService = gateway::build(
         &config,
         client,

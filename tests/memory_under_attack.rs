@@ -1,0 +1,381 @@
+//! Memory under attack: floods of distinct paths and query strings, of
+//! distinct bad tokens, and of distinct source IPs (through a trusted
+//! proxy's `X-Forwarded-For`, and as real 127.x.y.z peers) never grow the
+//! gateway's state beyond its configured bounds: the cache stays within
+//! `cache.max_bytes` (moka's weigher), and per-IP limiter state is keyed by
+//! IP only (never by token or a spoofed header) and is pruned every
+//! `rate_limit.prune_interval`. Floods are a few thousand requests: seconds.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+
+const WORKERS: usize = 8;
+
+async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test timed out");
+}
+
+/// Runs `make(i)` for `i` in `0..n` on [`WORKERS`] concurrent tasks.
+async fn flood<F, Fut>(n: usize, make: F)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let make = Arc::new(make);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..WORKERS {
+        let make = make.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                make(i).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Polls `f` until it is true or `within` has passed.
+async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of an unlabelled gauge in Prometheus text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The smallest cache the config allows (1 MiB).
+const MAX_BYTES: u64 = 1024 * 1024;
+
+/// 1500 distinct cacheable keys (query strings on `/app`, padded to 8 KiB,
+/// and unknown app ids whose 404s are stored; about 6.5 MB in all) through
+/// a 1 MiB cache: every answer is stored, most are evicted again, and the
+/// store never holds more than its bound.
+#[tokio::test]
+async fn distinct_paths_and_queries_keep_the_cache_within_its_bound() {
+    with_timeout(async {
+        let sections = format!(
+            r#"
+[cache]
+max_bytes = {MAX_BYTES}
+max_entry_bytes = 65536
+
+[cache.routes."/app/{{id}}"]
+negative_ttl = "60s"
+
+[rate_limit]
+enabled = false
+"#
+        );
+        let h = Harness::start_full(
+            "",
+            "",
+            &sections,
+            Arc::new(rungen_gateway::clock::SystemClock),
+        )
+        .await;
+        h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+            large_body_bytes: Some(8192),
+            ..Default::default()
+        });
+        let client = TestClient::http1();
+        let base = h.url("");
+        let stored = Arc::new(AtomicUsize::new(0));
+        let n = 1500;
+        {
+            let stored = stored.clone();
+            flood(n, move |i| {
+                let client = client.clone();
+                let base = base.clone();
+                let stored = stored.clone();
+                async move {
+                    let path = if i % 2 == 0 {
+                        format!("/app?page={i}&sort=name")
+                    } else {
+                        format!("/app/flood-{i}")
+                    };
+                    let auth = bearer(TOKEN_RW);
+                    let r = client
+                        .get(&format!("{base}{path}"), &[("authorization", &auth)])
+                        .await;
+                    assert!(
+                        r.status == StatusCode::OK || r.status == StatusCode::NOT_FOUND,
+                        "{path}: {r:?}"
+                    );
+                    let cs = r.headers.get("cache-status").unwrap().to_str().unwrap();
+                    if cs.contains("stored") {
+                        stored.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        }
+        let stored = stored.load(Ordering::Relaxed);
+        assert!(
+            stored > n * 9 / 10,
+            "only {stored} of {n} answers were stored: the flood did not exercise the store"
+        );
+        assert_eq!(h.mock.stats().total, n as u64, "every key was a miss");
+
+        let cache = h.gateway().cache();
+        cache.sync().await;
+        let (bytes, entries) = (cache.weighted_size(), cache.entry_count());
+        assert!(bytes <= MAX_BYTES, "{bytes} bytes held, bound {MAX_BYTES}");
+        assert!(
+            entries > 0 && entries < stored as u64 / 2,
+            "{entries} entries held after {stored} were stored"
+        );
+
+        // The admin gauge says the same.
+        let admin = h.gateway().admin_addr().unwrap();
+        let text = TestClient::http1()
+            .get(&format!("http://{admin}/metrics"), &[])
+            .await
+            .text();
+        let shown = gauge(&text, "rungen_gateway_cache_bytes").unwrap();
+        assert!(shown <= MAX_BYTES as f64, "gauge {shown}");
+        h.stop().await;
+    })
+    .await;
+}
+
+/// 600 distinct bad tokens from one peer, each with a different spoofed
+/// `X-Forwarded-For` (no proxy is trusted): one limiter entry (the peer),
+/// guessing is throttled to 429, nothing reaches the upstream.
+#[tokio::test]
+async fn distinct_bad_tokens_and_spoofed_forwarded_for_hold_one_entry() {
+    with_timeout(async {
+        let h = Harness::start().await;
+        let limits = h.gateway().state().limits().clone();
+        assert_eq!(limits.tracked_ips(), 0);
+        let client = TestClient::http1();
+        let url = h.url("/app");
+        let throttled = Arc::new(AtomicUsize::new(0));
+        {
+            let throttled = throttled.clone();
+            flood(600, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                let throttled = throttled.clone();
+                async move {
+                    let token = bearer(&format!("guess-{i:08}-{}", i * 7919));
+                    let xff = format!("203.0.{}.{}", i / 256, i % 256);
+                    let r = client
+                        .get(
+                            &url,
+                            &[("authorization", &token), ("x-forwarded-for", &xff)],
+                        )
+                        .await;
+                    match r.status {
+                        StatusCode::UNAUTHORIZED => {}
+                        StatusCode::TOO_MANY_REQUESTS => {
+                            throttled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => panic!("a bad token got {other}"),
+                    }
+                }
+            })
+            .await;
+        }
+        assert_eq!(
+            limits.tracked_ips(),
+            1,
+            "per-IP state must be keyed by the peer alone"
+        );
+        assert!(
+            throttled.load(Ordering::Relaxed) > 500,
+            "guessing was not throttled"
+        );
+        assert_eq!(h.mock.stats().total, 0);
+        h.stop().await;
+    })
+    .await;
+}
+
+/// A connection to `addr` from the local address `from`.
+async fn connect_from(from: IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The status of a one-request exchange on a fresh connection from `from`.
+async fn status_from(from: IpAddr, addr: SocketAddr, request: &str) -> u16 {
+    let exchange = async {
+        let mut s = connect_from(from, addr).await;
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while buf.len() < 12 {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf[9..12]).parse().unwrap()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("no answer")
+}
+
+/// Distinct source IPs, through a trusted proxy's `X-Forwarded-For` (4000
+/// failing authentication, 1000 of a public browser client) and as real
+/// 127.x.y.z peers (300): each gets per-IP limiter state, and the pruner
+/// drops all of it once the buckets refill, so the state held is what
+/// arrived within about one prune interval, not the whole flood.
+#[tokio::test]
+async fn distinct_source_ips_are_pruned() {
+    with_timeout(async {
+        let sections = r#"
+[rate_limit]
+trusted_proxies = ["127.0.0.1/32"]
+unauthenticated = { per_second = 1000, burst = 1 }
+prune_interval = "300ms"
+
+[[clients]]
+name = "dashboard"
+public = true
+allowed_origins = ["https://page.example"]
+teams = ["acme"]
+rate_limit = { per_second = 100000, burst = 100000 }
+ip_rate_limit = { per_second = 1000, burst = 1 }
+"#;
+        let h = Harness::start_full(
+            "",
+            "",
+            sections,
+            Arc::new(rungen_gateway::clock::SystemClock),
+        )
+        .await;
+        let limits = h.gateway().state().limits().clone();
+        let client = TestClient::http1();
+        let url = h.url("/app");
+        let n = 4000;
+        let peak = Arc::new(AtomicUsize::new(0));
+        {
+            let limits = limits.clone();
+            let peak = peak.clone();
+            flood(n, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                let limits = limits.clone();
+                let peak = peak.clone();
+                async move {
+                    // The proxy appends the peer it saw; the gateway takes
+                    // the first untrusted hop from the right.
+                    let xff = format!("10.{}.{}.{}, 127.0.0.1", i >> 16, (i >> 8) & 255, i & 255);
+                    let r = client
+                        .get(
+                            &url,
+                            &[("authorization", "Bearer bad"), ("x-forwarded-for", &xff)],
+                        )
+                        .await;
+                    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{xff}");
+                    peak.fetch_max(limits.tracked_ips(), Ordering::Relaxed);
+                }
+            })
+            .await;
+        }
+        let peak = peak.load(Ordering::Relaxed);
+        assert!(peak > 50, "the flood created almost no state ({peak})");
+        assert!(
+            eventually(Duration::from_secs(3), || limits.tracked_ips() == 0).await,
+            "{} entries still held after the flood",
+            limits.tracked_ips()
+        );
+
+        // A public (tokenless, origin-matched) client: per (client, IP) state.
+        let client = TestClient::http1();
+        let url = h.url("/app");
+        let peak = Arc::new(AtomicUsize::new(0));
+        {
+            let limits = limits.clone();
+            let peak = peak.clone();
+            flood(1000, move |i| {
+                let client = client.clone();
+                let url = url.clone();
+                let limits = limits.clone();
+                let peak = peak.clone();
+                async move {
+                    let xff = format!("172.16.{}.{}", i >> 8, i & 255);
+                    let r = client
+                        .get(
+                            &url,
+                            &[("origin", "https://page.example"), ("x-forwarded-for", &xff)],
+                        )
+                        .await;
+                    assert_eq!(r.status, StatusCode::OK, "{xff}: {r:?}");
+                    peak.fetch_max(limits.tracked_ips(), Ordering::Relaxed);
+                }
+            })
+            .await;
+        }
+        let peak = peak.load(Ordering::Relaxed);
+        assert!(peak > 50, "the public flood created almost no state ({peak})");
+        assert!(
+            eventually(Duration::from_secs(3), || limits.tracked_ips() == 0).await,
+            "{} public-client entries still held after the flood",
+            limits.tracked_ips()
+        );
+
+        // Real peers: one connection from each of 300 loopback addresses.
+        let addr = h.addr;
+        let request = "GET /app HTTP/1.1\r\nhost: g\r\nauthorization: Bearer bad\r\nconnection: close\r\n\r\n";
+        flood(300, move |i| async move {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8));
+            assert_eq!(status_from(from, addr, request).await, 401);
+        })
+        .await;
+        assert!(
+            eventually(Duration::from_secs(3), || limits.tracked_ips() == 0).await,
+            "{} entries still held after the peers left",
+            limits.tracked_ips()
+        );
+
+        // The gauge on /metrics reports the same state.
+        let admin = h.gateway().admin_addr().unwrap();
+        let text = TestClient::http1()
+            .get(&format!("http://{admin}/metrics"), &[])
+            .await
+            .text();
+        assert_eq!(
+            gauge(&text, "rungen_gateway_rate_limit_tracked_ips"),
+            Some(0.0)
+        );
+        // Failed authentications never go upstream; the public client's
+        // reads are cached (a refresh or two if the flood outlasts the TTL).
+        let upstream = h.mock.stats().total;
+        assert!((1..=5).contains(&upstream), "{upstream} upstream requests");
+        h.stop().await;
+    })
+    .await;
+}
