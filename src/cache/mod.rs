@@ -431,7 +431,8 @@ fn from_entry(
         };
         let mut res = Response::new(body);
         *res.status_mut() = entry.status;
-        *res.headers_mut() = entry.headers.clone();
+        // Room for Age, Cache-Status, x-request-id and the RateLimit pair.
+        *res.headers_mut() = entry.headers.to_map(5);
         res
     };
     if status.from_store() || age > 0 {
@@ -538,7 +539,7 @@ impl Fill {
         // 304 to our revalidation: the stale entry is good again.
         if status == StatusCode::NOT_MODIFIED {
             if let Some(stale) = &stale {
-                let mut headers = stale.headers.clone();
+                let mut headers = stale.headers.to_map(0);
                 for (name, value) in res.headers() {
                     if name != header::CONTENT_LENGTH && name != header::ETAG {
                         headers.insert(name.clone(), value.clone());
@@ -641,7 +642,7 @@ impl Fill {
                     return FetchResult::NotStored {
                         response: Arc::new(Buffered {
                             status,
-                            headers: entry.headers.clone(),
+                            headers: entry.headers.to_map(0),
                             body: entry.body.clone(),
                             extensions: parts.extensions,
                         }),

@@ -5,7 +5,7 @@
 
 use super::key::CacheKey;
 use super::policy::Freshness;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use moka::Expiry;
 use sha2::{Digest, Sha256};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub struct CachedResponse {
     pub status: StatusCode,
     /// Sent as they are: no hop-by-hop headers, no `Age`, with `ETag`.
-    pub headers: HeaderMap,
+    pub headers: StoredHeaders,
     pub body: Bytes,
     /// The strong `ETag` served (upstream's if strong, else computed from the body).
     pub etag: HeaderValue,
@@ -49,18 +49,29 @@ impl CachedResponse {
             .and_then(|a| a.parse::<u64>().ok())
             .map_or(Duration::ZERO, Duration::from_secs);
         headers.remove(header::AGE);
+        let upstream_etag = headers.get(header::ETAG).cloned();
+        let strong = upstream_etag
+            .as_ref()
+            .is_some_and(|e| !e.as_bytes().starts_with(b"W/"));
+        if !strong {
+            headers.insert(header::ETAG, computed_etag(&body));
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         // Own every header value: values parsed by hyper are slices of its
         // read buffer, and keeping one alive would keep the whole buffer (KiBs
         // per entry that the weigher never sees).
-        let mut headers = owned(headers);
-        let upstream_etag = headers.get(header::ETAG).cloned();
-        let last_modified = headers.get(header::LAST_MODIFIED).cloned();
-        let etag = match &upstream_etag {
-            Some(e) if !e.as_bytes().starts_with(b"W/") => e.clone(),
-            _ => computed_etag(&body),
+        let headers = owned(&headers);
+        let etag = headers
+            .get(&header::ETAG)
+            .cloned()
+            .unwrap_or_else(|| computed_etag(&body));
+        let last_modified = headers.get(&header::LAST_MODIFIED).cloned();
+        // A weak upstream tag is kept apart (only for revalidation), owned too.
+        let upstream_etag = match upstream_etag {
+            Some(_) if strong => Some(etag.clone()),
+            Some(weak) => HeaderValue::from_bytes(weak.as_bytes()).ok(),
+            None => None,
         };
-        headers.insert(header::ETAG, etag.clone());
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         Self {
             status,
             headers,
@@ -124,15 +135,55 @@ impl CachedResponse {
     }
 }
 
-/// A copy of `headers` whose values share no buffer with anything else.
-fn owned(headers: HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers.iter() {
-        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        copy.set_sensitive(value.is_sensitive());
-        out.append(name.clone(), copy);
+/// A stored response's headers: a boxed slice (a `HeaderMap` holds hash
+/// links and spare capacity: ~200 bytes more per entry for the five headers
+/// of a typical answer). A hit builds its map from it, sized for the headers
+/// the gateway adds.
+#[derive(Debug, Clone, Default)]
+pub struct StoredHeaders(Box<[(HeaderName, HeaderValue)]>);
+
+impl StoredHeaders {
+    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
-    out
+
+    pub fn contains_key(&self, name: &HeaderName) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    /// A `HeaderMap` of these headers with room for `extra` more.
+    pub fn to_map(&self, extra: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.0.len() + extra);
+        for (n, v) in self.0.iter() {
+            map.append(n.clone(), v.clone());
+        }
+        map
+    }
+}
+
+/// A copy of `headers` whose values share no buffer with anything else, all
+/// in one allocation (100k entries of the `/app` list: ~120 bytes less each
+/// than one allocation per value).
+fn owned(headers: &HeaderMap) -> StoredHeaders {
+    let mut all = BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
+    for (_, value) in headers.iter() {
+        all.extend_from_slice(value.as_bytes());
+    }
+    let all = all.freeze();
+    let mut out = Vec::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers.iter() {
+        let bytes = all.slice(at..at + value.len());
+        at += value.len();
+        let mut copy = HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        out.push((name.clone(), copy));
+    }
+    StoredHeaders(out.into_boxed_slice())
 }
 
 fn strip_weak(tag: &[u8]) -> &[u8] {
@@ -250,7 +301,7 @@ mod tests {
         assert!(!e.usable(t + Duration::from_secs(65)));
         // Age includes what the upstream reported.
         assert_eq!(e.age_secs(t + Duration::from_secs(3)), 5);
-        assert!(!e.headers.contains_key(header::AGE));
+        assert!(!e.headers.contains_key(&header::AGE));
     }
 
     #[test]
