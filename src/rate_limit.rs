@@ -76,7 +76,19 @@ fn ceil_secs(d: Duration) -> u64 {
 pub fn policy_header(name: &str, quota: &Quota) -> HeaderValue {
     let q = quota.burst_size().get();
     let w = ceil_secs(quota.burst_size_replenished_in()).max(1);
-    HeaderValue::from_str(&format!("\"{name}\";q={q};w={w}"))
+    header_value(format_args!("\"{name}\";q={q};w={w}"))
+}
+
+/// A short header value formatted on the stack (these are built on every
+/// request: no `String` in between).
+fn header_value(args: std::fmt::Arguments<'_>) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let written = cursor.write_fmt(args).ok().map(|()| cursor.position());
+    written
+        .and_then(|n| usize::try_from(n).ok())
+        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
         .unwrap_or(HeaderValue::from_static("\"caller\""))
 }
 
@@ -90,8 +102,7 @@ pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> Header
         }
         Decision::Limited { wait } => (0, ceil_secs(wait).max(1)),
     };
-    HeaderValue::from_str(&format!("\"{name}\";r={r};t={t}"))
-        .unwrap_or(HeaderValue::from_static("\"caller\""))
+    header_value(format_args!("\"{name}\";r={r};t={t}"))
 }
 
 /// The source IP of a request: the peer, or, only when the peer is a trusted
@@ -214,7 +225,8 @@ struct ScopeState {
 /// Limiter state; one per process, kept across config reloads (a limiter
 /// whose quota did not change keeps its state).
 pub struct Limits {
-    settings: RwLock<Arc<RateLimitSettings>>,
+    /// Read on every request: swapped whole on reload, read without a lock.
+    settings: arc_swap::ArcSwap<RateLimitSettings>,
     callers: RwLock<HashMap<String, Arc<CallerLimiter>>>,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
     /// Public clients: per (client, source IP).
@@ -248,7 +260,7 @@ impl Limits {
     pub fn with_clock(settings: RateLimitSettings, clock: SharedClock) -> Arc<Self> {
         let unauth = RateLimiter::keyed(settings.unauthenticated_quota).with_middleware();
         let limits = Arc::new(Self {
-            settings: RwLock::new(Arc::new(settings.clone())),
+            settings: arc_swap::ArcSwap::from_pointee(settings.clone()),
             callers: RwLock::new(HashMap::new()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
             public_ips: RwLock::new(HashMap::new()),
@@ -290,16 +302,16 @@ impl Limits {
                 });
             }
         }
-        let old = read(&self.settings).unauthenticated_quota;
+        let old = self.settings.load().unauthenticated_quota;
         if old != settings.unauthenticated_quota {
             *write(&self.unauthenticated) =
                 Arc::new(RateLimiter::keyed(settings.unauthenticated_quota).with_middleware());
         }
-        *write(&self.settings) = Arc::new(settings);
+        self.settings.store(Arc::new(settings));
     }
 
     pub fn settings(&self) -> Arc<RateLimitSettings> {
-        read(&self.settings).clone()
+        self.settings.load_full()
     }
 
     /// Live replicas sharing the quotas (1 without cluster mode).
@@ -483,7 +495,7 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let max = self.limits.settings().max_in_flight;
+        let max = self.limits.settings.load().max_in_flight;
         let now = self.limits.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         let guard = InFlight(self.limits.clone());
         if now > max {
@@ -553,8 +565,8 @@ where
         ) else {
             return self.inner.call(req).boxed();
         };
-        let client = caller.client.name.clone();
-        let scope = caller.scope.name.clone();
+        let (caller_client, caller_scope) = (caller.client.clone(), caller.scope.clone());
+        let (client, scope) = (caller_client.name.as_str(), caller_scope.name.as_str());
         let limiter = self.limits.caller_limiter(&client);
         let (mut quota, mut decision, mut name) = (limiter.0, check(&limiter.1), "caller");
         // A public client is limited per source IP as well as in total; the
@@ -581,7 +593,16 @@ where
         } else {
             "limited"
         };
-        metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "caller", "decision" => outcome, "client" => client, "scope" => scope).increment(1);
+        crate::telemetry::with_counter(
+            "rungen_gateway_rate_limit_decisions_total",
+            &[
+                ("policy", "caller"),
+                ("decision", outcome),
+                ("client", client),
+                ("scope", scope),
+            ],
+            |c| c.increment(1),
+        );
         let add_headers = move |mut res: Response<Body>| {
             res.headers_mut().insert(RATELIMIT_POLICY, policy);
             res.headers_mut().insert(RATELIMIT, state);

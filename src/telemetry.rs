@@ -292,10 +292,11 @@ fn in_flight_gauge() -> &'static metrics::Gauge {
 // it has used, found by a hash of the borrowed values and confirmed by
 // comparing them, so a repeat costs a hash and an atomic add. Label values
 // here come from the config and from fixed sets (route templates, methods,
-// outcomes), so the memo is small; it is cleared if it ever grows past
-// `MEMO_MAX` (the registry keeps every series either way).
+// outcomes), so the memo holds at most the series the registry holds: a few
+// per configured client. It is cleared if it ever grows past `MEMO_MAX`
+// (sized for 10,000+ clients; the registry keeps every series either way).
 
-const MEMO_MAX: usize = 4096;
+const MEMO_MAX: usize = 1 << 16;
 
 struct Memo<H> {
     name: &'static str,
