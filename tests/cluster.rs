@@ -87,23 +87,62 @@ impl Redis {
         }
     }
 
-    /// Every key and every string value in the database.
+    /// Every key and every value in the database (SCAN; strings with GET,
+    /// hashes with HGETALL, anything else with DUMP), lossily as text.
     async fn dump(&self) -> String {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
         let mut out = String::new();
         for k in keys {
-            let v: Option<String> = redis::cmd("GET")
+            let kind: String = redis::cmd("TYPE")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
-                .unwrap_or(None);
-            out.push_str(&format!("{k} = {v:?}\n"));
+                .unwrap();
+            let value: Vec<Vec<u8>> = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&k)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+                "hash" => redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+                _ => redis::cmd("DUMP")
+                    .arg(&k)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+            };
+            out.push_str(&String::from_utf8_lossy(&k));
+            out.push_str(&format!(" ({kind}) ="));
+            for v in value {
+                out.push(' ');
+                out.push_str(&String::from_utf8_lossy(&v));
+            }
+            out.push('\n');
         }
         out
     }
@@ -230,6 +269,118 @@ async fn caller_quotas_are_shared_among_live_replicas() {
     }
     // Balanced load: each replica admits its third of the burst.
     assert_eq!(allowed, 30);
+    r.stop().await;
+}
+
+/// Shared fetch: one upstream request for a cold key asked on 3 replicas at
+/// once; a write's invalidation is never answered from the shared entry; no
+/// secret in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fetch_costs_one_upstream_request_per_key() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "shared_cache = true\nshared_lock = \"2s\"\nshared_wait = \"1s\"\n",
+    )
+    .await;
+    r.mock.set_faults(mock_upstream::Faults {
+        latency_ms: 150,
+        ..Default::default()
+    });
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let get = |i: usize| {
+        let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
+        tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+    };
+    let cold: Vec<_> = (0..9).map(|i| get(i % 3)).collect();
+    let mut bodies = Vec::new();
+    for t in cold {
+        let res = t.await.unwrap();
+        assert_eq!(res.status, StatusCode::OK);
+        bodies.push(res.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        r.mock
+            .stats()
+            .by_route
+            .get("GET /app")
+            .copied()
+            .unwrap_or(0),
+        1,
+        "3 replicas, 9 callers, one upstream request"
+    );
+    // Every replica now has it locally.
+    for i in 0..3 {
+        assert_eq!(
+            status(&get(i).await.unwrap()),
+            "rungen-gateway; hit",
+            "replica {i}"
+        );
+    }
+
+    // A create through replica 0: its next read is fresh at once (never the
+    // shared entry from before the write), the others within a second.
+    r.mock.set_faults(Default::default());
+    let body = r#"{"name":"shared-fan-out","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let res = c
+        .send(
+            Method::POST,
+            &r.url(0, "/app"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+        .await;
+    assert!(res.status.is_success());
+    assert!(get(0).await.unwrap().text().contains("shared-fan-out"));
+    let started = Instant::now();
+    for i in 1..3 {
+        loop {
+            if get(i).await.unwrap().text().contains("shared-fan-out") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "replica {i} still serves the old list"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A purge on replica 2 drops the shared entries too.
+    let before = r.mock.stats().by_route["GET /app"];
+    r.gateways[2]
+        .cache()
+        .purge(&rungen_gateway::cache::PurgeScope::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let res = get(0).await.unwrap();
+    assert!(status(&res).contains("fwd=uri-miss"), "{}", status(&res));
+    assert_eq!(
+        r.mock.stats().by_route["GET /app"],
+        before + 1,
+        "refetched upstream after the purge, not from the shared entry"
+    );
+
+    // Keys and values in Redis: shared entries exist, no secret does.
+    let dump = redis.dump().await;
+    assert!(dump.contains(":shared:personal:e:"), "{dump}");
+    assert!(dump.contains("shared-fan-out"), "{dump}");
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        OTHER_UPSTREAM_KEY,
+        TOKEN_RW,
+        TOKEN_RO,
+        ADMIN_TOKEN,
+        &sha256_hex(TOKEN_RW),
+        &sha256_hex(UPSTREAM_KEY),
+    ] {
+        assert!(!dump.contains(canary), "{canary} in Redis: {dump}");
+    }
     r.stop().await;
 }
 
