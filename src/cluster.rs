@@ -3,10 +3,12 @@
 //! - **Upstream budgets are exact cluster-wide**: each upstream-bound request
 //!   takes a cell from a GCRA bucket in Redis (one round trip; the hit path
 //!   never pays it).
-//! - **Caller limits** are enforced locally with each replica's share of the
-//!   quota (quota / live replicas, counted by Redis heartbeats): no Redis round
-//!   trip on a cache hit. Exact under balanced load; under unbalanced load a
-//!   busy replica admits only its share (see README for the figures).
+//! - **Caller limits hold cluster-wide under any balance of the load**: each
+//!   replica leases small batches of tokens from a bucket in Redis (one round
+//!   trip per batch, not per request) and admits locally from its lease; the
+//!   cluster admits within `(replicas + 1) x batch` below and `batch` above the
+//!   quota's allowance (see [`lease`]). Without Redis: each replica's share
+//!   (quota / live replicas, counted by Redis heartbeats).
 //! - **Invalidations and purges fan out** over Redis pub/sub and are applied
 //!   by every replica; a replica that loses its subscription drops the caches
 //!   it cannot vouch for when it reconnects.
@@ -15,13 +17,15 @@
 //!   with the same freshness; writes and purges version the shared entries
 //!   they change (see [`shared`]).
 //! - **Redis failures never take the gateway down**: every call has a short
-//!   timeout; without Redis the gateway runs degraded (local budgets at the
-//!   per-replica share, local invalidation), counts it, stays ready, and
+//!   timeout; without Redis the gateway runs degraded (budgets and quotas at
+//!   the per-replica share, local invalidation), counts it, stays ready, and
 //!   recovers by itself.
 //!
-//! Redis keys hold scope names, replica ids and hashes only, never a key or a
-//! token; shared entries hold sanitised response headers and bodies only.
+//! Redis keys hold scope names, client names, replica ids and hashes only,
+//! never a key or a token; shared entries hold sanitised response headers and
+//! bodies only.
 
+pub mod lease;
 pub mod shared;
 
 use crate::cache::Cache;
@@ -106,6 +110,8 @@ pub struct Cluster {
     pending_changes: AtomicU64,
     /// A change could not be published: bump the global generation first.
     needs_global_bump: AtomicBool,
+    leases: lease::Leases,
+    lease: redis::Script,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -147,6 +153,8 @@ impl Cluster {
             bump: redis::Script::new(shared::BUMP_AND_PUBLISH),
             pending_changes: AtomicU64::new(0),
             needs_global_bump: AtomicBool::new(false),
+            leases: lease::Leases::default(),
+            lease: redis::Script::new(lease::LEASE),
         });
         metrics::gauge!("rungen_gateway_cluster_mode").set(1.0);
         tokio::spawn(heartbeat(Arc::downgrade(&cluster), client.clone()));
