@@ -583,7 +583,8 @@ async fn losing_redis_degrades_without_hanging_and_recovers() {
         return;
     };
     let port = redis.port;
-    let r = Replicas::start(&redis, 2, "").await;
+    // Shared fetch on: a dead Redis must not hold fills either.
+    let r = Replicas::start(&redis, 2, "shared_cache = true\n").await;
     let c = TestClient::http1();
     let auth = bearer(TOKEN_RW);
     redis.stop();

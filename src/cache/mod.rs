@@ -489,7 +489,10 @@ impl Fill {
     /// Cluster mode with `shared_cache`: a shared entry instead of an upstream
     /// request, or the fetch with the right to share it (`cluster::shared`).
     async fn run_shared(self) -> FetchResult {
-        let Some(cluster) = self.cache.shared.get().cloned() else {
+        // A caller that asked for revalidation gets the upstream's answer.
+        let revalidate = self.policy.allow_client_revalidate
+            && policy::client_wants_revalidation(&self.template.headers);
+        let Some(cluster) = self.cache.shared.get().filter(|_| !revalidate).cloned() else {
             return self.run().await;
         };
         let (cache, key) = (self.cache.clone(), self.key.clone());
