@@ -623,3 +623,48 @@ async fn losing_redis_degrades_without_hanging_and_recovers() {
     assert_eq!(res.status, StatusCode::OK);
     r.stop().await;
 }
+
+/// The wait for another replica's fetch is bounded: past `shared_wait` each
+/// replica fetches for itself instead of queueing behind a slow upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fetch_waits_no_longer_than_shared_wait() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "shared_cache = true\nshared_lock = \"5s\"\nshared_wait = \"100ms\"\n",
+    )
+    .await;
+    r.mock.set_faults(mock_upstream::Faults {
+        latency_ms: 700,
+        ..Default::default()
+    });
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
+            tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        r.mock
+            .stats()
+            .by_route
+            .get("GET /app")
+            .copied()
+            .unwrap_or(0),
+        3,
+        "the two waiters gave up after 100ms and fetched themselves"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1300),
+        "nobody queued behind the slow fetch: {elapsed:?}"
+    );
+    r.stop().await;
+}
