@@ -6,8 +6,8 @@
 //! - **Caller limits hold cluster-wide under any balance of the load**: each
 //!   replica leases small batches of tokens from a bucket in Redis (one round
 //!   trip per batch, not per request) and admits locally from its lease; the
-//!   cluster admits within `(replicas + 1) x batch` below and `batch` above the
-//!   quota's allowance (see [`lease`]). Without Redis: each replica's share
+//!   cluster admits within `(replicas + 1) x batch` of the quota's allowance
+//!   (see [`lease`]). Without Redis: each replica's share
 //!   (quota / live replicas, counted by Redis heartbeats).
 //! - **Invalidations and purges fan out** over Redis pub/sub and are applied
 //!   by every replica; a replica that loses its subscription drops the caches

@@ -8,21 +8,25 @@
 //! busy replica gets the tokens, whatever the balance of the load.
 //!
 //! - Batch: `b = max(1, burst / (10 x (live replicas + 1)))`.
-//! - A lease lives `b x refill interval` (at least 10 ms): the time the
-//!   bucket takes to earn a batch back. Tokens of an expired lease are given
-//!   back to the bucket with the replica's next lease (capped at the burst).
+//! - A lease lives the time the bucket takes to earn a batch back
+//!   (`b x refill interval`), at least a second (so a busy replica with a
+//!   large quota leases about once a second, not every few milliseconds) and
+//!   at most a minute. Tokens of an expired lease are given back to the
+//!   bucket with the replica's next lease (capped at the burst).
 //! - When the bucket is empty the script says how long until it holds a whole
 //!   batch again; the replica answers 429 locally until then (one round trip
 //!   per such wait, not per refused request), so a saturated client costs
 //!   about `replicas` round trips per batch.
 //!
-//! **Error bound.** Tokens leave the bucket at most at its rate plus its
-//! burst, so over any window `W` the cluster admits at most
-//! `burst + rate x (W + lease life)` = the allowance `+ b`. It can fall short
-//! of the allowance only by the tokens not yet admitted when the window
-//! closes: at most `b` unused in each replica's lease plus fewer than `b` left
-//! in the bucket while replicas wait for a batch, `(R + 1) x b <=
-//! max(R + 1, burst / 10)`. With a burst of at least `10 x (R + 1)` tokens,
+//! **Error bound** (`R` live replicas, allowance over a window `W` =
+//! `burst + rate x W`). Over: what the cluster admits in `W` is what it took
+//! from the bucket in `W` (at most the allowance) plus what it still held in
+//! leases when `W` began (at most `b` per replica, and at most what the
+//! bucket earned during a lease's life): at most `R x b`. Under: it can fall
+//! short only by tokens not admitted when `W` closes, at most `b` unused in
+//! each replica's lease plus fewer than `b` left in the bucket while replicas
+//! wait for a whole batch: `(R + 1) x b`. Both are at most
+//! `max(R + 1, burst / 10)`: with a burst of at least `10 x (R + 1)` tokens,
 //! admitted stays within 10% of the burst alone (so within 10% of the
 //! allowance, for any window), whatever the balance of the load.
 //!
@@ -72,9 +76,10 @@ pub fn batch_size(burst: u32, replicas: u32) -> u32 {
     (burst / (10 * (replicas.max(1) + 1))).max(1)
 }
 
-/// How long a leased batch may be used: the time the bucket takes to earn it.
+/// How long a leased batch may be used: the time the bucket takes to earn
+/// it, between a second and a minute.
 pub fn lease_life(quota: &Quota, batch: u32) -> Duration {
-    (quota.replenish_interval() * batch).clamp(Duration::from_millis(10), Duration::from_secs(60))
+    (quota.replenish_interval() * batch).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
 /// What the local lease says about one request.
@@ -272,7 +277,9 @@ mod tests {
             assert!(batch_size(burst, r) * (r + 1) <= burst / 10);
         }
         let q = quota(20, Duration::from_secs(1), 60);
-        assert_eq!(lease_life(&q, 2), Duration::from_millis(100));
+        assert_eq!(lease_life(&q, 2), Duration::from_secs(1));
+        let slow = quota(1, Duration::from_secs(60), 60);
+        assert_eq!(lease_life(&slow, 2), Duration::from_secs(60));
     }
 
     #[test]
