@@ -3,26 +3,37 @@
 //! - **Upstream budgets are exact cluster-wide**: each upstream-bound request
 //!   takes a cell from a GCRA bucket in Redis (one round trip; the hit path
 //!   never pays it).
-//! - **Caller limits** are enforced locally with each replica's share of the
-//!   quota (quota / live replicas, counted by Redis heartbeats): no Redis round
-//!   trip on a cache hit. Exact under balanced load; under unbalanced load a
-//!   busy replica admits only its share (see README for the figures).
+//! - **Caller limits hold cluster-wide under any balance of the load**: each
+//!   replica leases small batches of tokens from a bucket in Redis (one round
+//!   trip per batch, not per request) and admits locally from its lease; the
+//!   cluster admits within `(replicas + 1) x batch` of the quota's allowance
+//!   (see [`lease`]). Without Redis: each replica's share
+//!   (quota / live replicas, counted by Redis heartbeats).
 //! - **Invalidations and purges fan out** over Redis pub/sub and are applied
 //!   by every replica; a replica that loses its subscription drops the caches
 //!   it cannot vouch for when it reconnects.
+//! - **Shared fetch** (optional, `shared_cache`): a cold key is fetched
+//!   upstream by one replica (a short per-key lock) and shared through Redis
+//!   with the same freshness; writes and purges version the shared entries
+//!   they change (see [`shared`]).
 //! - **Redis failures never take the gateway down**: every call has a short
-//!   timeout; without Redis the gateway runs degraded (local budgets at the
-//!   per-replica share, local invalidation), counts it, stays ready, and
+//!   timeout; without Redis the gateway runs degraded (budgets and quotas at
+//!   the per-replica share, local invalidation), counts it, stays ready, and
 //!   recovers by itself.
 //!
-//! Redis keys hold scope names and replica ids only, never a key or a token.
+//! Redis keys hold scope names, client names, replica ids and hashes only,
+//! never a key or a token; shared entries hold sanitised response headers and
+//! bodies only.
+
+pub mod lease;
+pub mod shared;
 
 use crate::cache::Cache;
 use crate::secret::Secret;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -36,6 +47,12 @@ pub struct ClusterSettings {
     /// Heartbeat period; a replica silent for three periods is no longer counted.
     pub heartbeat: Duration,
     pub key_prefix: String,
+    /// Shared fetch through Redis (see [`shared`]).
+    pub shared_cache: bool,
+    /// Lifetime of a shared-fetch lock (the holder's fetch should end before).
+    pub shared_lock: Duration,
+    /// How long a replica waits for another's shared fetch before fetching itself.
+    pub shared_wait: Duration,
 }
 
 /// A cache change to apply on every replica.
@@ -86,6 +103,15 @@ pub struct Cluster {
     outbox: mpsc::UnboundedSender<FanOut>,
     gcra: redis::Script,
     degraded_since: Mutex<Option<Instant>>,
+    shared_lookup: redis::Script,
+    shared_store: redis::Script,
+    bump: redis::Script,
+    /// Local invalidations and purges not yet published (shared fetch waits for 0).
+    pending_changes: AtomicU64,
+    /// A change could not be published: bump the global generation first.
+    needs_global_bump: AtomicBool,
+    leases: lease::Leases,
+    lease: redis::Script,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -122,12 +148,24 @@ impl Cluster {
             outbox,
             gcra: redis::Script::new(GCRA),
             degraded_since: Mutex::new(Some(Instant::now())),
+            shared_lookup: redis::Script::new(shared::LOOKUP),
+            shared_store: redis::Script::new(shared::STORE),
+            bump: redis::Script::new(shared::BUMP_AND_PUBLISH),
+            pending_changes: AtomicU64::new(0),
+            needs_global_bump: AtomicBool::new(false),
+            leases: lease::Leases::default(),
+            lease: redis::Script::new(lease::LEASE),
         });
         metrics::gauge!("rungen_gateway_cluster_mode").set(1.0);
         tokio::spawn(heartbeat(Arc::downgrade(&cluster), client.clone()));
         tokio::spawn(subscriber(Arc::downgrade(&cluster), client, cache));
         tokio::spawn(publisher(Arc::downgrade(&cluster), inbox));
         Ok(cluster)
+    }
+
+    /// Whether shared fetch is on (`[cluster] shared_cache`).
+    pub fn shared_cache(&self) -> bool {
+        self.settings.shared_cache
     }
 
     pub fn id(&self) -> &str {
@@ -268,11 +306,15 @@ async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
                 }
                 Ok::<u32, redis::RedisError>(count)
             };
-            match tokio::time::timeout(timeout * 2, beat).await {
+            let beaten = tokio::time::timeout(timeout * 2, beat).await;
+            match beaten {
                 Ok(Ok(n)) => {
                     c.replicas.store(n.max(1), Ordering::SeqCst);
                     metrics::gauge!("rungen_gateway_cluster_replicas").set(n.max(1) as f64);
                     c.set_health(true);
+                    if c.needs_global_bump.load(Ordering::SeqCst) {
+                        bump_global(&c, &mut conn).await;
+                    }
                 }
                 _ => {
                     metrics::counter!("rungen_gateway_redis_errors_total", "op" => "heartbeat")
@@ -286,29 +328,77 @@ async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
     }
 }
 
-/// Publishes queued cache changes.
+/// Publishes queued cache changes. With shared fetch, the same script first
+/// bumps the shared-entry generations the change makes stale.
 async fn publisher(weak: std::sync::Weak<Cluster>, mut inbox: mpsc::UnboundedReceiver<FanOut>) {
     while let Some(change) = inbox.recv().await {
         let Some(c) = weak.upgrade() else { return };
-        let Some(mut conn) = c.connection().filter(|_| c.is_connected()) else {
-            metrics::counter!("rungen_gateway_cluster_fanout_dropped_total").increment(1);
-            continue;
-        };
-        let Ok(payload) = serde_json::to_string(&Envelope {
-            from: c.id.clone(),
-            change,
-        }) else {
-            continue;
-        };
-        let channel = c.key(&["invalidate"]);
+        let ok = publish(&c, change).await;
+        if c.settings.shared_cache {
+            if !ok {
+                c.needs_global_bump.store(true, Ordering::SeqCst);
+            }
+            c.pending_changes.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn publish(c: &Cluster, change: FanOut) -> bool {
+    let Some(mut conn) = c.connection().filter(|_| c.is_connected()) else {
+        metrics::counter!("rungen_gateway_cluster_fanout_dropped_total").increment(1);
+        return false;
+    };
+    let bumps = if c.settings.shared_cache {
+        c.bump_keys(&change)
+    } else {
+        Vec::new()
+    };
+    let Ok(payload) = serde_json::to_string(&Envelope {
+        from: c.id.clone(),
+        change,
+    }) else {
+        return false;
+    };
+    let channel = c.key(&["invalidate"]);
+    let sent = if bumps.is_empty() {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(&channel).arg(payload);
         let publish = cmd.query_async::<i64>(&mut conn);
-        match tokio::time::timeout(c.settings.timeout, publish).await {
-            Ok(Ok(_)) => metrics::counter!("rungen_gateway_cluster_fanout_sent_total").increment(1),
-            _ => metrics::counter!("rungen_gateway_redis_errors_total", "op" => "publish")
-                .increment(1),
+        tokio::time::timeout(c.settings.timeout, publish).await
+    } else {
+        let mut inv = c.bump.prepare_invoke();
+        for k in &bumps {
+            inv.key(k);
         }
+        inv.arg(&channel)
+            .arg(payload)
+            .arg(shared::GENERATION_LIFE.as_millis() as u64);
+        tokio::time::timeout(c.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await
+    };
+    match sent {
+        Ok(Ok(_)) => {
+            metrics::counter!("rungen_gateway_cluster_fanout_sent_total").increment(1);
+            true
+        }
+        _ => {
+            metrics::counter!("rungen_gateway_redis_errors_total", "op" => "publish").increment(1);
+            false
+        }
+    }
+}
+
+/// After a change could not be published: every shared entry becomes stale
+/// (the global generation), before this replica reads shared entries again.
+async fn bump_global(c: &Cluster, conn: &mut ConnectionManager) {
+    let mut inv = c.bump.prepare_invoke();
+    inv.key(c.key(&["shared", "gen"]))
+        .arg("")
+        .arg("")
+        .arg(shared::GENERATION_LIFE.as_millis() as u64);
+    if let Ok(Ok(_)) = tokio::time::timeout(c.settings.timeout, inv.invoke_async::<i64>(conn)).await
+    {
+        c.needs_global_bump.store(false, Ordering::SeqCst);
+        tracing::info!("cluster: shared cache entries from before the outage invalidated");
     }
 }
 

@@ -277,6 +277,12 @@ struct RawCluster {
     heartbeat: String,
     #[serde(default = "defaults::key_prefix")]
     key_prefix: String,
+    #[serde(default)]
+    shared_cache: bool,
+    #[serde(default = "defaults::shared_lock")]
+    shared_lock: String,
+    #[serde(default = "defaults::shared_wait")]
+    shared_wait: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -499,6 +505,12 @@ mod defaults {
     }
     pub fn key_prefix() -> String {
         "rungen-gateway".into()
+    }
+    pub fn shared_lock() -> String {
+        "5s".into()
+    }
+    pub fn shared_wait() -> String {
+        "2s".into()
     }
     pub fn jwt_leeway() -> String {
         "30s".into()
@@ -1246,11 +1258,25 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         if c.key_prefix.is_empty() || !valid_name(&c.key_prefix) {
             p.push("cluster.key_prefix", "1-64 letters, digits, '-', '_' or '.'");
         }
+        let shared_lock = parse_duration(&mut p, "cluster.shared_lock", &c.shared_lock);
+        let shared_wait = parse_duration_or_zero(&mut p, "cluster.shared_wait", &c.shared_wait);
+        if shared_lock > Duration::from_secs(60) {
+            p.push("cluster.shared_lock", "must be at most 60s (a lock outliving its holder stalls a key)");
+        }
+        if shared_wait > shared_lock {
+            p.push(
+                "cluster.shared_wait",
+                "must be at most cluster.shared_lock (waiting past the lock's expiry is never useful)",
+            );
+        }
         Some(crate::cluster::ClusterSettings {
             redis_url: url,
             timeout: parse_duration(&mut p, "cluster.timeout", &c.timeout),
             heartbeat: parse_duration(&mut p, "cluster.heartbeat", &c.heartbeat),
             key_prefix: c.key_prefix.clone(),
+            shared_cache: c.shared_cache,
+            shared_lock,
+            shared_wait,
         })
     });
 
@@ -1818,6 +1844,28 @@ teams = ["acme"]
         assert!(e[0].field.contains("/apps"), "{e:?}");
         let bad = format!("{}\n[cache.routes.\"/app\"]\nttl = \"often\"\n", base(""));
         assert_eq!(errors(&bad)[0].field, "cache.routes.\"/app\".ttl");
+    }
+
+    #[test]
+    fn shared_cache_is_off_by_default_and_its_bounds_are_checked() {
+        let cluster = |extra: &str| {
+            format!(
+                "{}\n[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n{extra}",
+                base("")
+            )
+        };
+        let c = Config::from_toml(Path::new("t.toml"), &cluster("")).unwrap();
+        let settings = c.cluster.unwrap();
+        assert!(!settings.shared_cache);
+        assert_eq!(settings.shared_lock, Duration::from_secs(5));
+        assert_eq!(settings.shared_wait, Duration::from_secs(2));
+        let on = cluster("shared_cache = true\nshared_lock = \"1s\"\nshared_wait = \"0s\"");
+        let c = Config::from_toml(Path::new("t.toml"), &on).unwrap();
+        assert!(c.cluster.unwrap().shared_cache);
+        let e = errors(&cluster("shared_lock = \"2m\""));
+        assert_eq!(e[0].field, "cluster.shared_lock");
+        let e = errors(&cluster("shared_lock = \"1s\"\nshared_wait = \"2s\""));
+        assert_eq!(e[0].field, "cluster.shared_wait");
     }
 
     #[test]

@@ -324,6 +324,34 @@ impl Limits {
         let _ = self.cluster.set(cluster);
     }
 
+    /// The client's quota and this request's decision: from the cluster
+    /// lease when there is one (see `cluster::lease`), else the local limiter.
+    fn check_caller(&self, client: &str, leased: Option<&LeaseDecision>) -> CallerCheck {
+        if let Some(LeaseDecision(Some((q, d)))) = leased {
+            return CallerCheck::Now(*q, *d);
+        }
+        if let (Some(c), None) = (self.cluster.get(), leased) {
+            let settings = self.settings();
+            let q = *settings
+                .client_quotas
+                .get(client)
+                .unwrap_or(&settings.default_quota);
+            match c.lease_take(client, &q) {
+                crate::cluster::lease::LeaseTake::Decided(d) => return CallerCheck::Now(q, d),
+                crate::cluster::lease::LeaseTake::Refill => {
+                    let (c, client) = (c.clone(), client.to_string());
+                    return CallerCheck::Lease(
+                        q,
+                        async move { c.lease_refill(&client, q).await }.boxed(),
+                    );
+                }
+                crate::cluster::lease::LeaseTake::Local => {}
+            }
+        }
+        let limiter = self.caller_limiter(client);
+        CallerCheck::Now(limiter.0, check(&limiter.1))
+    }
+
     fn caller_limiter(&self, client: &str) -> Arc<CallerLimiter> {
         let settings = self.settings();
         let q = share(
@@ -545,9 +573,52 @@ pub struct CallerLimit<S> {
     limits: Arc<Limits>,
 }
 
+/// A caller decision waiting for a cluster lease (one Redis round trip).
+enum CallerCheck {
+    Now(Quota, Decision),
+    Lease(Quota, BoxFuture<'static, Option<Decision>>),
+}
+
+/// The lease's decision, carried to the second pass of [`CallerLimit`]
+/// (`None`: Redis failed, use the local share).
+#[derive(Clone)]
+struct LeaseDecision(Option<(Quota, Decision)>);
+
+impl<S> CallerLimit<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// Waits for the lease, then decides the request with it.
+    fn after_lease(
+        &mut self,
+        mut req: Request<Body>,
+        quota: Quota,
+        lease: BoxFuture<'static, Option<Decision>>,
+    ) -> BoxFuture<'static, Result<Response<Body>, GatewayError>> {
+        let clone = self.inner.clone();
+        let mut this = CallerLimit {
+            inner: std::mem::replace(&mut self.inner, clone),
+            limits: self.limits.clone(),
+        };
+        async move {
+            let decided = lease.await.map(|d| (quota, d));
+            req.extensions_mut().insert(LeaseDecision(decided));
+            tower::Service::call(&mut this, req).await
+        }
+        .boxed()
+    }
+}
+
 impl<S> tower::Service<Request<Body>> for CallerLimit<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -567,13 +638,16 @@ where
         };
         let (caller_client, caller_scope) = (caller.client.clone(), caller.scope.clone());
         let (client, scope) = (caller_client.name.as_str(), caller_scope.name.as_str());
-        let limiter = self.limits.caller_limiter(&client);
-        let (mut quota, mut decision, mut name) = (limiter.0, check(&limiter.1), "caller");
+        let (mut quota, mut decision, mut name) =
+            match self.limits.check_caller(client, req.extensions().get()) {
+                CallerCheck::Now(q, d) => (q, d, "caller"),
+                CallerCheck::Lease(q, lease) => return self.after_lease(req, q, lease),
+            };
         // A public client is limited per source IP as well as in total; the
         // tighter of the two is what the headers describe.
         if caller.client.public {
             if let Some(ip) = self.limits.source_ip(&req) {
-                let (ip_quota, ip_decision) = self.limits.check_public_ip(&client, ip);
+                let (ip_quota, ip_decision) = self.limits.check_public_ip(client, ip);
                 let tighter = match (decision, ip_decision) {
                     (Decision::Allowed { .. }, Decision::Limited { .. }) => true,
                     (Decision::Allowed { remaining: a }, Decision::Allowed { remaining: b }) => {

@@ -308,6 +308,9 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         Some(settings) => {
             let c = Cluster::start(settings.clone(), cache.clone()).map_err(StartError::Cluster)?;
             cache.set_fanout(c.outbox());
+            if c.shared_cache() {
+                cache.set_shared(c.clone());
+            }
             limits.set_cluster(c.clone());
             tracing::info!(replica = %c.id(), "cluster mode: upstream budgets in Redis, quotas shared among live replicas, invalidations fanned out");
             Some(c)

@@ -87,23 +87,84 @@ impl Redis {
         }
     }
 
-    /// Every key and every string value in the database.
-    async fn dump(&self) -> String {
+    /// Every key and every value in the database (SCAN; strings with GET,
+    /// hashes with HGETALL, anything else with DUMP), lossily as text.
+    /// Script calls Redis has run (EVALSHA + EVAL), from INFO commandstats.
+    async fn script_calls(&self) -> u64 {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
             .query_async(&mut conn)
             .await
             .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    async fn dump(&self) -> String {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
         let mut out = String::new();
         for k in keys {
-            let v: Option<String> = redis::cmd("GET")
+            let kind: String = redis::cmd("TYPE")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
-                .unwrap_or(None);
-            out.push_str(&format!("{k} = {v:?}\n"));
+                .unwrap();
+            let value: Vec<Vec<u8>> = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&k)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+                "hash" => redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+                _ => redis::cmd("DUMP")
+                    .arg(&k)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+            };
+            out.push_str(&String::from_utf8_lossy(&k));
+            out.push_str(&format!(" ({kind}) ="));
+            for v in value {
+                out.push(' ');
+                out.push_str(&String::from_utf8_lossy(&v));
+            }
+            out.push('\n');
         }
         out
     }
@@ -208,28 +269,232 @@ async fn the_upstream_budget_is_exact_across_replicas() {
     r.stop().await;
 }
 
+/// Closed-loop load for `window`: `workers[i]` concurrent callers on replica
+/// `i`. Returns (admitted per replica, requests per replica, seconds from the
+/// first request to the last answer).
+async fn load(r: &Replicas, workers: [usize; 3], window: Duration) -> ([u64; 3], [u64; 3], f64) {
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let started = Instant::now();
+    let deadline = started + window;
+    let mut tasks = Vec::new();
+    for (replica, n) in workers.iter().enumerate() {
+        for _ in 0..*n {
+            let (c, auth, url) = (c.clone(), auth.clone(), r.url(replica, "/app"));
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let res = c.get(&url, &[("authorization", &auth)]).await;
+                    match res.status {
+                        StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                        StatusCode::OK => ok += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                (replica, ok, refused)
+            }));
+        }
+    }
+    let (mut admitted, mut sent) = ([0u64; 3], [0u64; 3]);
+    for t in tasks {
+        let (replica, ok, no) = t.await.unwrap();
+        admitted[replica] += ok;
+        sent[replica] += ok + no;
+    }
+    (admitted, sent, started.elapsed().as_secs_f64())
+}
+
+/// Caller quotas hold cluster-wide (leased batches from a bucket in Redis)
+/// within 10% of the allowance (burst + rate x window), whatever the balance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn caller_quotas_are_shared_among_live_replicas() {
-    let Some(redis) = Redis::start() else { return };
+async fn caller_quotas_hold_cluster_wide_under_any_balance() {
+    for (name, rate, burst, workers) in [
+        ("balanced", 20, 60, [3, 3, 3]),
+        ("all on one replica", 20, 60, [9, 0, 0]),
+        ("80/10/10", 20, 60, [8, 1, 1]),
+        // Batches of 20 tokens.
+        ("balanced", 200, 600, [3, 3, 3]),
+        ("all on one replica", 200, 600, [9, 0, 0]),
+        ("80/10/10", 200, 600, [8, 1, 1]),
+    ] {
+        let Some(redis) = Redis::start() else { return };
+        let r = Replicas::start(
+            &redis,
+            3,
+            &format!("[rate_limit]\ndefault = {{ per_second = {rate}, burst = {burst} }}\n"),
+        )
+        .await;
+        // Warm the list so that admitted requests are cache hits.
+        let c = TestClient::http1();
+        let auth = bearer(TOKEN_RW);
+        assert_eq!(
+            c.get(&r.url(0, "/app"), &[("authorization", &auth)])
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let scripts_before = redis.script_calls().await;
+        let (admitted, sent, secs) = load(&r, workers, Duration::from_secs(3)).await;
+        let lease_calls = redis.script_calls().await - scripts_before;
+        let total = admitted.iter().sum::<u64>() + 1;
+        let refused = sent.iter().sum::<u64>() + 1 - total;
+        let allowance = f64::from(burst) + f64::from(rate) * secs;
+        let error = (total as f64 - allowance) / allowance;
+        println!(
+            "caller quota {rate}/s burst {burst}, 3 replicas, {name}: admitted {total} \
+             (per replica {admitted:?} of {sent:?} requests) in {secs:.2}s; \
+             allowance {allowance:.1}; error {:+.1}%; {lease_calls} lease round trips",
+            error * 100.0
+        );
+        assert!(refused > 0, "{name}: the load never exceeded the quota");
+        assert!(
+            error.abs() <= 0.10,
+            "{name}: admitted {total}, allowance {allowance:.1}"
+        );
+        r.stop().await;
+    }
+}
+
+/// Degraded mode keeps today's local share: quota / live replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_caller_quotas_fall_back_to_the_local_share() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let r = Replicas::start(
         &redis,
         3,
         "[rate_limit]\ndefault = { per_minute = 30, burst = 30 }\n",
     )
     .await;
+    redis.stop();
+    r.wait_until(|g| !g.state().cluster().unwrap().is_connected())
+        .await;
     let c = TestClient::http1();
     let auth = bearer(TOKEN_RW);
     let mut allowed = 0;
-    for i in 0..60 {
-        let res = c
-            .get(&r.url(i % 3, "/app"), &[("authorization", &auth)])
-            .await;
-        if res.status == StatusCode::OK {
+    for _ in 0..30 {
+        let res = c.get(&r.url(0, "/app"), &[("authorization", &auth)]).await;
+        if res.status != StatusCode::TOO_MANY_REQUESTS {
             allowed += 1;
         }
     }
-    // Balanced load: each replica admits its third of the burst.
-    assert_eq!(allowed, 30);
+    assert_eq!(
+        allowed, 10,
+        "one replica alone admits its third of the burst"
+    );
+    r.stop().await;
+}
+
+/// Shared fetch: one upstream request for a cold key asked on 3 replicas at
+/// once; a write's invalidation is never answered from the shared entry; no
+/// secret in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fetch_costs_one_upstream_request_per_key() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "shared_cache = true\nshared_lock = \"2s\"\nshared_wait = \"1s\"\n",
+    )
+    .await;
+    r.mock.set_faults(mock_upstream::Faults {
+        latency_ms: 150,
+        ..Default::default()
+    });
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let get = |i: usize| {
+        let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
+        tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+    };
+    let cold: Vec<_> = (0..9).map(|i| get(i % 3)).collect();
+    let mut bodies = Vec::new();
+    for t in cold {
+        let res = t.await.unwrap();
+        assert_eq!(res.status, StatusCode::OK);
+        bodies.push(res.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        r.mock
+            .stats()
+            .by_route
+            .get("GET /app")
+            .copied()
+            .unwrap_or(0),
+        1,
+        "3 replicas, 9 callers, one upstream request"
+    );
+    // Every replica now has it locally.
+    for i in 0..3 {
+        assert_eq!(
+            status(&get(i).await.unwrap()),
+            "rungen-gateway; hit",
+            "replica {i}"
+        );
+    }
+
+    // A create through replica 0: its next read is fresh at once (never the
+    // shared entry from before the write), the others within a second.
+    r.mock.set_faults(Default::default());
+    let body = r#"{"name":"shared-fan-out","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let res = c
+        .send(
+            Method::POST,
+            &r.url(0, "/app"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(body),
+        )
+        .await;
+    assert!(res.status.is_success());
+    assert!(get(0).await.unwrap().text().contains("shared-fan-out"));
+    let started = Instant::now();
+    for i in 1..3 {
+        loop {
+            if get(i).await.unwrap().text().contains("shared-fan-out") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "replica {i} still serves the old list"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A purge on replica 2 drops the shared entries too.
+    let before = r.mock.stats().by_route["GET /app"];
+    r.gateways[2]
+        .cache()
+        .purge(&rungen_gateway::cache::PurgeScope::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let res = get(0).await.unwrap();
+    assert!(status(&res).contains("fwd=uri-miss"), "{}", status(&res));
+    assert_eq!(
+        r.mock.stats().by_route["GET /app"],
+        before + 1,
+        "refetched upstream after the purge, not from the shared entry"
+    );
+
+    // Keys and values in Redis: shared entries exist, no secret does.
+    let dump = redis.dump().await;
+    assert!(dump.contains(":shared:personal:e:"), "{dump}");
+    assert!(dump.contains("shared-fan-out"), "{dump}");
+    for canary in [
+        UPSTREAM_KEY,
+        WRONG_UPSTREAM_KEY,
+        OTHER_UPSTREAM_KEY,
+        TOKEN_RW,
+        TOKEN_RO,
+        ADMIN_TOKEN,
+        &sha256_hex(TOKEN_RW),
+        &sha256_hex(UPSTREAM_KEY),
+    ] {
+        assert!(!dump.contains(canary), "{canary} in Redis: {dump}");
+    }
     r.stop().await;
 }
 
@@ -318,7 +583,8 @@ async fn losing_redis_degrades_without_hanging_and_recovers() {
         return;
     };
     let port = redis.port;
-    let r = Replicas::start(&redis, 2, "").await;
+    // Shared fetch on: a dead Redis must not hold fills either.
+    let r = Replicas::start(&redis, 2, "shared_cache = true\n").await;
     let c = TestClient::http1();
     let auth = bearer(TOKEN_RW);
     redis.stop();
@@ -355,5 +621,50 @@ async fn losing_redis_degrades_without_hanging_and_recovers() {
         .await;
     let res = c.get(&r.url(0, "/app"), &[("authorization", &auth)]).await;
     assert_eq!(res.status, StatusCode::OK);
+    r.stop().await;
+}
+
+/// The wait for another replica's fetch is bounded: past `shared_wait` each
+/// replica fetches for itself instead of queueing behind a slow upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_fetch_waits_no_longer_than_shared_wait() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(
+        &redis,
+        3,
+        "shared_cache = true\nshared_lock = \"5s\"\nshared_wait = \"100ms\"\n",
+    )
+    .await;
+    r.mock.set_faults(mock_upstream::Faults {
+        latency_ms: 700,
+        ..Default::default()
+    });
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RW);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
+            tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        r.mock
+            .stats()
+            .by_route
+            .get("GET /app")
+            .copied()
+            .unwrap_or(0),
+        3,
+        "the two waiters gave up after 100ms and fetched themselves"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1300),
+        "nobody queued behind the slow fetch: {elapsed:?}"
+    );
     r.stop().await;
 }

@@ -113,6 +113,8 @@ pub struct Cache {
     backoff: Mutex<HashMap<Arc<str>, Instant>>,
     /// Cluster mode: where this replica's invalidations and purges go.
     fanout: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::cluster::FanOut>>,
+    /// Cluster mode with `shared_cache`: fills ask Redis first (`cluster::shared`).
+    shared: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     clock: SharedClock,
 }
 
@@ -148,6 +150,7 @@ impl Cache {
             epoch: AtomicU64::new(0),
             backoff: Mutex::new(HashMap::new()),
             fanout: std::sync::OnceLock::new(),
+            shared: std::sync::OnceLock::new(),
             clock,
         })
     }
@@ -181,6 +184,9 @@ impl Cache {
     fn invalidate(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
         self.invalidate_local(scopes, exact, prefixes);
         if let Some(out) = self.fanout.get() {
+            if let Some(c) = self.shared.get() {
+                c.note_local_change();
+            }
             let _ = out.send(crate::cluster::FanOut::Invalidate {
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 exact: exact.to_vec(),
@@ -192,6 +198,11 @@ impl Cache {
     /// Sends this replica's invalidations and purges to the cluster.
     pub fn set_fanout(&self, out: tokio::sync::mpsc::UnboundedSender<crate::cluster::FanOut>) {
         let _ = self.fanout.set(out);
+    }
+
+    /// Fills look for the response in Redis first (`[cluster] shared_cache`).
+    pub fn set_shared(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.shared.set(cluster);
     }
 
     /// Applies a change another replica made.
@@ -236,6 +247,9 @@ impl Cache {
     /// Returns the number of entries before the purge (an upper bound of what it dropped).
     pub fn purge(&self, what: &PurgeScope) -> u64 {
         if let Some(out) = self.fanout.get() {
+            if let Some(c) = self.shared.get() {
+                c.note_local_change();
+            }
             let _ = out.send(crate::cluster::FanOut::Purge {
                 scope: what.scope.clone(),
                 path_prefix: what.path_prefix.clone(),
@@ -490,6 +504,41 @@ const CONDITIONAL: [HeaderName; 5] = [
 ];
 
 impl Fill {
+    /// Cluster mode with `shared_cache`: a shared entry instead of an upstream
+    /// request, or the fetch with the right to share it (`cluster::shared`).
+    async fn run_shared(self) -> FetchResult {
+        // A caller that asked for revalidation gets the upstream's answer.
+        let revalidate = self.policy.allow_client_revalidate
+            && policy::client_wants_revalidation(&self.template.headers);
+        let Some(cluster) = self.cache.shared.get().filter(|_| !revalidate).cloned() else {
+            return self.run().await;
+        };
+        let (cache, key) = (self.cache.clone(), self.key.clone());
+        let epoch = cache.epoch.load(Ordering::SeqCst);
+        match cluster.shared_before(&key, cache.clock.now()).await {
+            crate::cluster::shared::Before::Hit(entry) => {
+                if cache.epoch.load(Ordering::SeqCst) == epoch {
+                    cache.entries.insert(key, entry.clone());
+                }
+                FetchResult::Stored {
+                    fwd_status: entry.status.as_u16(),
+                    entry,
+                    upstream: None,
+                }
+            }
+            crate::cluster::shared::Before::Fetch(ticket) => {
+                let result = self.run().await;
+                let stored = match &result {
+                    FetchResult::Stored { entry, .. } => Some(entry.clone()),
+                    _ => None,
+                };
+                cluster.shared_after(ticket, stored, cache.clock.now());
+                result
+            }
+            crate::cluster::shared::Before::Bypass => self.run().await,
+        }
+    }
+
     /// One upstream GET for `key`; stores what the policy allows.
     async fn run(self) -> FetchResult {
         let Fill {
@@ -709,7 +758,7 @@ impl CacheService {
         let deadline = cache.settings.coalesce_timeout;
         let task = tokio::spawn(async move {
             // A trickling upstream cannot hold a fill (and its waiters) forever.
-            let result = tokio::time::timeout(deadline, fill.run())
+            let result = tokio::time::timeout(deadline, fill.run_shared())
                 .await
                 .unwrap_or(FetchResult::Failed(GatewayError::UpstreamTimeout));
             cache2

@@ -139,10 +139,23 @@ impl CachedResponse {
 /// links and spare capacity: ~200 bytes more per entry for the five headers
 /// of a typical answer). A hit builds its map from it, sized for the headers
 /// the gateway adds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredHeaders(Box<[(HeaderName, HeaderValue)]>);
 
 impl StoredHeaders {
+    /// An owned copy of `headers` (see [`owned`]).
+    pub fn from_map(headers: &HeaderMap) -> Self {
+        owned(headers)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
@@ -162,6 +175,18 @@ impl StoredHeaders {
             map.append(n.clone(), v.clone());
         }
         map
+    }
+}
+
+impl<'a> IntoIterator for &'a StoredHeaders {
+    type Item = (&'a HeaderName, &'a HeaderValue);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (HeaderName, HeaderValue)>,
+        fn(&'a (HeaderName, HeaderValue)) -> (&'a HeaderName, &'a HeaderValue),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, v)| (n, v))
     }
 }
 
