@@ -186,8 +186,15 @@ impl Replicas {
         let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
+        // Short Redis calls by default (the degraded-mode tests rely on it);
+        // a test may set its own `timeout`.
+        let timeout = if sections.contains("timeout =") {
+            ""
+        } else {
+            "timeout = \"200ms\"\n"
+        };
         let cluster = format!(
-            "[cluster]\nredis_url = \"{}\"\ntimeout = \"200ms\"\nheartbeat = \"200ms\"\n{sections}",
+            "[cluster]\nredis_url = \"{}\"\n{timeout}heartbeat = \"200ms\"\n{sections}",
             redis.url()
         );
         let mut gateways = Vec::new();
@@ -395,7 +402,9 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
     let r = Replicas::start(
         &redis,
         3,
-        "shared_cache = true\nshared_lock = \"2s\"\nshared_wait = \"1s\"\n",
+        // A lookup that timed out on a loaded machine would fetch on its own
+        // and make this count 2: a generous Redis timeout here.
+        "shared_cache = true\nshared_lock = \"2s\"\nshared_wait = \"1s\"\ntimeout = \"1s\"\n",
     )
     .await;
     r.mock.set_faults(mock_upstream::Faults {
