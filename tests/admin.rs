@@ -332,6 +332,69 @@ fn without_reader(text: String) -> String {
     format!("{}{}", &text[..start], &text[end..])
 }
 
+/// Status of one `Content-Length` answer read from a raw keep-alive connection.
+async fn raw_status(s: &mut tokio::net::TcpStream, request: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    return head[9..12].parse::<u16>().unwrap();
+                }
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer within 5 s")
+}
+
+#[tokio::test]
+async fn a_reload_applies_to_the_next_request_on_an_open_connection() {
+    // Each connection keeps its own copy of the request path (listener.rs):
+    // a reload must still reach a keep-alive connection opened before it.
+    let g = FileGateway::start(|t| t.replace("poll_interval = \"200ms\"", "watch = false")).await;
+    let mut conn = tokio::net::TcpStream::connect(g.gateway.local_addr())
+        .await
+        .unwrap();
+    let get = format!("GET /app HTTP/1.1\r\nhost: gw\r\nx-api-key: {TOKEN_RO}\r\n\r\n");
+    assert_eq!(raw_status(&mut conn, &get).await, 200);
+    assert_eq!(
+        raw_status(&mut conn, &get).await,
+        200,
+        "served from the cache"
+    );
+
+    g.rewrite(without_reader);
+    let c = TestClient::http1();
+    let r = c
+        .send(
+            Method::POST,
+            &g.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(
+        raw_status(&mut conn, &get).await,
+        401,
+        "the same connection sees the reloaded config (the token is revoked)"
+    );
+}
+
 #[tokio::test]
 async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
     let g = FileGateway::start(|t| t.replace("poll_interval = \"200ms\"", "watch = false")).await;
