@@ -467,6 +467,26 @@ impl From<SecretSourceRepr> for SecretSource {
     }
 }
 
+/// Largest secret file read (a key or a URL is a few hundred bytes; a path
+/// pointing at something else by mistake should not be read whole).
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+/// Largest JWKS file read.
+pub const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// A UTF-8 file of at most `max` bytes; bigger is an error naming the limit.
+pub fn read_limited(path: &Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(text)
+}
+
 impl SecretSource {
     /// Resolves the secret. `Ok((secret, inline))`.
     fn load(&self) -> Result<(Secret, bool), String> {
@@ -477,7 +497,7 @@ impl SecretSource {
                 false,
             ),
             SecretSource::File(path) => (
-                std::fs::read_to_string(path)
+                read_limited(path, MAX_SECRET_FILE_BYTES)
                     .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?,
                 false,
             ),
@@ -1636,7 +1656,7 @@ fn validate_jwt(
             }
         }
         (None, Some(f), None) => {
-            match std::fs::read_to_string(f)
+            match read_limited(f, MAX_JWKS_FILE_BYTES)
                 .map_err(|e| format!("cannot read {}: {e}", f.display()))
                 .and_then(|t| crate::jwt::parse_jwks(&t).map(|_| ()))
             {
@@ -1806,6 +1826,28 @@ teams = ["acme"]
         assert_eq!(c.teams[0].api_key.expose(), "file-secret-canary");
         assert!(!format!("{c:?}").contains("file-secret-canary"));
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn oversized_secret_file_is_refused_with_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big");
+        std::fs::write(&f, "k".repeat(MAX_SECRET_FILE_BYTES as usize + 1)).unwrap();
+        let text = base("").replace(
+            "api_key = { value = \"k1\" }",
+            &format!("api_key = {{ file = \"{}\" }}", f.display()),
+        );
+        let e = errors(&text);
+        assert_eq!(e[0].field, "teams[0].api_key");
+        assert!(
+            e[0].reason
+                .contains(&format!("larger than {MAX_SECRET_FILE_BYTES} bytes")),
+            "{}",
+            e[0].reason
+        );
+        // Exactly at the limit is read (and then judged as a secret).
+        std::fs::write(&f, "k".repeat(MAX_SECRET_FILE_BYTES as usize)).unwrap();
+        assert!(read_limited(&f, MAX_SECRET_FILE_BYTES).is_ok());
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Verifier {
                 key: DecodingKey::from_secret(secret.expose().as_bytes()),
             })],
             KeySource::JwksFile(path) => {
-                let text = std::fs::read_to_string(path)
+                let text = crate::config::read_limited(path, crate::config::MAX_JWKS_FILE_BYTES)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 into_keys(parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?)
             }
