@@ -419,12 +419,25 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
     };
     let cold: Vec<_> = (0..9).map(|i| get(i % 3)).collect();
     let mut bodies = Vec::new();
+    let mut shared = 0;
     for t in cold {
         let res = t.await.unwrap();
         assert_eq!(res.status, StatusCode::OK);
+        let status = res
+            .headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if status.contains("detail=shared") {
+            assert!(!status.contains("fwd-status"), "{status}");
+            shared += 1;
+        }
         bodies.push(res.body);
     }
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    // The two replicas that did not fetch say where their answer came from.
+    assert!(shared >= 2, "{shared} answers marked detail=shared");
     assert_eq!(
         r.mock
             .stats()

@@ -71,6 +71,8 @@ enum FetchResult {
         entry: Arc<CachedResponse>,
         fwd_status: u16,
         upstream: Option<UpstreamInfo>,
+        /// Taken from another replica's shared fetch, not from the upstream.
+        shared: bool,
     },
     /// A complete (small) response that is not stored; served to every waiter.
     NotStored {
@@ -524,6 +526,7 @@ impl Fill {
                     fwd_status: entry.status.as_u16(),
                     entry,
                     upstream: None,
+                    shared: true,
                 }
             }
             crate::cluster::shared::Before::Fetch(ticket) => {
@@ -622,6 +625,7 @@ impl Fill {
                         entry,
                         fwd_status: 304,
                         upstream,
+                        shared: false,
                     };
                 }
             }
@@ -713,6 +717,7 @@ impl Fill {
                     entry,
                     fwd_status: status.as_u16(),
                     upstream,
+                    shared: false,
                 }
             }
             Err(reason) => FetchResult::NotStored {
@@ -905,6 +910,7 @@ impl CacheService {
                 entry,
                 fwd_status,
                 upstream,
+                shared,
             } => {
                 if entry.variant != key.variant && entry.variant != 0 && collapsed {
                     // Another variant filled this flight: fetch our own, uncoalesced.
@@ -912,18 +918,18 @@ impl CacheService {
                     let res = call_inner(self.inner.clone(), req).await?;
                     return Ok(finish(res, CacheStatus::Bypass(NoStoreReason::Status)));
                 }
-                count(
-                    &route_label,
-                    &scope,
-                    if collapsed { "collapsed" } else { "miss" },
-                );
-                let mut res = from_entry(
-                    &entry,
-                    &method,
-                    if_none_match.as_ref(),
-                    now,
-                    outcome(fwd_status, true, None),
-                );
+                let status = if shared {
+                    CacheStatus::Shared { collapsed }
+                } else {
+                    outcome(fwd_status, true, None)
+                };
+                let counted = match status {
+                    CacheStatus::Shared { .. } => "shared",
+                    _ if collapsed => "collapsed",
+                    _ => "miss",
+                };
+                count(&route_label, &scope, counted);
+                let mut res = from_entry(&entry, &method, if_none_match.as_ref(), now, status);
                 // The upstream's status and latency, for the log line of the caller that led.
                 if let (Some(info), false) = (upstream, collapsed) {
                     res.extensions_mut().insert(info);

@@ -25,6 +25,9 @@ pub enum CacheStatus {
         collapsed: bool,
         reason: Option<NoStoreReason>,
     },
+    /// No usable entry here; another replica's shared fetch (cluster mode,
+    /// `shared_cache`) answered it without an upstream request. Stored.
+    Shared { collapsed: bool },
     /// A stale entry was revalidated or replaced upstream.
     Revalidated {
         fwd_status: u16,
@@ -51,6 +54,7 @@ impl CacheStatus {
                 collapsed: true, ..
             } => "collapsed",
             CacheStatus::Miss { .. } => "miss",
+            CacheStatus::Shared { .. } => "shared",
             CacheStatus::Revalidated { .. } => "revalidated",
             CacheStatus::ClientRevalidate { .. } => "client-revalidate",
             CacheStatus::StaleIfError { .. } => "stale-if-error",
@@ -102,6 +106,14 @@ impl CacheStatus {
                     s.push_str("; detail=");
                     s.push_str(r.as_str());
                 }
+                s
+            }
+            CacheStatus::Shared { collapsed } => {
+                let mut s = format!("{CACHE_NAME}; fwd=uri-miss; stored");
+                if *collapsed {
+                    s.push_str("; collapsed");
+                }
+                s.push_str("; detail=shared");
                 s
             }
             CacheStatus::Revalidated {
@@ -167,6 +179,11 @@ mod tests {
             CacheStatus::Bypass(NoStoreReason::Method).header_value(),
             "rungen-gateway; fwd=bypass; detail=method"
         );
+        assert_eq!(
+            CacheStatus::Shared { collapsed: true }.header_value(),
+            "rungen-gateway; fwd=uri-miss; stored; collapsed; detail=shared"
+        );
+        assert_eq!(CacheStatus::Shared { collapsed: false }.as_str(), "shared");
         assert_eq!(
             CacheStatus::Miss {
                 fwd_status: 200,
