@@ -384,8 +384,9 @@ struct RawTeam {
 #[serde(deny_unknown_fields)]
 struct RawClient {
     name: String,
+    /// The hex digest, inline or, like a secret, `{ env }` / `{ file }`.
     #[serde(default)]
-    token_sha256: Option<String>,
+    token_sha256: Option<SecretSource>,
     #[serde(default)]
     cert_names: Vec<String>,
     teams: Vec<String>,
@@ -1460,7 +1461,19 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
                 "a client is one of: token/certificate (token_sha256, cert_names), public = true, or jwt = { ... }",
             );
         }
-        match c.token_sha256.as_deref().map(|t| hex::decode(t.trim())) {
+        if let Some(SecretSource::File(f)) = &c.token_sha256 {
+            secret_files.push(f.clone());
+        }
+        // A digest is not a secret: inline is the normal form (no warning).
+        let hash_text = match c.token_sha256.as_ref().map(SecretSource::load) {
+            None => None,
+            Some(Ok((text, _inline))) => Some(text),
+            Some(Err(reason)) => {
+                p.push(field("token_sha256"), reason);
+                continue;
+            }
+        };
+        match hash_text.map(|t| hex::decode(t.expose().trim())) {
             None if !c.cert_names.is_empty() || c.public || c.jwt.is_some() => {}
             None => p.push(
                 field("token_sha256"),
@@ -1848,6 +1861,36 @@ teams = ["acme"]
         // Exactly at the limit is read (and then judged as a secret).
         std::fs::write(&f, "k".repeat(MAX_SECRET_FILE_BYTES as usize)).unwrap();
         assert!(read_limited(&f, MAX_SECRET_FILE_BYTES).is_ok());
+    }
+
+    #[test]
+    fn token_hash_may_come_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hash");
+        std::fs::write(&f, format!("{TOKEN_HASH}\n")).unwrap();
+        let text = base("").replace(
+            &format!("token_sha256 = \"{TOKEN_HASH}\""),
+            &format!("token_sha256 = {{ file = \"{}\" }}", f.display()),
+        );
+        let c = Config::from_toml(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(
+            c.clients[0].token_sha256.map(hex::encode).as_deref(),
+            Some(TOKEN_HASH)
+        );
+        assert!(c.secret_files.contains(&f), "watched for reloads");
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("token_sha256")),
+            "a digest is not a secret: {:?}",
+            c.warnings
+        );
+
+        let text = base("").replace(
+            &format!("token_sha256 = \"{TOKEN_HASH}\""),
+            "token_sha256 = { env = \"RUNGEN_GATEWAY_TEST_SURELY_UNSET\" }",
+        );
+        let e = errors(&text);
+        assert_eq!(e[0].field, "clients[0].token_sha256");
+        assert!(e[0].reason.contains("RUNGEN_GATEWAY_TEST_SURELY_UNSET"));
     }
 
     #[test]
