@@ -632,7 +632,7 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (Some(caller), true) = (
             req.extensions().get::<Caller>(),
-            self.limits.settings().enabled,
+            self.limits.settings.load().enabled,
         ) else {
             return self.inner.call(req).boxed();
         };
@@ -802,7 +802,7 @@ where
             .extensions()
             .get::<Caller>()
             .map(|c| c.scope.name.clone());
-        let state = match (&scope_name, self.limits.settings().enabled) {
+        let state = match (&scope_name, self.limits.settings.load().enabled) {
             (Some(name), true) => self.limits.scope(name),
             _ => None,
         };

@@ -305,6 +305,17 @@ impl FileGateway {
         format!("http://{}{}", self.gateway.admin_addr().unwrap(), p)
     }
 
+    /// `POST /reload` with the admin token.
+    async fn reload(&self, c: &TestClient) -> Reply {
+        c.send(
+            Method::POST,
+            &self.admin("/reload"),
+            &[("authorization", &admin_auth())],
+            None,
+        )
+        .await
+    }
+
     fn rewrite(&self, f: impl Fn(String) -> String) {
         let text = std::fs::read_to_string(&self.path).unwrap();
         write_atomically(&self.path, &f(text));
@@ -379,14 +390,7 @@ async fn a_reload_applies_to_the_next_request_on_an_open_connection() {
 
     g.rewrite(without_reader);
     let c = TestClient::http1();
-    let r = c
-        .send(
-            Method::POST,
-            &g.admin("/reload"),
-            &[("authorization", &admin_auth())],
-            None,
-        )
-        .await;
+    let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(
         raw_status(&mut conn, &get).await,
@@ -403,14 +407,7 @@ async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
     assert_eq!(r.status, StatusCode::OK);
 
     g.rewrite(without_reader);
-    let r = c
-        .send(
-            Method::POST,
-            &g.admin("/reload"),
-            &[("authorization", &admin_auth())],
-            None,
-        )
-        .await;
+    let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(r.json()["generation"], 2);
     let r = c.get(&g.url("/app"), &[("x-api-key", TOKEN_RO)]).await;
@@ -423,14 +420,7 @@ async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
     // A bad config is refused; the old one keeps serving and readiness stays up.
     let metrics_before = c.get(&g.admin("/metrics"), &[]).await.text();
     g.rewrite(|t| t.replace("request_timeout = \"2s\"", "request_timeout = \"whenever\""));
-    let r = c
-        .send(
-            Method::POST,
-            &g.admin("/reload"),
-            &[("authorization", &admin_auth())],
-            None,
-        )
-        .await;
+    let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     let msg = r.error_message();
     assert!(
@@ -459,14 +449,7 @@ async fn reload_by_admin_call_revokes_a_token_and_refuses_a_bad_config() {
         t.replace("request_timeout = \"whenever\"", "request_timeout = \"2s\"")
             + "\n[cache]\nenabled = false\n"
     });
-    let r = c
-        .send(
-            Method::POST,
-            &g.admin("/reload"),
-            &[("authorization", &admin_auth())],
-            None,
-        )
-        .await;
+    let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     let before = g.mock.stats().total;
     for _ in 0..3 {
@@ -538,14 +521,7 @@ async fn an_in_flight_request_survives_a_reload() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     g.rewrite(without_reader);
-    let r = c
-        .send(
-            Method::POST,
-            &g.admin("/reload"),
-            &[("authorization", &admin_auth())],
-            None,
-        )
-        .await;
+    let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::OK);
     let r = slow.await.unwrap();
     assert_eq!(

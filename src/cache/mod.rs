@@ -814,11 +814,11 @@ impl CacheService {
         let now = cache.clock.now();
         let method = req.method().clone();
         let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
-        let route_label = route.as_str().to_string();
+        let route_label = route.as_str();
 
         if let Some(entry) = &entry {
             if !client_revalidate && entry.usable(now) && cache.in_backoff(&scope, now) {
-                count(&route_label, &scope, "stale-backoff");
+                count(route_label, &scope, "stale-backoff");
                 return Ok(from_entry(
                     entry,
                     &method,
@@ -839,7 +839,7 @@ impl CacheService {
                     policy: policy.clone(),
                     route: route.clone(),
                 });
-                count(&route_label, &scope, "stale");
+                count(route_label, &scope, "stale");
                 return Ok(from_entry(
                     entry,
                     &method,
@@ -895,7 +895,7 @@ impl CacheService {
                 .as_ref()
                 .filter(|s| s.within_stale_if_error(now))
                 .map(|s| {
-                    count(&route_label, &scope, "stale-if-error");
+                    count(route_label, &scope, "stale-if-error");
                     from_entry(
                         s,
                         &method,
@@ -914,7 +914,7 @@ impl CacheService {
             } => {
                 if entry.variant != key.variant && entry.variant != 0 && collapsed {
                     // Another variant filled this flight: fetch our own, uncoalesced.
-                    count(&route_label, &scope, "bypass");
+                    count(route_label, &scope, "bypass");
                     let res = call_inner(self.inner.clone(), req).await?;
                     return Ok(finish(res, CacheStatus::Bypass(NoStoreReason::Status)));
                 }
@@ -928,7 +928,7 @@ impl CacheService {
                     _ if collapsed => "collapsed",
                     _ => "miss",
                 };
-                count(&route_label, &scope, counted);
+                count(route_label, &scope, counted);
                 let mut res = from_entry(&entry, &method, if_none_match.as_ref(), now, status);
                 // The upstream's status and latency, for the log line of the caller that led.
                 if let (Some(info), false) = (upstream, collapsed) {
@@ -943,7 +943,7 @@ impl CacheService {
                     }
                 }
                 count(
-                    &route_label,
+                    route_label,
                     &scope,
                     if collapsed { "collapsed" } else { "miss" },
                 );
@@ -952,7 +952,7 @@ impl CacheService {
             }
             FetchResult::Streaming(slot) => {
                 let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-                count(&route_label, &scope, "bypass");
+                count(route_label, &scope, "bypass");
                 match taken {
                     Some(mut res) => {
                         if method == Method::HEAD {
@@ -976,7 +976,7 @@ impl CacheService {
                 );
                 if budget {
                     if let Some(s) = stale.as_ref().filter(|s| s.usable(now)) {
-                        count(&route_label, &scope, "stale-budget");
+                        count(route_label, &scope, "stale-budget");
                         return Ok(from_entry(
                             s,
                             &method,

@@ -165,7 +165,7 @@ impl StoredHeaders {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.0.iter().map(|(n, v)| (n, v))
+        self.into_iter()
     }
 
     /// A `HeaderMap` of these headers with room for `extra` more.
