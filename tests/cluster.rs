@@ -227,6 +227,13 @@ impl Replicas {
         format!("http://{}{}", self.gateways[i].local_addr(), path)
     }
 
+    /// `GET /app` on replica `i` as `TOKEN_RW`, in its own task (for callers
+    /// that must be in the air at once).
+    fn spawn_get_app(&self, c: &TestClient, i: usize) -> tokio::task::JoinHandle<Reply> {
+        let (c, auth, url) = (c.clone(), bearer(TOKEN_RW), self.url(i, "/app"));
+        tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+    }
+
     async fn stop(self) {
         for g in self.gateways {
             g.stop().await;
@@ -413,11 +420,7 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
     });
     let c = TestClient::http1();
     let auth = bearer(TOKEN_RW);
-    let get = |i: usize| {
-        let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
-        tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
-    };
-    let cold: Vec<_> = (0..9).map(|i| get(i % 3)).collect();
+    let cold: Vec<_> = (0..9).map(|i| r.spawn_get_app(&c, i % 3)).collect();
     let mut bodies = Vec::new();
     let mut shared = 0;
     for t in cold {
@@ -451,7 +454,7 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
     // Every replica now has it locally.
     for i in 0..3 {
         assert_eq!(
-            status(&get(i).await.unwrap()),
+            status(&r.spawn_get_app(&c, i).await.unwrap()),
             "rungen-gateway; hit",
             "replica {i}"
         );
@@ -473,11 +476,22 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
         )
         .await;
     assert!(res.status.is_success());
-    assert!(get(0).await.unwrap().text().contains("shared-fan-out"));
+    assert!(
+        r.spawn_get_app(&c, 0)
+            .await
+            .unwrap()
+            .text()
+            .contains("shared-fan-out")
+    );
     let started = Instant::now();
     for i in 1..3 {
         loop {
-            if get(i).await.unwrap().text().contains("shared-fan-out") {
+            if r.spawn_get_app(&c, i)
+                .await
+                .unwrap()
+                .text()
+                .contains("shared-fan-out")
+            {
                 break;
             }
             assert!(
@@ -493,7 +507,7 @@ async fn shared_fetch_costs_one_upstream_request_per_key() {
         .cache()
         .purge(&rungen_gateway::cache::PurgeScope::default());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let res = get(0).await.unwrap();
+    let res = r.spawn_get_app(&c, 0).await.unwrap();
     assert!(status(&res).contains("fwd=uri-miss"), "{}", status(&res));
     assert_eq!(
         r.mock.stats().by_route["GET /app"],
@@ -662,14 +676,8 @@ async fn shared_fetch_waits_no_longer_than_shared_wait() {
         ..Default::default()
     });
     let c = TestClient::http1();
-    let auth = bearer(TOKEN_RW);
     let started = Instant::now();
-    let tasks: Vec<_> = (0..3)
-        .map(|i| {
-            let (c, auth, url) = (c.clone(), auth.clone(), r.url(i, "/app"));
-            tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
-        })
-        .collect();
+    let tasks: Vec<_> = (0..3).map(|i| r.spawn_get_app(&c, i)).collect();
     for t in tasks {
         assert_eq!(t.await.unwrap().status, StatusCode::OK);
     }
