@@ -110,8 +110,38 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         }
         metrics::gauge!("rungen_gateway_build_info", "version" => env!("CARGO_PKG_VERSION"))
             .set(1.0);
+        spawn_upkeep(handle.clone());
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets.
+pub const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A recorder built with `build_recorder` (we serve `/metrics` ourselves)
+/// keeps every histogram sample in a queue until something drains it: a
+/// scrape, or `run_upkeep`. Without this a gateway nobody scrapes (admin
+/// listener off, Prometheus not configured yet) grows by ~20 bytes per
+/// request, about 1.5 MB/s at 80k req/s. One thread for the process (the
+/// recorder is process-wide and outlives any one runtime), asleep between runs.
+fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                handle.run_upkeep();
+                // The drained sample blocks are freed through crossbeam-epoch,
+                // deferred in this thread's bag until it holds 64 batches:
+                // hand them over and let the epoch advance so they go now.
+                for _ in 0..3 {
+                    crossbeam_epoch::pin().flush();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histogram samples are drained only by scrapes");
+    }
 }
 
 /// `1xx`..`5xx`.
