@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -458,6 +459,9 @@ class Checker:
                 return "redis://redis:6379\n"
             if kind == "hmac_secret":
                 return f"ci-stub-hmac-{key}-".ljust(48, "x") + "\n"
+            if kind == "token_sha256":
+                # A valid hash, distinct per key (the gateway refuses two clients with one hash).
+                return hashlib.sha256(f"ci-stub-token-{key}".encode()).hexdigest() + "\n"
             if kind == "jwks_file":
                 return self.jwks_stub()
             return f"ci-stub-{key}"
@@ -491,6 +495,12 @@ class Checker:
             else:
                 self.fail(f"cluster.redis_url is not a {{ file = ... }} reference (it is a secret): {url!r}")
         for i, client in enumerate(toml.get("clients", [])):
+            token = client.get("token_sha256")
+            if isinstance(token, dict):
+                if set(token) == {"file"}:
+                    referenced.append((f"clients[{i}].token_sha256", token["file"]))
+                else:
+                    self.fail(f"clients[{i}].token_sha256 is neither inline nor a {{ file = ... }} reference: {token!r}")
             jwt = client.get("jwt")
             if not isinstance(jwt, dict):
                 continue
@@ -565,6 +575,15 @@ class Checker:
             "bad duration": {"config": {"upstream": {"connectTimeout": 2}}},
             "quota with both rates": {"config": {"rateLimit": {"default": {"perSecond": 1, "perMinute": 60}}}},
             "bad token hash": {"clients": [{"name": "a", "tokenSha256": "xyz", "teams": ["personal"]}]},
+            "token hash both inline and from a Secret": {"clients": [{"name": "a", "tokenSha256": "a" * 64,
+                                                                      "tokenSha256Secret": {"existingSecret": "s"},
+                                                                      "teams": ["personal"]}]},
+            "token hash Secret without existingSecret": {"clients": [{"name": "a", "tokenSha256Secret": {"key": "k"},
+                                                                      "teams": ["personal"]}]},
+            "jwt client with a token hash Secret": {"clients": [{"name": "a", "teams": ["personal"],
+                                                                 "tokenSha256Secret": {"existingSecret": "s"},
+                                                                 "jwt": {"issuer": "https://i", "audience": "x",
+                                                                         "jwksUrl": "https://i/jwks"}}]},
             "bad team name": {"teams": [{"name": "../etc"}]},
             "unknown key in config.cluster": {"config": {"cluster": {"redisURL": "redis://r:6379"}}},
             "cluster without a Redis URL": {"config": {"cluster": {"enabled": True}}},
@@ -605,6 +624,8 @@ class Checker:
         base = checksum({})
         hot = {
             "clients": {"clients": [{"name": "x", "tokenSha256": "a" * 64, "teams": ["personal"]}]},
+            "client token hash in a Secret": {"clients": [{"name": "x", "teams": ["personal"],
+                                                           "tokenSha256Secret": {"existingSecret": "t", "key": "x"}}]},
             "teams": {"teams": [{"name": "personal"}, {"name": "acme", "teamId": "t"}]},
             "rate limits": {"config": {"rateLimit": {"maxInFlight": 10}}},
             "upstream": {"config": {"upstream": {"requestTimeout": "5s"}}},

@@ -188,9 +188,10 @@ bindAddress, the plaintext listener), TLS settings, the header limits / connecti
 streams / header_read_timeout / max_requests_per_connection, shutdown_timeout, the admin listener,
 [logging], [reload], the cache's size bounds and coalesce timeout, and [cluster] (including the
 chart-held Redis URL; a Redis URL in an existing Secret is not visible here: roll the pods yourself
-after changing it). Everything else (upstream, rate limits, teams, clients and their JWT keys, the
-admin token, API keys, certificate files, cache route policies, body and URI limits, drain delay)
-is hot reloaded and deliberately left out, so editing it never rolls the pods.
+after changing it). Everything else (upstream, rate limits, teams, clients and their JWT keys and
+token hashes, inline or in a Secret, the admin token, API keys, certificate files, cache route
+policies, body and URI limits, drain delay) is hot reloaded and deliberately left out, so editing it
+never rolls the pods.
 */}}
 {{- define "rungen-gateway.restartSettings" -}}
 {{- $srv := .Values.config.server }}
@@ -243,9 +244,9 @@ Name of the chart-created Secret for the Redis URL and JWT HMAC secrets given as
 
 {{/*
 Secret files besides the API keys, all mounted under /etc/rungen-gateway/secrets/<key>: the Redis
-URL (config.cluster.redisUrl) and each JWT client's HMAC secret (clients[].jwt.hmacSecret), from
-the chart-created Secret (value) or an existing Secret. JSON: {"refs": [{what, secret, key,
-value, chart}]}.
+URL (config.cluster.redisUrl), each JWT client's HMAC secret (clients[].jwt.hmacSecret), from the
+chart-created Secret (value) or an existing Secret, and each token hash kept in an existing Secret
+(clients[].tokenSha256Secret). JSON: {"refs": [{what, secret, key, value, chart}]}.
 */}}
 {{- define "rungen-gateway.extraSecretRefs" -}}
 {{- $refs := list }}
@@ -261,6 +262,10 @@ value, chart}]}.
 {{- end }}
 {{- range .Values.clients }}
 {{- $client := . }}
+{{- with .tokenSha256Secret }}
+{{- $key := .key | default (printf "token-sha256-%s" $client.name) }}
+{{- $refs = append $refs (dict "what" (printf "clients[%s].tokenSha256Secret" $client.name) "secret" .existingSecret "key" $key "value" "" "chart" false) }}
+{{- end }}
 {{- if and .jwt .jwt.hmacSecret }}
 {{- $h := .jwt.hmacSecret }}
 {{- $key := $h.key | default (printf "jwt-%s" $client.name) }}
@@ -390,14 +395,20 @@ Render-time checks with a clear message (the gateway's own check-config covers t
 {{- end }}
 {{- $_ := set $clientNames .name true }}
 {{- $kinds := list }}
-{{- if or .tokenSha256 .certNames }}{{ $kinds = append $kinds "tokenSha256/certNames" }}{{ end }}
+{{- if and .tokenSha256 .tokenSha256Secret }}
+{{- fail (printf "clients[%s]: give the token hash either inline (tokenSha256) or from a Secret (tokenSha256Secret), not both" .name) }}
+{{- end }}
+{{- if and .tokenSha256Secret (not .tokenSha256Secret.existingSecret) }}
+{{- fail (printf "clients[%s].tokenSha256Secret needs existingSecret (the Secret holding the hash under key)" .name) }}
+{{- end }}
+{{- if or .tokenSha256 .tokenSha256Secret .certNames }}{{ $kinds = append $kinds "tokenSha256/tokenSha256Secret/certNames" }}{{ end }}
 {{- if .public }}{{ $kinds = append $kinds "public: true" }}{{ end }}
 {{- if .jwt }}{{ $kinds = append $kinds "jwt" }}{{ end }}
 {{- if gt (len $kinds) 1 }}
-{{- fail (printf "clients[%s]: a client is one of token/certificate (tokenSha256, certNames), public: true, or jwt; it has %s" .name (join " and " $kinds)) }}
+{{- fail (printf "clients[%s]: a client is one of token/certificate (tokenSha256 or tokenSha256Secret, certNames), public: true, or jwt; it has %s" .name (join " and " $kinds)) }}
 {{- end }}
 {{- if eq (len $kinds) 0 }}
-{{- fail (printf "clients[%s]: needs tokenSha256, certNames, public: true or jwt" .name) }}
+{{- fail (printf "clients[%s]: needs tokenSha256, tokenSha256Secret, certNames, public: true or jwt" .name) }}
 {{- end }}
 {{- if and .public (not .allowedOrigins) }}
 {{- fail (printf "clients[%s]: a public client is matched by Origin: list at least one in allowedOrigins" .name) }}
@@ -432,7 +443,7 @@ Render-time checks with a clear message (the gateway's own check-config covers t
 {{- if hasKey $files .key }}
 {{- $other := get $files .key }}
 {{- if ne (regexReplaceAll " \\(.*" $other "") (printf "%s/%s" .secret .key) }}
-{{- fail (printf "two secrets would both be mounted as /etc/rungen-gateway/secrets/%s: %s and %s; set a different key (teams[].secretKey, config.cluster.redisUrl.key, clients[].jwt.hmacSecret.key)" .key $other $id) }}
+{{- fail (printf "two secrets would both be mounted as /etc/rungen-gateway/secrets/%s: %s and %s; set a different key (teams[].secretKey, config.cluster.redisUrl.key, clients[].jwt.hmacSecret.key, clients[].tokenSha256Secret.key)" .key $other $id) }}
 {{- end }}
 {{- if .chart }}
 {{- fail (printf "two secrets would both be mounted as /etc/rungen-gateway/secrets/%s: %s and %s" .key $other $id) }}
