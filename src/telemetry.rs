@@ -35,15 +35,19 @@ pub fn valid_traceparent(v: &[u8]) -> bool {
         && v[36..52].iter().any(|c| *c != b'0')
 }
 
-fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
-    let id = request_id.as_bytes();
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    let ours = id.len() == 32
+/// 32 lower-case hex digits, not all zero: a W3C trace id.
+fn is_trace_id(id: &[u8]) -> bool {
+    id.len() == 32
         && id
             .iter()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-        && id.iter().any(|c| *c != b'0');
-    if ours {
+        && id.iter().any(|c| *c != b'0')
+}
+
+fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
+    let id = request_id.as_bytes();
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    if is_trace_id(id) {
         out[3..35].copy_from_slice(id);
     } else {
         hex_into(
@@ -58,6 +62,20 @@ fn new_traceparent(request_id: &HeaderValue) -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
     ))
+}
+
+/// For a request about to go upstream: keeps the traceparent [`AccessLog`]
+/// left (a caller's valid one, or one it had to choose), otherwise adds a new
+/// one whose trace id is the request id.
+pub fn ensure_traceparent(headers: &mut http::HeaderMap) {
+    if headers.contains_key(TRACEPARENT) {
+        return;
+    }
+    let tp = match headers.get(X_REQUEST_ID) {
+        Some(id) => new_traceparent(id),
+        None => new_traceparent(&new_request_id()),
+    };
+    headers.insert(TRACEPARENT, tp);
 }
 
 /// Writes the low `out.len()` hex digits of `v` (lower case) into `out`.
@@ -211,18 +229,33 @@ where
         };
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // W3C trace context: a valid caller traceparent continues the trace;
-        // anything else is replaced by a new one whose trace id is the request id.
-        let traceparent = match req.headers().get(TRACEPARENT) {
-            Some(v) if valid_traceparent(v.as_bytes()) => v.clone(),
-            _ => {
-                // A new trace: the caller's trace state belongs to no trace of ours.
-                req.headers_mut().remove(TRACESTATE);
-                new_traceparent(&request_id)
-            }
-        };
+        // anything else is dropped, and the request that goes upstream gets a
+        // new one whose trace id is the request id ([`ensure_traceparent`]; a
+        // cache hit never builds one). Only a caller's own request id that is
+        // not a trace id needs a random trace id, chosen here so the log and
+        // the upstream request agree.
         let mut trace_id = [0u8; 32];
-        trace_id.copy_from_slice(&traceparent.as_bytes()[3..35]);
-        req.headers_mut().insert(TRACEPARENT, traceparent);
+        match req.headers().get(TRACEPARENT) {
+            Some(v) if valid_traceparent(v.as_bytes()) => {
+                trace_id.copy_from_slice(&v.as_bytes()[3..35]);
+            }
+            caller_tp => {
+                let had_tp = caller_tp.is_some();
+                let headers = req.headers_mut();
+                // A new trace: the caller's trace state belongs to no trace of ours.
+                headers.remove(TRACESTATE);
+                if is_trace_id(request_id.as_bytes()) {
+                    trace_id.copy_from_slice(request_id.as_bytes());
+                    if had_tp {
+                        headers.remove(TRACEPARENT);
+                    }
+                } else {
+                    let tp = new_traceparent(&request_id);
+                    trace_id.copy_from_slice(&tp.as_bytes()[3..35]);
+                    headers.insert(TRACEPARENT, tp);
+                }
+            }
+        }
         let method = req.method().clone();
         // The path only (query strings are not logged), and only when the
         // access log is on: a hit should not pay for a line nobody writes.
@@ -341,13 +374,25 @@ thread_local! {
     static HISTOGRAMS: std::cell::RefCell<MemoMap<metrics::Histogram>> = Default::default();
 }
 
+/// A cheap hash of the series: the metric name's address, and of each label
+/// value its length and its first and last eight bytes. Equal series hash
+/// equally; the rare different series with the same hash (values differing
+/// only in the middle) are told apart by the full comparison in [`with_memo`].
+/// Label names are fixed per call site and only compared.
 fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::{BuildHasher, Hasher};
+    fn word(b: &[u8]) -> u64 {
+        let mut w = [0u8; 8];
+        w[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(w)
+    }
     let mut h = foldhash::fast::FixedState::default().build_hasher();
-    name.hash(&mut h);
-    for (k, v) in labels {
-        k.hash(&mut h);
-        v.hash(&mut h);
+    h.write_usize(name.as_ptr() as usize);
+    for (_, v) in labels {
+        let b = v.as_bytes();
+        let n = b.len().min(8);
+        h.write_u64(word(&b[..n]) ^ (b.len() as u64).rotate_left(56));
+        h.write_u64(word(&b[b.len() - n..]));
     }
     h.finish()
 }

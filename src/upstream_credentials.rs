@@ -87,6 +87,7 @@ where
             return std::future::ready(Err(GatewayError::Internal)).boxed();
         };
         strip_caller_headers(req.headers_mut());
+        crate::telemetry::ensure_traceparent(req.headers_mut());
         if let Err(e) = inject(req.headers_mut(), &caller) {
             tracing::error!(scope = %caller.scope.name, "the scope's API key is not a valid header value");
             return std::future::ready(Err(e)).boxed();

@@ -418,6 +418,23 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
         logs.contains("upstream rejected the gateway credential"),
         "{logs}"
     );
+    // The access log's trace id is the one the upstream request carried.
+    let mut traced = 0;
+    for r in mock.requests() {
+        let (Some(id), Some(tp)) = (r.header("x-request-id"), r.header("traceparent")) else {
+            continue;
+        };
+        let line = logs
+            .lines()
+            .find(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
+            .unwrap_or_else(|| panic!("no access log line for request {id}: {logs}"));
+        assert!(
+            line.contains(&format!("\"trace_id\":\"{}\"", &tp[3..35])),
+            "upstream traceparent {tp}, log line {line}"
+        );
+        traced += 1;
+    }
+    assert!(traced > 0, "no upstream request carried a traceparent");
 
     for canary in [
         UPSTREAM_KEY,

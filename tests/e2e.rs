@@ -475,6 +475,33 @@ async fn request_id_is_kept_when_valid_and_generated_otherwise() {
     )
     .await;
     assert_eq!(h.mock.requests()[2].header("traceparent"), Some(caller_tp));
+    // A caller's own request id that is no trace id: a valid traceparent
+    // with a random trace id upstream, and the caller's tracestate dropped.
+    let tp = h.mock.requests()[0]
+        .header("traceparent")
+        .unwrap()
+        .to_string();
+    assert!(
+        rungen_gateway::telemetry::valid_traceparent(tp.as_bytes()),
+        "{tp}"
+    );
+    // An invalid caller traceparent is replaced by one from the request id.
+    let r = c
+        .get(
+            &h.url("/app/retraced"),
+            &[
+                ("x-api-key", TOKEN_RW),
+                ("traceparent", "00-zz-bad-01"),
+                ("tracestate", "vendor=1"),
+            ],
+        )
+        .await;
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let seen = h.mock.requests();
+    let tp = seen[3].header("traceparent").unwrap();
+    assert!(tp.starts_with(&format!("00-{id}-")), "{tp}");
+    assert!(rungen_gateway::telemetry::valid_traceparent(tp.as_bytes()));
+    assert_eq!(seen[3].header("tracestate"), None);
     h.stop().await;
 }
 
