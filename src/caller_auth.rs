@@ -27,7 +27,7 @@ pub struct Caller {
 }
 
 /// Who the caller was, put on the response for the access log (set even when
-/// the caller was identified but then refused).
+/// the caller was identified but then refused): [`crate::telemetry::LogFields::caller`].
 #[derive(Debug, Clone)]
 pub struct CallerLog {
     pub client: Arc<Client>,
@@ -251,7 +251,7 @@ where
         };
         let refuse = |client: Arc<Client>, err: GatewayError| {
             let mut res = error_response(&err);
-            res.extensions_mut().insert(CallerLog {
+            crate::telemetry::LogFields::of(&mut res).caller = Some(CallerLog {
                 client,
                 scope: None,
             });
@@ -272,7 +272,7 @@ where
         let fut = self.inner.call(req);
         fut.map(move |res| {
             res.map(|mut res| {
-                res.extensions_mut().insert(log);
+                crate::telemetry::LogFields::of(&mut res).caller = Some(log);
                 res
             })
         })

@@ -4,7 +4,6 @@
 //! the CORS headers, errors (401, 403, 429, 502...) included, so the page can
 //! read them. No wildcard is ever sent; `Vary: Origin` always is.
 
-use crate::caller_auth::CallerLog;
 use crate::config::Client;
 use crate::error::{Body, GatewayError, error_response};
 use futures_util::future::{BoxFuture, FutureExt};
@@ -170,7 +169,8 @@ where
             .map(move |res| {
                 res.map(|mut res| {
                     let allowed = origin.as_deref().is_some_and(|o| {
-                        match res.extensions().get::<CallerLog>() {
+                        match crate::telemetry::LogFields::get(&res).and_then(|f| f.caller.as_ref())
+                        {
                             // The identified client's own list decides.
                             Some(c) => c.client.allowed_origins.iter().any(|a| a == o),
                             // Nobody identified (401, 429...): any client's list.

@@ -240,7 +240,8 @@ impl GatewayError {
     }
 }
 
-/// Marks a response produced by [`error_response`], for the access log.
+/// Marks a response produced by [`error_response`], for the access log
+/// ([`crate::telemetry::LogFields::error`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorKind {
     pub kind: &'static str,
@@ -276,7 +277,7 @@ pub fn error_response(err: &GatewayError) -> Response<Body> {
         }
         _ => {}
     }
-    res.extensions_mut().insert(ErrorKind {
+    crate::telemetry::LogFields::of(&mut res).error = Some(ErrorKind {
         kind: err.as_str(),
         source: err.source(),
     });

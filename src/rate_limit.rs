@@ -34,10 +34,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// The caller-limit outcome, on the response for the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimitLog(pub &'static str);
-
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
@@ -680,7 +676,7 @@ where
         let add_headers = move |mut res: Response<Body>| {
             res.headers_mut().insert(RATELIMIT_POLICY, policy);
             res.headers_mut().insert(RATELIMIT, state);
-            res.extensions_mut().insert(RateLimitLog(outcome));
+            crate::telemetry::LogFields::of(&mut res).rate_limit = Some(outcome);
             res
         };
         match decision {

@@ -262,7 +262,7 @@ where
                 let fut = self.inner.call(Request::from_parts(parts, body));
                 fut.map(move |res| {
                     res.map(|mut res| {
-                        res.extensions_mut().insert(route);
+                        crate::telemetry::LogFields::of(&mut res).route = Some(route);
                         res
                     })
                 })

@@ -95,10 +95,6 @@ struct Buffered {
 
 type Flight = Shared<BoxFuture<'static, FetchResult>>;
 
-/// Marks the response with what the cache did, for the access log and metrics.
-#[derive(Debug, Clone, Copy)]
-pub struct CacheLog(pub &'static str);
-
 /// The cache's shared state (one per process, kept across config reloads).
 pub struct Cache {
     settings: CacheSettings,
@@ -408,7 +404,7 @@ fn finish(mut res: Response<Body>, status: CacheStatus) -> Response<Body> {
         HeaderName::from_static("cache-status"),
         status.header_value(),
     );
-    res.extensions_mut().insert(CacheLog(status.as_str()));
+    crate::telemetry::LogFields::of(&mut res).cache = Some(status.as_str());
     res
 }
 
