@@ -12,8 +12,8 @@ use crate::error::{Body, GatewayError, error_response};
 use crate::jwt::{Verifiers, looks_like_jwt};
 use crate::rate_limit::Limits;
 use crate::secret::token_digest;
+use crate::step::StepFuture;
 use crate::tls::ClientCertIdentity;
-use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, Method, Request, Response, header};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,12 +174,16 @@ pub struct CallerAuth<S> {
 
 impl<S> tower::Service<Request<Body>> for CallerAuth<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = StepFuture<Response<Body>, GatewayError>,
+        >,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+    type Future = StepFuture<Response<Body>, GatewayError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -233,8 +237,7 @@ where
                     })
                 })
             {
-                return std::future::ready(Ok(error_response(&GatewayError::OriginForbidden)))
-                    .boxed();
+                return StepFuture::ok(error_response(&GatewayError::OriginForbidden));
             }
             // Failed authentication spends the source IP's budget, never a client's.
             let err = match self.limits.source_ip(&req) {
@@ -247,7 +250,7 @@ where
                 },
                 None => GatewayError::Unauthenticated,
             };
-            return std::future::ready(Ok(error_response(&err))).boxed();
+            return StepFuture::ok(error_response(&err));
         };
         let refuse = |client: Arc<Client>, err: GatewayError| {
             let mut res = error_response(&err);
@@ -255,7 +258,7 @@ where
                 client,
                 scope: None,
             });
-            std::future::ready(Ok(res)).boxed()
+            StepFuture::ok(res)
         };
         let scope = match choose_scope_within(&client, req.headers(), granted.as_deref()) {
             Ok(scope) => scope,
@@ -269,14 +272,10 @@ where
             scope: Some(scope.clone()),
         };
         req.extensions_mut().insert(Caller { client, scope });
-        let fut = self.inner.call(req);
-        fut.map(move |res| {
-            res.map(|mut res| {
-                crate::telemetry::LogFields::of(&mut res).caller = Some(log);
-                res
-            })
+        self.inner.call(req).map_ok(move |mut res| {
+            crate::telemetry::LogFields::of(&mut res).caller = Some(log);
+            res
         })
-        .boxed()
     }
 }
 

@@ -6,7 +6,7 @@
 
 use crate::config::Client;
 use crate::error::{Body, GatewayError, error_response};
-use futures_util::future::{BoxFuture, FutureExt};
+use crate::step::StepFuture;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -139,13 +139,17 @@ impl<S> Cors<S> {
 
 impl<S, E> tower::Service<Request<Body>> for Cors<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = E,
+            Future = StepFuture<Response<Body>, E>,
+        >,
     E: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = BoxFuture<'static, Result<Response<Body>, E>>;
+    type Future = StepFuture<Response<Body>, E>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -153,7 +157,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if self.policy.is_empty() {
-            return self.inner.call(req).boxed();
+            return self.inner.call(req);
         }
         let origin = origin_of(req.headers());
         if req.method() == Method::OPTIONS
@@ -161,36 +165,30 @@ where
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
         {
-            return std::future::ready(Ok(self.preflight(origin.as_deref(), &req))).boxed();
+            return StepFuture::ok(self.preflight(origin.as_deref(), &req));
         }
         let policy = self.policy.clone();
-        self.inner
-            .call(req)
-            .map(move |res| {
-                res.map(|mut res| {
-                    let allowed = origin.as_deref().is_some_and(|o| {
-                        match crate::telemetry::LogFields::get(&res).and_then(|f| f.caller.as_ref())
-                        {
-                            // The identified client's own list decides.
-                            Some(c) => c.client.allowed_origins.iter().any(|a| a == o),
-                            // Nobody identified (401, 429...): any client's list.
-                            None => policy.allows(o),
-                        }
-                    });
-                    let h = res.headers_mut();
-                    if allowed {
-                        if let Some(Ok(o)) = origin.as_deref().map(HeaderValue::from_str) {
-                            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-                            h.insert(
-                                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                                HeaderValue::from_static(EXPOSED),
-                            );
-                        }
-                    }
-                    add_vary(h, "origin");
-                    res
-                })
-            })
-            .boxed()
+        self.inner.call(req).map_ok(move |mut res| {
+            let allowed = origin.as_deref().is_some_and(|o| {
+                match crate::telemetry::LogFields::get(&res).and_then(|f| f.caller.as_ref()) {
+                    // The identified client's own list decides.
+                    Some(c) => c.client.allowed_origins.iter().any(|a| a == o),
+                    // Nobody identified (401, 429...): any client's list.
+                    None => policy.allows(o),
+                }
+            });
+            let h = res.headers_mut();
+            if allowed {
+                if let Some(Ok(o)) = origin.as_deref().map(HeaderValue::from_str) {
+                    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+                    h.insert(
+                        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                        HeaderValue::from_static(EXPOSED),
+                    );
+                }
+            }
+            add_vary(h, "origin");
+            res
+        })
     }
 }

@@ -330,12 +330,16 @@ pub struct Rescue<S> {
 
 impl<S, Req> tower::Service<Req> for Rescue<S>
 where
-    S: tower::Service<Req, Response = Response<Body>, Error = GatewayError>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Req,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = crate::step::StepFuture<Response<Body>, GatewayError>,
+        >,
 {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Self::Error>>;
+    type Future = crate::step::StepFuture<Response<Body>, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Inner services are always ready (no backpressure inside the chain);
@@ -345,9 +349,8 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            Ok(match fut.await {
+        self.inner.call(req).map(|res| {
+            Ok(match res {
                 Ok(res) => res,
                 Err(err) => error_response(&err),
             })

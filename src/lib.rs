@@ -29,6 +29,7 @@ pub mod rate_limit;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod step;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

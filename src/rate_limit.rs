@@ -19,6 +19,7 @@ use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, error_response};
 use crate::listener::PeerAddr;
+use crate::step::StepFuture;
 use futures_util::future::{BoxFuture, FutureExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -507,12 +508,16 @@ impl Drop for InFlight {
 
 impl<S> tower::Service<Request<Body>> for Overload<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = StepFuture<Response<Body>, GatewayError>,
+        >,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+    type Future = StepFuture<Response<Body>, GatewayError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -525,17 +530,14 @@ where
         if now > max {
             drop(guard);
             metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "overload", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
-            return std::future::ready(Err(GatewayError::Overloaded {
+            return StepFuture::err(GatewayError::Overloaded {
                 retry_after: Duration::from_secs(1),
-            }))
-            .boxed();
+            });
         }
-        let fut = self.inner.call(req);
-        fut.map(move |res| {
+        self.inner.call(req).map(move |res| {
             drop(guard);
             res
         })
-        .boxed()
     }
 }
 
@@ -582,11 +584,14 @@ struct LeaseDecision(Option<(Quota, Decision)>);
 
 impl<S> CallerLimit<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
-        + Clone
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = StepFuture<Response<Body>, GatewayError>,
+        > + Clone
         + Send
         + 'static,
-    S::Future: Send + 'static,
 {
     /// Waits for the lease, then decides the request with it.
     fn after_lease(
@@ -594,32 +599,34 @@ where
         mut req: Request<Body>,
         quota: Quota,
         lease: BoxFuture<'static, Option<Decision>>,
-    ) -> BoxFuture<'static, Result<Response<Body>, GatewayError>> {
+    ) -> StepFuture<Response<Body>, GatewayError> {
         let clone = self.inner.clone();
         let mut this = CallerLimit {
             inner: std::mem::replace(&mut self.inner, clone),
             limits: self.limits.clone(),
         };
-        async move {
+        StepFuture::wait(async move {
             let decided = lease.await.map(|d| (quota, d));
             req.extensions_mut().insert(LeaseDecision(decided));
             tower::Service::call(&mut this, req).await
-        }
-        .boxed()
+        })
     }
 }
 
 impl<S> tower::Service<Request<Body>> for CallerLimit<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>
-        + Clone
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = StepFuture<Response<Body>, GatewayError>,
+        > + Clone
         + Send
         + 'static,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+    type Future = StepFuture<Response<Body>, GatewayError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -630,7 +637,7 @@ where
             req.extensions().get::<Caller>(),
             self.limits.settings.load().enabled,
         ) else {
-            return self.inner.call(req).boxed();
+            return self.inner.call(req);
         };
         let (caller_client, caller_scope) = (caller.client.clone(), caller.scope.clone());
         let (client, scope) = (caller_client.name.as_str(), caller_scope.name.as_str());
@@ -685,13 +692,9 @@ where
                     policy: name,
                     retry_after: wait,
                 });
-                std::future::ready(Ok(add_headers(res))).boxed()
+                StepFuture::ok(add_headers(res))
             }
-            Decision::Allowed { .. } => self
-                .inner
-                .call(req)
-                .map(move |res| res.map(add_headers))
-                .boxed(),
+            Decision::Allowed { .. } => self.inner.call(req).map_ok(add_headers),
         }
     }
 }

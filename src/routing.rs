@@ -6,6 +6,7 @@
 //! paths under the configured prefixes are forwarded: this is not an open proxy.
 
 use crate::error::{Body, BodyError, GatewayError, error_response};
+use crate::step::StepFuture;
 use http::{Method, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
@@ -230,19 +231,22 @@ impl<S> Routing<S> {
 
 impl<S> tower::Service<Request<Body>> for Routing<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = GatewayError,
+            Future = StepFuture<Response<Body>, GatewayError>,
+        >,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+    type Future = StepFuture<Response<Body>, GatewayError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        use futures_util::future::FutureExt;
         match self.check(&req) {
             Ok(route) => {
                 let limit = usize::try_from(self.layer.max_body_bytes).unwrap_or(usize::MAX);
@@ -259,16 +263,14 @@ where
                         .boxed_unsync();
                     crate::body::IdleTimeout::wrap(limited, self.layer.body_read_timeout)
                 };
-                let fut = self.inner.call(Request::from_parts(parts, body));
-                fut.map(move |res| {
-                    res.map(|mut res| {
+                self.inner
+                    .call(Request::from_parts(parts, body))
+                    .map_ok(move |mut res| {
                         crate::telemetry::LogFields::of(&mut res).route = Some(route);
                         res
                     })
-                })
-                .boxed()
             }
-            Err(err) => std::future::ready(Ok(error_response(&err))).boxed(),
+            Err(err) => StepFuture::ok(error_response(&err)),
         }
     }
 }

@@ -6,8 +6,8 @@ use crate::caller_auth::CallerLog;
 use crate::config::LogFormat;
 use crate::error::{Body, ErrorKind};
 use crate::routing::Route;
+use crate::step::StepFuture;
 use crate::upstream::UpstreamInfo;
-use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderName, HeaderValue, Request, Response};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -236,13 +236,17 @@ pub struct AccessLog<S> {
 
 impl<S, E> tower::Service<Request<Body>> for AccessLog<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = E>,
-    S::Future: Send + 'static,
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = E,
+            Future = StepFuture<Response<Body>, E>,
+        >,
     E: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = E;
-    type Future = BoxFuture<'static, Result<Response<Body>, E>>;
+    type Future = StepFuture<Response<Body>, E>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -290,8 +294,7 @@ where
             .then(|| req.uri().path().to_owned());
         let in_flight = in_flight_gauge();
         in_flight.increment(1.0);
-        let fut = self.inner.call(req);
-        fut.map(move |res| {
+        self.inner.call(req).map(move |res| {
             in_flight.decrement(1.0);
             let mut res = res?;
             res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
@@ -359,7 +362,6 @@ where
             }
             Ok(res)
         })
-        .boxed()
     }
 }
 

@@ -22,6 +22,7 @@ use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, full_body};
 use crate::routing::Route;
+use crate::step::StepFuture;
 use crate::upstream::UpstreamInfo;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
@@ -1021,7 +1022,7 @@ fn clone_parts(req: &Request<Body>) -> http::request::Parts {
 impl tower::Service<Request<Body>> for CacheService {
     type Response = Response<Body>;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<Response<Body>, GatewayError>>;
+    type Future = StepFuture<Response<Body>, GatewayError>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -1032,7 +1033,7 @@ impl tower::Service<Request<Body>> for CacheService {
             req.extensions().get::<Route>().cloned(),
             req.extensions().get::<Caller>(),
         ) else {
-            return self.inner.call(req).boxed();
+            return StepFuture::wait(self.inner.call(req));
         };
         let scope = self.layer.scope_name(&caller.scope.name);
         let current = self.layer.cache.policies.load();
@@ -1065,7 +1066,7 @@ impl tower::Service<Request<Body>> for CacheService {
                             now,
                             CacheStatus::Hit,
                         );
-                        return std::future::ready(Ok(res)).boxed();
+                        return StepFuture::ok(res);
                     }
                 }
                 let this = self.clone();
@@ -1074,8 +1075,15 @@ impl tower::Service<Request<Body>> for CacheService {
                     inner: std::mem::replace(&mut self.inner, this.inner),
                     layer: this.layer,
                 };
-                this.handle(req, route, policy, scope, key, entry, client_revalidate)
-                    .boxed()
+                StepFuture::wait(this.handle(
+                    req,
+                    route,
+                    policy,
+                    scope,
+                    key,
+                    entry,
+                    client_revalidate,
+                ))
             }
             (policy, reason) => {
                 let unsafe_method =
@@ -1105,7 +1113,7 @@ impl tower::Service<Request<Body>> for CacheService {
                 });
                 let cache = self.layer.cache.clone();
                 let fut = self.inner.call(req);
-                async move {
+                StepFuture::wait(async move {
                     let res = fut.await?;
                     if let Some((scopes, exact, prefixes)) = invalidate {
                         if res.status().is_success() {
@@ -1113,9 +1121,12 @@ impl tower::Service<Request<Body>> for CacheService {
                             metrics::counter!("rungen_gateway_cache_invalidations_total", "route" => route.as_str().to_string()).increment(1);
                         }
                     }
-                    Ok(if mark { finish(res, CacheStatus::Bypass(reason)) } else { res })
-                }
-                .boxed()
+                    Ok(if mark {
+                        finish(res, CacheStatus::Bypass(reason))
+                    } else {
+                        res
+                    })
+                })
             }
         }
     }
