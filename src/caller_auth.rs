@@ -38,7 +38,9 @@ pub struct CallerLog {
 /// origin; signed-token verifiers by issuer.
 #[derive(Debug, Default)]
 pub struct Credentials {
-    by_digest: HashMap<[u8; 32], Arc<Client>>,
+    /// SHA-256 digests are uniform whatever the token, so a fast hash is as
+    /// good as SipHash here (and the map holds configured clients only).
+    by_digest: HashMap<[u8; 32], Arc<Client>, foldhash::fast::RandomState>,
     by_cert_name: HashMap<String, Arc<Client>>,
     public_by_origin: HashMap<String, Arc<Client>>,
     jwt: Verifiers,

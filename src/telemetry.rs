@@ -254,9 +254,10 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let started = Instant::now();
-        let request_id = match req.headers().get(X_REQUEST_ID) {
-            Some(v) if valid_request_id(v) => v.clone(),
-            _ => new_request_id(),
+        // `ours`: generated here, so already a trace id.
+        let (request_id, ours) = match req.headers().get(X_REQUEST_ID) {
+            Some(v) if valid_request_id(v) => (v.clone(), false),
+            _ => (new_request_id(), true),
         };
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // W3C trace context: a valid caller traceparent continues the trace;
@@ -275,7 +276,7 @@ where
                 let headers = req.headers_mut();
                 // A new trace: the caller's trace state belongs to no trace of ours.
                 headers.remove(TRACESTATE);
-                if is_trace_id(request_id.as_bytes()) {
+                if ours || is_trace_id(request_id.as_bytes()) {
                     trace_id.copy_from_slice(request_id.as_bytes());
                     if had_tp {
                         headers.remove(TRACEPARENT);
@@ -426,6 +427,12 @@ fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
     h.finish()
 }
 
+/// String equality that skips the byte comparison for the same literal (metric
+/// and label names are `'static` at each call site).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && (std::ptr::eq(a.as_ptr(), b.as_ptr()) || a == b)
+}
+
 fn with_memo<H>(
     map: &'static std::thread::LocalKey<std::cell::RefCell<MemoMap<H>>>,
     name: &'static str,
@@ -438,12 +445,12 @@ fn with_memo<H>(
         let mut m = m.borrow_mut();
         if let Some(found) = m.get(&hash).and_then(|bucket| {
             bucket.iter().find(|e| {
-                e.name == name
+                same(e.name, name)
                     && e.labels.len() == labels.len()
                     && e.labels
                         .iter()
                         .zip(labels)
-                        .all(|((k1, v1), (k2, v2))| k1 == k2 && **v1 == **v2)
+                        .all(|((k1, v1), (k2, v2))| same(k1, k2) && **v1 == **v2)
             })
         }) {
             return f(&found.handle);

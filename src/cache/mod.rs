@@ -336,7 +336,7 @@ type ScopeGroups = HashMap<Arc<str>, Arc<[Arc<str>]>>;
 pub struct CacheLayer {
     cache: Arc<Cache>,
     /// Each scope's name as the `Arc<str>` cache keys hold (no allocation per request).
-    scope_names: Arc<HashMap<String, Arc<str>>>,
+    scope_names: Arc<HashMap<String, Arc<str>, foldhash::fast::RandomState>>,
     /// Scope name -> every scope name that shares its upstream team (for
     /// invalidation: a team app changed through one key is stale under all).
     scope_groups: Arc<ScopeGroups>,

@@ -257,7 +257,12 @@ fn keep_for(value: &CachedResponse) -> Duration {
     }
 }
 
-pub type Entries = moka::sync::Cache<CacheKey, Arc<CachedResponse>>;
+/// Keys come from callers (paths, query strings), so their hash is seeded per
+/// process; foldhash rather than SipHash (std's default), about a fifth of
+/// the cost per lookup.
+pub type KeyHasher = foldhash::quality::RandomState;
+
+pub type Entries = moka::sync::Cache<CacheKey, Arc<CachedResponse>, KeyHasher>;
 
 /// Builds the bounded entry store.
 pub fn build_entries(max_bytes: u64) -> Entries {
@@ -274,18 +279,18 @@ pub fn build_entries(max_bytes: u64) -> Entries {
                 metrics::counter!("rungen_gateway_cache_evictions_total").increment(1);
             }
         })
-        .build()
+        .build_with_hasher(KeyHasher::default())
 }
 
 /// Which base keys vary on which request headers (absent: they do not vary).
-pub type VaryIndex = moka::sync::Cache<CacheKey, Arc<[HeaderName]>>;
+pub type VaryIndex = moka::sync::Cache<CacheKey, Arc<[HeaderName]>, KeyHasher>;
 
 pub fn build_vary_index() -> VaryIndex {
     moka::sync::Cache::builder()
         .max_capacity(100_000)
         .time_to_idle(Duration::from_secs(3600))
         .support_invalidation_closures()
-        .build()
+        .build_with_hasher(KeyHasher::default())
 }
 
 #[cfg(test)]
