@@ -99,7 +99,7 @@ pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> Header
         }
         Decision::Limited { wait } => (0, ceil_secs(wait).max(1)),
     };
-    header_value(format_args!("\"{name}\";r={r};t={t}"))
+    crate::telemetry::never_indexed(header_value(format_args!("\"{name}\";r={r};t={t}")))
 }
 
 /// The source IP of a request: the peer, or, only when the peer is a trusted
@@ -912,6 +912,9 @@ mod tests {
             "\"caller\";r=0;t=2"
         );
         assert_eq!(crate::error::retry_after_value(wait), "2");
+        // A new value on every response: never entered into HPACK tables.
+        assert!(ratelimit_header("caller", &q, Decision::Allowed { remaining: 7 }).is_sensitive());
+        assert!(!policy_header("caller", &q).is_sensitive());
         let per_minute = quota(60, Duration::from_secs(60), 20);
         assert_eq!(policy_header("caller", &per_minute), "\"caller\";q=20;w=20");
         // A tiny wait still says "retry in 1 s", never 0.
