@@ -16,7 +16,7 @@
 #
 # Knobs (environment): DURATION=5 (seconds per run), ROUNDS=3, CONNS=32 (hit runs),
 # SERVER_CPU=0, LOAD_CPU=1, BASE_PORT=29080 (eight consecutive loopback ports),
-# SKIP_BUILD=1 (use the existing target/release/rungen-gateway).
+# SKIP_BUILD=1 (use the existing target/release/rungen-gateway), KEEP_WORK=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,24 +39,11 @@ TOKEN="rgw-bench-token-0001"
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
 BIN="$ROOT/target/release/rungen-gateway"
 
-log() { printf '[cluster-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-PIDS=()
+# log/die, PIDS + WORK + cleanup on exit (lib.sh's pinning and priority are not used here).
+LOG_TAG=cluster-bench
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 WORK=$(mktemp -d /tmp/rungen-cluster-bench.XXXXXX)
-cleanup() {
-  local rc=$?
-  set +e
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-  done
-  rm -rf "$WORK"
-  exit "$rc"
-}
-trap cleanup EXIT
 
 command -v wrk >/dev/null || die "wrk is missing (apt-get install -y wrk)"
 command -v redis-server >/dev/null || die "redis-server is missing (apt-get install -y redis-server)"

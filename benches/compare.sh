@@ -43,52 +43,10 @@ SCENARIOS=${SCENARIOS:-"h1-32 h1-128 h1-tls-32 h2-tls-32x10"}
 TOKEN="rgw-bench-token-0001"
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
 
-# On a shared machine, give the servers and the load generator priority over other work.
-# As root: SCHED_FIFO (chrt -f 20; the kernel still leaves other tasks 5% of each core),
-# so that a server woken by a request does not wait behind a compiler. PRIORITY=nice uses
-# nice -n -20 instead, PRIORITY=none neither. Not root: none.
-PRIORITY=${PRIORITY:-rt}
-[[ $(id -u) -eq 0 ]] || PRIORITY=none
-RT_THROTTLE=${RT_THROTTLE:-off}
-RT_RUNTIME_FILE=/proc/sys/kernel/sched_rt_runtime_us
-RT_RUNTIME_SAVED=""
-case $PRIORITY in
-  rt) PRIO=(chrt -f 20) ;;
-  nice) PRIO=(nice -n -20) ;;
-  *) PRIO=() ;;
-esac
-# pin CPU CMD...: run CMD on core CPU (foreground). start_pinned CPU CMD... &: the same as
-# a background job whose $! is CMD's own PID (exec), so it can be stopped and measured.
-pin() { local cpu=$1; shift; taskset -c "$cpu" "${PRIO[@]}" "$@"; }
-start_pinned() { local cpu=$1; shift; exec taskset -c "$cpu" "${PRIO[@]}" "$@"; }
-
-log() { printf '[compare %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- processes we start, stopped by PID on exit ------------------------------------
-PIDS=()
-WORK=""
-cleanup() {
-  local rc=$?
-  set +e
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${PIDS[i]}" 2>/dev/null
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-  done
-  if [[ -n "$RT_RUNTIME_SAVED" ]]; then
-    echo "$RT_RUNTIME_SAVED" >"$RT_RUNTIME_FILE" && log "real-time throttling restored ($RT_RUNTIME_FILE = $RT_RUNTIME_SAVED)"
-  fi
-  if [[ -n "$WORK" && -d "$WORK" ]]; then
-    if [[ -n "${KEEP_WORK:-}" ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+# log/die, PIDS + WORK + cleanup on exit, PRIORITY/pin/start_pinned, rt_throttle_lift.
+LOG_TAG=compare
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # summarize RESULTS.tsv: the median table and the ratios (also: compare.sh --summary FILE).
 summarize() {
@@ -362,18 +320,7 @@ done
 mock_before=$(curl -s "http://127.0.0.1:$MOCK_PORT/_mock/stats" | grep -o '"total":[0-9]*' | cut -d: -f2)
 
 # --- interleaved rounds ------------------------------------------------------------
-# SCHED_FIFO tasks get 95% of each second by default: the rest of the second a busy
-# server is parked, and p99 shows that ~50 ms stall for both servers alike.
-if [[ $PRIORITY == rt && $RT_THROTTLE == off && -w $RT_RUNTIME_FILE ]]; then
-  RT_RUNTIME_SAVED=$(cat "$RT_RUNTIME_FILE")
-  if [[ $RT_RUNTIME_SAVED != -1 ]]; then
-    echo -1 >"$RT_RUNTIME_FILE" && log "real-time throttling lifted for the run ($RT_RUNTIME_FILE was $RT_RUNTIME_SAVED)"
-  else
-    RT_RUNTIME_SAVED=""
-  fi
-elif [[ $PRIORITY == rt ]]; then
-  log "real-time throttling left as is ($RT_RUNTIME_FILE = $(cat "$RT_RUNTIME_FILE" 2>/dev/null)): p99 includes its stalls"
-fi
+rt_throttle_lift
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds x {$SCENARIOS} x {gateway, nginx} x ${DURATION}s"
 printf 'round\tscenario\ttarget\trequests\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req\tserver_core_pct\tbad\tloadavg1\tloadgen_core_pct\tp90_ms\n' >"$RESULTS"
 for ((r = 1; r <= ROUNDS; r++)); do

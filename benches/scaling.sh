@@ -14,7 +14,7 @@
 #    request a new key; the mock runs on the server core beside the gateway).
 #
 # Same knobs as compare.sh: DURATION (10), ROUNDS (3), SERVER_CPU (0), LOAD_CPU (1),
-# BASE_PORT (28180), SKIP_INSTALL, SKIP_BUILD, GATEWAY_BIN, KEEP_WORK, PRIORITY. Plus
+# BASE_PORT (28180), SKIP_INSTALL, SKIP_BUILD, GATEWAY_BIN, KEEP_WORK, PRIORITY, RT_THROTTLE. Plus
 # CLIENTS (10000), ENTRIES_SMALL (10000), ENTRIES_LARGE (100000), STORM (1000).
 # Every process it starts is stopped by PID on exit.
 set -euo pipefail
@@ -31,43 +31,10 @@ ENTRIES_LARGE=${ENTRIES_LARGE:-100000}
 STORM=${STORM:-1000}
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
 
-# On a shared machine, give the servers and the load generator priority over other work.
-# As root: SCHED_FIFO (chrt -f 20; the kernel still leaves other tasks 5% of each core),
-# so that a server woken by a request does not wait behind a compiler. PRIORITY=nice uses
-# nice -n -20 instead, PRIORITY=none neither. Not root: none.
-PRIORITY=${PRIORITY:-rt}
-[[ $(id -u) -eq 0 ]] || PRIORITY=none
-case $PRIORITY in
-  rt) PRIO=(chrt -f 20) ;;
-  nice) PRIO=(nice -n -20) ;;
-  *) PRIO=() ;;
-esac
-# pin CPU CMD...: run CMD on core CPU (foreground). start_pinned CPU CMD... &: the same as
-# a background job whose $! is CMD's own PID (exec), so it can be stopped and measured.
-pin() { local cpu=$1; shift; taskset -c "$cpu" "${PRIO[@]}" "$@"; }
-start_pinned() { local cpu=$1; shift; exec taskset -c "$cpu" "${PRIO[@]}" "$@"; }
-
-log() { printf '[scaling %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-PIDS=()
-WORK=""
-cleanup() {
-  local rc=$?
-  set +e
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-  done
-  if [[ -n "$WORK" && -d "$WORK" ]]; then
-    if [[ -n "${KEEP_WORK:-}" ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
+# log/die, PIDS + WORK + cleanup on exit, PRIORITY/pin/start_pinned, rt_throttle_lift.
+LOG_TAG=scaling
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 need_pkgs=()
 command -v wrk >/dev/null || need_pkgs+=(wrk)
@@ -260,6 +227,7 @@ for c in $CLIENT_COUNTS; do # warm every client once (limiter state, token map)
   pin "$LOAD_CPU" wrk -t1 -c32 -d2s -s "$WORK/rotate.lua" "$GW/app" -- "$c" >/dev/null 2>&1
 done
 printf 'round\tclients\treq_per_s\tp50_ms\tp99_ms\tnon2xx\n' >"$WORK/hit.tsv"
+rt_throttle_lift
 log "hit path: $ROUNDS rounds x {$CLIENT_COUNTS} clients x ${DURATION}s, 32 connections"
 for ((r = 1; r <= ROUNDS; r++)); do
   for c in $CLIENT_COUNTS; do

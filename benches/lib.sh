@@ -1,0 +1,68 @@
+# Shared by benches/compare.sh, scaling.sh and cluster.sh (sourced, not run).
+# Before sourcing, a script sets LOG_TAG (its name in log lines). It gets:
+#   log/die                      stderr lines "[<tag> HH:MM:SS] ..."
+#   PIDS, WORK, cleanup on exit  every PID in PIDS stopped (TERM, then KILL after 5 s),
+#                                WORK removed unless KEEP_WORK is set, real-time
+#                                throttling restored if rt_throttle_lift changed it
+#   PRIORITY, PRIO, pin, start_pinned
+#   rt_throttle_lift             SCHED_FIFO without the kernel's 50 ms/s stall (RT_THROTTLE)
+
+log() { printf '[%s %(%H:%M:%S)T] %s\n' "$LOG_TAG" -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# On a shared machine, give the servers and the load generator priority over other work.
+# As root: SCHED_FIFO (chrt -f 20), so that a server woken by a request does not wait
+# behind a compiler. PRIORITY=nice uses nice -n -20 instead, PRIORITY=none neither.
+# Not root: none.
+PRIORITY=${PRIORITY:-rt}
+[[ $(id -u) -eq 0 ]] || PRIORITY=none
+case $PRIORITY in
+  rt) PRIO=(chrt -f 20) ;;
+  nice) PRIO=(nice -n -20) ;;
+  *) PRIO=() ;;
+esac
+# pin CPU CMD...: run CMD on core CPU (foreground). start_pinned CPU CMD... &: the same as
+# a background job whose $! is CMD's own PID (exec), so it can be stopped and measured.
+pin() { local cpu=$1; shift; taskset -c "$cpu" "${PRIO[@]}" "$@"; }
+start_pinned() { local cpu=$1; shift; exec taskset -c "$cpu" "${PRIO[@]}" "$@"; }
+
+# The kernel gives SCHED_FIFO tasks 95% of each second by default (sched_rt_runtime_us):
+# the rest of the second a saturated server is parked, and p99 shows that ~50 ms stall
+# for every server alike. RT_THROTTLE=off (default) lifts it for the run; keep leaves it.
+RT_THROTTLE=${RT_THROTTLE:-off}
+RT_RUNTIME_FILE=/proc/sys/kernel/sched_rt_runtime_us
+RT_RUNTIME_SAVED=""
+rt_throttle_lift() {
+  if [[ $PRIORITY == rt && $RT_THROTTLE == off && -w $RT_RUNTIME_FILE ]]; then
+    local was
+    was=$(cat "$RT_RUNTIME_FILE")
+    if [[ $was != -1 ]] && echo -1 >"$RT_RUNTIME_FILE"; then
+      RT_RUNTIME_SAVED=$was
+      log "real-time throttling lifted for the run ($RT_RUNTIME_FILE was $was)"
+    fi
+  elif [[ $PRIORITY == rt ]]; then
+    log "real-time throttling left as is ($RT_RUNTIME_FILE = $(cat "$RT_RUNTIME_FILE" 2>/dev/null)): p99 includes its stalls"
+  fi
+}
+
+PIDS=()
+WORK="" # the script's temporary directory, once it makes one
+cleanup() {
+  local rc=$?
+  set +e
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  if [[ -n "$RT_RUNTIME_SAVED" ]]; then
+    echo "$RT_RUNTIME_SAVED" >"$RT_RUNTIME_FILE" && log "real-time throttling restored ($RT_RUNTIME_FILE = $RT_RUNTIME_SAVED)"
+  fi
+  if [[ -n "$WORK" && -d "$WORK" ]]; then
+    if [[ -n "${KEEP_WORK:-}" ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
