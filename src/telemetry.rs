@@ -346,8 +346,7 @@ where
                 );
             }
             let method = method.as_str();
-            with_counter(
-                "rungen_gateway_requests_total",
+            record_request(
                 &[
                     ("route", route),
                     ("method", method),
@@ -356,12 +355,7 @@ where
                     ("scope", scope),
                     ("cache", cache),
                 ],
-                |c| c.increment(1),
-            );
-            with_histogram(
-                "rungen_gateway_request_duration_seconds",
-                &[("route", route), ("method", method)],
-                |h| h.record(started.elapsed().as_secs_f64()),
+                started.elapsed().as_secs_f64(),
             );
             if let Some(e) = error {
                 metrics::counter!(
@@ -412,7 +406,8 @@ type MemoMap<H> = std::collections::HashMap<u64, Vec<Memo<H>>, foldhash::fast::F
 
 thread_local! {
     static COUNTERS: std::cell::RefCell<MemoMap<metrics::Counter>> = Default::default();
-    static HISTOGRAMS: std::cell::RefCell<MemoMap<metrics::Histogram>> = Default::default();
+    static REQUESTS: std::cell::RefCell<MemoMap<(metrics::Counter, metrics::Histogram)>> =
+        Default::default();
 }
 
 /// A cheap hash of the series: the metric name's address, and of each label
@@ -486,6 +481,30 @@ fn with_memo<H>(
     })
 }
 
+/// One request in `rungen_gateway_requests_total{route, method, status_class,
+/// client, scope, cache}` and `rungen_gateway_request_duration_seconds{route,
+/// method}`: both handles from one memo lookup (the histogram's labels are
+/// the first two).
+fn record_request(labels: &[(&'static str, &str); 6], seconds: f64) {
+    with_memo(
+        &REQUESTS,
+        "rungen_gateway_requests_total",
+        labels,
+        |l| {
+            let histogram =
+                metrics::histogram!("rungen_gateway_request_duration_seconds", l[..2].to_vec());
+            (
+                metrics::counter!("rungen_gateway_requests_total", l),
+                histogram,
+            )
+        },
+        |(counter, histogram)| {
+            counter.increment(1);
+            histogram.record(seconds);
+        },
+    )
+}
+
 /// `metrics::counter!(name, labels)`, memoised per thread (see above).
 pub fn with_counter(
     name: &'static str,
@@ -493,21 +512,6 @@ pub fn with_counter(
     f: impl FnOnce(&metrics::Counter),
 ) {
     with_memo(&COUNTERS, name, labels, |l| metrics::counter!(name, l), f)
-}
-
-/// `metrics::histogram!(name, labels)`, memoised per thread (see above).
-pub fn with_histogram(
-    name: &'static str,
-    labels: &[(&'static str, &str)],
-    f: impl FnOnce(&metrics::Histogram),
-) {
-    with_memo(
-        &HISTOGRAMS,
-        name,
-        labels,
-        |l| metrics::histogram!(name, l),
-        f,
-    )
 }
 
 #[cfg(test)]

@@ -117,6 +117,19 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
         text.contains("rungen_gateway_request_duration_seconds_bucket"),
         "histograms, not summaries"
     );
+    // The latency histogram is labelled by route and method only (few series).
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("rungen_gateway_request_duration_seconds_count{"))
+    {
+        let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+        let mut names: Vec<&str> = labels
+            .split(',')
+            .map(|kv| kv.split('=').next().unwrap())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, ["method", "route"], "{line}");
+    }
     assert!(text.contains("rungen_gateway_build_info"));
     assert!(text.contains("rungen_gateway_cache_entries"));
     assert!(text.contains("rungen_gateway_config_generation"));
