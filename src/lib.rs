@@ -6,6 +6,8 @@
 //! (`caller_auth`, `jwt`), caller limits (`rate_limit`), cache (`cache`),
 //! circuit breaker (`circuit`), upstream budget (`rate_limit`), credential
 //! injection (`upstream_credentials`), upstream (`upstream`).
+//! The steps from the access log down to the cache return a `step::StepFuture`:
+//! an answer made without waiting (a hit, a refusal) goes back up as a value.
 //! Beside it: `config`, `server` (wiring, reload, shutdown), `admin`,
 //! `cluster` (Redis), `clock`, `body`, `secret`, `mock_upstream`.
 
