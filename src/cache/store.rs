@@ -143,7 +143,7 @@ impl CachedResponse {
 pub struct StoredHeaders(Box<[(HeaderName, HeaderValue)]>);
 
 impl StoredHeaders {
-    /// An owned copy of `headers` (see [`owned`]).
+    /// An owned copy of `headers` (see `owned`).
     pub fn from_map(headers: &HeaderMap) -> Self {
         owned(headers)
     }
