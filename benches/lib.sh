@@ -29,6 +29,8 @@ start_pinned() { local cpu=$1; shift; exec taskset -c "$cpu" "${PRIO[@]}" "$@"; 
 # The kernel gives SCHED_FIFO tasks 95% of each second by default (sched_rt_runtime_us):
 # the rest of the second a saturated server is parked, and p99 shows that ~50 ms stall
 # for every server alike. RT_THROTTLE=off (default) lifts it for the run; keep leaves it.
+# cleanup restores it on exit, Ctrl-C and TERM; after a `kill -9` of the script, restore it
+# by hand: echo 950000 > /proc/sys/kernel/sched_rt_runtime_us
 RT_THROTTLE=${RT_THROTTLE:-off}
 RT_RUNTIME_FILE=/proc/sys/kernel/sched_rt_runtime_us
 RT_RUNTIME_SAVED=""
