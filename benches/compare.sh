@@ -75,6 +75,18 @@ awk -F'\t' '
     printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx |\n"
     printf "|---|---|---|---|---:|---:|\n"
     for (s = 1; s <= ns; s++) print line[s]
+    # The spread: on a shared machine one run can be far from the others.
+    printf "\n| scenario | server | req/s of each run, in order | max/min |\n|---|---|---|---:|\n"
+    for (s = 1; s <= ns; s++) {
+      for (ti = 1; ti <= 2; ti++) {
+        t = (ti == 1) ? "gateway" : "nginx"; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0
+        for (i = 1; i <= n[k]; i++) {
+          v = rps[k, i] + 0; runs = runs (i > 1 ? ", " : "") sprintf("%.0f", v)
+          if (i == 1 || v < lo) lo = v; if (v > hi) hi = v
+        }
+        printf "| %s | %s | %s | %.2f |\n", order[s], t, runs, (lo > 0 ? hi / lo : 0)
+      }
+    }
   }' "$1"
   echo
   echo "server core % near 100: the server was the bottleneck; well below 100 with the load generator near 100: the"
