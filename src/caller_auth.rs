@@ -12,7 +12,7 @@ use crate::error::{Body, GatewayError, error_response};
 use crate::jwt::{Verifiers, looks_like_jwt};
 use crate::rate_limit::Limits;
 use crate::secret::token_digest;
-use crate::step::StepFuture;
+use crate::step::{Step, StepFuture};
 use crate::tls::ClientCertIdentity;
 use http::{HeaderMap, Method, Request, Response, header};
 use std::collections::HashMap;
@@ -176,12 +176,7 @@ pub struct CallerAuth<S> {
 
 impl<S> tower::Service<Request<Body>> for CallerAuth<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = StepFuture<Response<Body>, GatewayError>,
-        >,
+    S: Step,
 {
     type Response = Response<Body>;
     type Error = GatewayError;

@@ -6,9 +6,10 @@
 
 use crate::config::Client;
 use crate::error::{Body, GatewayError, error_response};
-use crate::step::StepFuture;
+use crate::step::{Step, StepFuture};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -137,19 +138,14 @@ impl<S> Cors<S> {
     }
 }
 
-impl<S, E> tower::Service<Request<Body>> for Cors<S>
+// Above `Rescue`: every error is already an answer.
+impl<S> tower::Service<Request<Body>> for Cors<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = E,
-            Future = StepFuture<Response<Body>, E>,
-        >,
-    E: Send + 'static,
+    S: Step<Infallible>,
 {
     type Response = Response<Body>;
-    type Error = E;
-    type Future = StepFuture<Response<Body>, E>;
+    type Error = Infallible;
+    type Future = StepFuture<Response<Body>, Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -328,15 +328,7 @@ pub struct Rescue<S> {
     inner: S,
 }
 
-impl<S, Req> tower::Service<Req> for Rescue<S>
-where
-    S: tower::Service<
-            Req,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = crate::step::StepFuture<Response<Body>, GatewayError>,
-        >,
-{
+impl<S: crate::step::Step> tower::Service<http::Request<Body>> for Rescue<S> {
     type Response = Response<Body>;
     type Error = std::convert::Infallible;
     type Future = crate::step::StepFuture<Response<Body>, Self::Error>;
@@ -348,7 +340,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         self.inner.call(req).map(|res| {
             Ok(match res {
                 Ok(res) => res,

@@ -19,7 +19,7 @@ use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
 use crate::error::{Body, GatewayError, error_response};
 use crate::listener::PeerAddr;
-use crate::step::StepFuture;
+use crate::step::{Step, StepFuture};
 use futures_util::future::{BoxFuture, FutureExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -508,12 +508,7 @@ impl Drop for InFlight {
 
 impl<S> tower::Service<Request<Body>> for Overload<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = StepFuture<Response<Body>, GatewayError>,
-        >,
+    S: Step,
 {
     type Response = Response<Body>;
     type Error = GatewayError;
@@ -584,14 +579,7 @@ struct LeaseDecision(Option<(Quota, Decision)>);
 
 impl<S> CallerLimit<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = StepFuture<Response<Body>, GatewayError>,
-        > + Clone
-        + Send
-        + 'static,
+    S: Step + Clone + Send + 'static,
 {
     /// Waits for the lease, then decides the request with it.
     fn after_lease(
@@ -615,14 +603,7 @@ where
 
 impl<S> tower::Service<Request<Body>> for CallerLimit<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = StepFuture<Response<Body>, GatewayError>,
-        > + Clone
-        + Send
-        + 'static,
+    S: Step + Clone + Send + 'static,
 {
     type Response = Response<Body>;
     type Error = GatewayError;

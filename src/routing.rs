@@ -6,7 +6,7 @@
 //! paths under the configured prefixes are forwarded: this is not an open proxy.
 
 use crate::error::{Body, BodyError, GatewayError, error_response};
-use crate::step::StepFuture;
+use crate::step::{Step, StepFuture};
 use http::{Method, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
 use std::sync::Arc;
@@ -231,12 +231,7 @@ impl<S> Routing<S> {
 
 impl<S> tower::Service<Request<Body>> for Routing<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = GatewayError,
-            Future = StepFuture<Response<Body>, GatewayError>,
-        >,
+    S: Step,
 {
     type Response = Response<Body>;
     type Error = GatewayError;

@@ -8,10 +8,34 @@
 //! as usual. Every step keeps the ordinary tower `Service` shape; only its
 //! `Future` type is this one.
 
+use crate::error::{Body, GatewayError};
 use futures_util::future::{BoxFuture, FutureExt};
+use http::{Request, Response};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+/// A request step that answers through [`StepFuture`] (every step from the
+/// access log down to the cache); `E` is the error it passes up.
+pub trait Step<E = GatewayError>:
+    tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = E,
+        Future = StepFuture<Response<Body>, E>,
+    >
+{
+}
+
+impl<S, E> Step<E> for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = E,
+            Future = StepFuture<Response<Body>, E>,
+        >
+{
+}
 
 /// An answer that is already there, or one still to come.
 pub enum StepFuture<T, E> {

@@ -6,9 +6,10 @@ use crate::caller_auth::CallerLog;
 use crate::config::LogFormat;
 use crate::error::{Body, ErrorKind};
 use crate::routing::Route;
-use crate::step::StepFuture;
+use crate::step::{Step, StepFuture};
 use crate::upstream::UpstreamInfo;
 use http::{HeaderName, HeaderValue, Request, Response};
+use std::convert::Infallible;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tracing_subscriber::EnvFilter;
@@ -244,19 +245,14 @@ pub struct AccessLog<S> {
     inner: S,
 }
 
-impl<S, E> tower::Service<Request<Body>> for AccessLog<S>
+// Above `Rescue`: every error is already an answer.
+impl<S> tower::Service<Request<Body>> for AccessLog<S>
 where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = E,
-            Future = StepFuture<Response<Body>, E>,
-        >,
-    E: Send + 'static,
+    S: Step<Infallible>,
 {
     type Response = Response<Body>;
-    type Error = E;
-    type Future = StepFuture<Response<Body>, E>;
+    type Error = Infallible;
+    type Future = StepFuture<Response<Body>, Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
