@@ -11,10 +11,12 @@ use common::*;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bound on every single read or exchange.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each test's hang guard.
+const TEST_LIMIT: Duration = Duration::from_secs(30);
 
 /// One HTTP/1 response read off a raw socket.
 #[derive(Debug)]
@@ -98,17 +100,6 @@ fn get_app() -> String {
     format!("GET /app HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n")
 }
 
-/// A connection to `addr` from the local address `from` (any loopback
-/// address works as a source on Linux).
-async fn connect_from(from: IpAddr, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    tokio::time::timeout(IO_TIMEOUT, socket.connect(addr))
-        .await
-        .expect("connect timed out")
-        .unwrap()
-}
-
 /// Sends one `GET /app` on `s` and reads the answer.
 async fn exchange(s: &mut TcpStream) -> Result<RawReply, String> {
     s.write_all(get_app().as_bytes())
@@ -135,12 +126,6 @@ async fn served_from(from: IpAddr, addr: SocketAddr) -> bool {
     false
 }
 
-async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(30), f)
-        .await
-        .expect("test timed out");
-}
-
 const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
 const OTHER_LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
@@ -151,7 +136,7 @@ const OTHER_LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 /// a slot again.
 #[tokio::test]
 async fn per_ip_cap_refuses_the_extra_connection_but_not_other_sources() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("max_connections_per_ip = 2", "").await;
         let mut held = Vec::new();
         for _ in 0..2 {
@@ -199,7 +184,7 @@ async fn per_ip_cap_refuses_the_extra_connection_but_not_other_sources() {
 /// waiting connection as soon as a slot frees up.
 #[tokio::test]
 async fn total_cap_holds_new_connections_until_a_slot_frees() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("max_connections = 2", "").await;
         // Two different source addresses, so the per-IP cap plays no part.
         let mut a = connect_from(LOCAL, h.addr).await;
@@ -240,7 +225,7 @@ async fn total_cap_holds_new_connections_until_a_slot_frees() {
 /// and the gateway closes it; a new connection is served.
 #[tokio::test]
 async fn requests_per_connection_cap_closes_after_the_last_answer() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("max_requests_per_connection = 3", "").await;
         let mut s = connect_from(LOCAL, h.addr).await;
         for i in 1..=3 {
@@ -284,7 +269,7 @@ async fn requests_per_connection_cap_closes_after_the_last_answer() {
 /// in the meantime.
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed_after_the_timeout() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
         let mut idle = connect_from(LOCAL, h.addr).await;
         let r = exchange(&mut idle).await.unwrap();
@@ -331,7 +316,7 @@ async fn idle_keep_alive_connection_is_closed_after_the_timeout() {
 /// `header_read_timeout` instead of holding its slot forever.
 #[tokio::test]
 async fn silent_and_partial_preface_connections_are_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
         let silent = connect_from(LOCAL, h.addr).await;
         let mut partial = connect_from(LOCAL, h.addr).await;
@@ -358,7 +343,7 @@ async fn silent_and_partial_preface_connections_are_closed() {
 /// neither cut nor ends its connection, on HTTP/2 or HTTP/1.1.
 #[tokio::test]
 async fn idle_h2_connection_is_closed_but_a_slow_request_is_not() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("header_read_timeout = \"600ms\"", "").await;
         let get = |path: &str| {
             http::Request::get(h.url(path))
@@ -440,7 +425,7 @@ async fn slow_h1_request(s: &mut TcpStream) {
 /// never acknowledges the GOAWAY's PING either), is dropped too.
 #[tokio::test]
 async fn h2_peer_that_goes_silent_is_dropped() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
         let mut s = connect_from(LOCAL, h.addr).await;
         s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")

@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Each test's hang guard.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
 /// Bound on every single read or exchange, so a hung gateway fails the test
 /// instead of hanging it.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -202,12 +205,6 @@ async fn assert_nothing_cached(h: &Harness) {
     );
 }
 
-async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .expect("test timed out");
-}
-
 // ---------------------------------------------------------------------------
 // Ambiguous framing: refuse, close, forward nothing.
 // ---------------------------------------------------------------------------
@@ -258,7 +255,7 @@ fn cl_te_requests() -> Vec<String> {
 /// `Content-Length`.
 #[tokio::test]
 async fn content_length_with_transfer_encoding_never_smuggles() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         // Default (HTTP/1 chunked uploads refused: 411), and with chunked
         // uploads allowed (hyper lets Transfer-Encoding win).
         for (config, req) in ["", "allow_chunked_requests = true"]
@@ -306,7 +303,7 @@ async fn content_length_with_transfer_encoding_never_smuggles() {
 /// refused): a 4xx, the close, and nothing forwarded.
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused_and_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         for req in cl_te_requests() {
             assert_refused(req.as_bytes(), Close::Required).await;
         }
@@ -316,7 +313,7 @@ async fn content_length_with_transfer_encoding_is_refused_and_closed() {
 
 #[tokio::test]
 async fn duplicate_differing_content_length_is_refused_and_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let req = format!(
             "{}content-type: application/json\r\ncontent-length: 12\r\ncontent-length: 2\r\n\r\n{{\"name\":\"x\"}}",
             authed("POST /app HTTP/1.1")
@@ -334,7 +331,7 @@ async fn duplicate_differing_content_length_is_refused_and_closed() {
 
 #[tokio::test]
 async fn unknown_transfer_coding_is_refused_and_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         for te in ["gzip", "x-unknown", "chunked, gzip", "identity"] {
             let req = format!(
                 "{}transfer-encoding: {te}\r\n\r\n0\r\n\r\n",
@@ -350,7 +347,7 @@ async fn unknown_transfer_coding_is_refused_and_closed() {
 /// whitespace between a name and its colon (RFC 9112 §5.1: must be refused).
 #[tokio::test]
 async fn control_characters_in_header_names_and_values_are_refused_and_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let cases: [&[u8]; 7] = [
             b"x-a: b\rc\r\n",           // bare CR in a value
             b"x-a: b\0c\r\n",           // NUL in a value
@@ -374,7 +371,7 @@ async fn control_characters_in_header_names_and_values_are_refused_and_closed() 
 /// it with spaces); the gateway never forwards a folded header.
 #[tokio::test]
 async fn obsolete_line_folding_is_refused_and_closed() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         for fold in [
             "x-a: b\r\n c\r\n",
             "x-a: b\r\n\tc\r\n",
@@ -395,7 +392,7 @@ async fn obsolete_line_folding_is_refused_and_closed() {
 /// proxy; it must not answer for `evil.example` (nor cache under it).
 #[tokio::test]
 async fn absolute_form_for_another_host_is_refused() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let req = format!(
             "GET http://evil.example/app HTTP/1.1\r\nhost: evil.example\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
         );
@@ -409,7 +406,7 @@ async fn absolute_form_for_another_host_is_refused() {
 /// request as a plain GET.
 #[tokio::test]
 async fn upgrade_websocket_is_refused() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let req = format!(
             "{}connection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             authed("GET /app HTTP/1.1")
@@ -423,7 +420,7 @@ async fn upgrade_websocket_is_refused() {
 /// `CONNECT`: never a tunnel.
 #[tokio::test]
 async fn connect_is_refused() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         for target in ["evil.example:443", "127.0.0.1:22"] {
             let req = format!(
                 "CONNECT {target} HTTP/1.1\r\nhost: {target}\r\nauthorization: Bearer {TOKEN_RW}\r\n\r\n"
@@ -443,7 +440,7 @@ async fn connect_is_refused() {
 /// `header_read_timeout`, and other clients are served meanwhile.
 #[tokio::test]
 async fn slow_header_client_is_closed_and_others_are_served() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start_with("header_read_timeout = \"1s\"", "").await;
         let addr = h.addr;
         let slow = tokio::spawn(async move {
@@ -512,7 +509,7 @@ async fn slow_header_client_is_closed_and_others_are_served() {
 /// RST_STREAM for each dropped request): the gateway keeps serving others.
 #[tokio::test]
 async fn h2_streams_cancelled_in_bursts_do_not_disturb_other_clients() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start().await;
         // Slow the upstream a little so cancelled requests are really in flight.
         h.mock.set_faults(Faults {
@@ -607,7 +604,7 @@ async fn try_get(addr: SocketAddr, path: &str) -> Result<RawReply, String> {
 /// an entry behind that breaks every later request for the same key.
 #[tokio::test]
 async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let clock = ManualClock::new();
         let h = Harness::start_full("", "", "", Arc::new(clock.clone())).await;
         let huge = u64::MAX;
@@ -695,7 +692,7 @@ async fn canned_upstream(status: u16, body: &'static str) -> String {
 /// of a terminal job to bound its cache entry, and must not break on it.
 #[tokio::test]
 async fn absurd_signed_url_expiry_in_a_job_body_does_not_break_the_gateway() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         const JOB: &str = r#"{"data":{"id":"j","status":"COMPLETED","output":{"url":"https://b.s3.amazonaws.com/o.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20250615T120000Z&X-Amz-Expires=18446744073709551615&X-Amz-Signature=ab"}}}"#;
         let upstream = canned_upstream(200, JOB).await;
         let text = config_toml(&upstream, "", "");

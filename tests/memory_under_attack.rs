@@ -16,42 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
 
-const WORKERS: usize = 8;
-
-async fn with_timeout<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .expect("test timed out");
-}
-
-/// Runs `make(i)` for `i` in `0..n` on [`WORKERS`] concurrent tasks.
-async fn flood<F, Fut>(n: usize, make: F)
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let make = Arc::new(make);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..WORKERS {
-        let make = make.clone();
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                make(i).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
+/// Each test's hang guard.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
 
 /// Polls `f` until it is true or `within` has passed.
 async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -82,7 +49,7 @@ const MAX_BYTES: u64 = 1024 * 1024;
 /// store never holds more than its bound.
 #[tokio::test]
 async fn distinct_paths_and_queries_keep_the_cache_within_its_bound() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let sections = format!(
             r#"
 [cache]
@@ -173,7 +140,7 @@ enabled = false
 /// guessing is throttled to 429, nothing reaches the upstream.
 #[tokio::test]
 async fn distinct_bad_tokens_and_spoofed_forwarded_for_hold_one_entry() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let h = Harness::start().await;
         let limits = h.gateway().state().limits().clone();
         assert_eq!(limits.tracked_ips(), 0);
@@ -221,13 +188,6 @@ async fn distinct_bad_tokens_and_spoofed_forwarded_for_hold_one_entry() {
     .await;
 }
 
-/// A connection to `addr` from the local address `from`.
-async fn connect_from(from: IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    socket.connect(addr).await.unwrap()
-}
-
 /// The status of a one-request exchange on a fresh connection from `from`.
 async fn status_from(from: IpAddr, addr: SocketAddr, request: &str) -> u16 {
     let exchange = async {
@@ -254,7 +214,7 @@ async fn status_from(from: IpAddr, addr: SocketAddr, request: &str) -> u16 {
 /// arrived within about one prune interval, not the whole flood.
 #[tokio::test]
 async fn distinct_source_ips_are_pruned() {
-    with_timeout(async {
+    with_timeout(TEST_LIMIT, async {
         let sections = r#"
 [rate_limit]
 trusted_proxies = ["127.0.0.1/32"]

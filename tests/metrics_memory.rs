@@ -14,7 +14,6 @@ use rungen_gateway::telemetry::METRICS_UPKEEP_INTERVAL;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use std::alloc::System;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[global_allocator]
@@ -26,28 +25,20 @@ fn live() -> isize {
     s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated
 }
 
-const WORKERS: usize = 8;
-
-/// `n` cache hits for `GET /app` on [`WORKERS`] keep-alive connections.
+/// `n` cache hits for `GET /app` on keep-alive connections.
 async fn hits(h: &Harness, client: &TestClient, n: usize) {
-    let next = Arc::new(AtomicUsize::new(0));
-    let url = h.url("/app");
-    let mut tasks = Vec::new();
-    for _ in 0..WORKERS {
-        let (next, client, url) = (next.clone(), client.clone(), url.clone());
-        tasks.push(tokio::spawn(async move {
-            let auth = bearer(TOKEN_RW);
-            while next.fetch_add(1, Ordering::Relaxed) < n {
-                let r = client
-                    .send(Method::GET, &url, &[("authorization", &auth)], None)
-                    .await;
-                assert_eq!(r.status, 200, "{}", r.text());
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (url, auth) = (h.url("/app"), bearer(TOKEN_RW));
+    let client = client.clone();
+    flood(n, move |_| {
+        let (client, url, auth) = (client.clone(), url.clone(), auth.clone());
+        async move {
+            let r = client
+                .send(Method::GET, &url, &[("authorization", &auth)], None)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    })
+    .await;
 }
 
 /// Live heap bytes once the recorder's upkeep has certainly run since now.

@@ -272,3 +272,51 @@ impl TestClient {
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
+
+/// Fails the test if `f` has not finished within `limit` (a hang guard).
+pub async fn with_timeout<F: std::future::Future<Output = ()>>(limit: std::time::Duration, f: F) {
+    tokio::time::timeout(limit, f)
+        .await
+        .expect("test timed out");
+}
+
+/// Concurrent tasks of [`flood`].
+pub const FLOOD_WORKERS: usize = 8;
+
+/// Runs `make(i)` for `i` in `0..n` on [`FLOOD_WORKERS`] concurrent tasks.
+pub async fn flood<F, Fut>(n: usize, make: F)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let make = Arc::new(make);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..FLOOD_WORKERS {
+        let make = make.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                make(i).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// A connection to `addr` from the local address `from` (any loopback
+/// address works as a source on Linux); connecting may take at most 5 s.
+pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), socket.connect(addr))
+        .await
+        .expect("connect timed out")
+        .unwrap()
+}
