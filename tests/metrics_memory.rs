@@ -82,5 +82,17 @@ async fn histogram_samples_do_not_pile_up_without_scrapes() {
         grown < limit,
         "{grown:+} bytes still held 3 upkeep runs after {N} requests (queued samples are not freed)"
     );
+    // And the samples were recorded, not dropped: the latency histogram of
+    // `GET /app` counts every request (the warm-up's first one was a miss).
+    let text = rungen_gateway::telemetry::metrics().render();
+    let count: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("rungen_gateway_request_duration_seconds_count{")
+                && l.contains("route=\"/app\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(count as usize, N + 2_000, "{text}");
     h.stop().await;
 }
