@@ -108,19 +108,7 @@ enabled = true
 default = { per_second = 1000000, burst = 1000000 }
 upstream_budget = { per_second = 1000000, burst = 1000000 }
 
-[admin]
-listen = "127.0.0.1:${ADMIN[$mode]}"
-
-[reload]
-watch = false
-
-[logging]
-level = "warn"
-format = "json"
-
-[[teams]]
-name = "personal"
-api_key = { file = "$WORK/upstream.key" }
+$(gateway_config_tail "127.0.0.1:${ADMIN[$mode]}")
 
 [[clients]]
 name = "bench"

@@ -182,19 +182,7 @@ ttl = "5s"
 [rate_limit]
 enabled = false
 
-[admin]
-listen = "off"
-
-[reload]
-watch = false
-
-[logging]
-level = "warn"
-format = "json"
-
-[[teams]]
-name = "personal"
-api_key = { file = "$WORK/upstream.key" }
+$(gateway_config_tail "off")
 
 [[clients]]
 name = "bench"

@@ -68,3 +68,24 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
+
+# The end every bench gateway config shares: the admin listener ($1: an address or "off"),
+# no file watching, warn-level JSON logs, and the scope "personal" whose key is read from
+# $WORK/upstream.key.
+gateway_config_tail() {
+  cat <<EOF
+[admin]
+listen = "$1"
+
+[reload]
+watch = false
+
+[logging]
+level = "warn"
+format = "json"
+
+[[teams]]
+name = "personal"
+api_key = { file = "$WORK/upstream.key" }
+EOF
+}

@@ -106,19 +106,7 @@ upstream_max_concurrent = 1024
 upstream_queue_timeout = "10s"
 max_in_flight = 100000
 
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[reload]
-watch = false
-
-[logging]
-level = "warn"
-format = "json"
-
-[[teams]]
-name = "personal"
-api_key = { file = "$WORK/upstream.key" }
+$(gateway_config_tail "127.0.0.1:$ADMIN_PORT")
 EOF
 if command -v python3 >/dev/null; then
   python3 - "$CLIENTS" >>"$WORK/gateway.toml" <<'PY'
