@@ -620,8 +620,7 @@ where
         ) else {
             return self.inner.call(req);
         };
-        let (caller_client, caller_scope) = (caller.client.clone(), caller.scope.clone());
-        let (client, scope) = (caller_client.name.as_str(), caller_scope.name.as_str());
+        let (client, scope) = (caller.client.name.as_str(), caller.scope.name.as_str());
         let (mut quota, mut decision, mut name) =
             match self.limits.check_caller(client, req.extensions().get()) {
                 CallerCheck::Now(q, d) => (q, d, "caller"),
