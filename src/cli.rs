@@ -100,7 +100,8 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime(|| serve(config, log_format.map(Into::into)))
+            let threads = Threads::resolve(config.server.worker_threads);
+            threads.run(|| serve(config, threads, log_format.map(Into::into)))
         }
         Command::MockUpstream { listen, config } => {
             let mock_config = match config {
@@ -113,28 +114,66 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 },
             };
-            runtime(|| mock(mock_config, listen))
+            Threads::resolve(0).run(|| mock(mock_config, listen))
         }
         Command::Demo { listen, log_format } => {
-            runtime(|| demo(listen, log_format.map(Into::into)))
+            Threads::resolve(0).run(|| demo(listen, log_format.map(Into::into)))
         }
     }
 }
 
-fn runtime<F, Fut>(f: F) -> ExitCode
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ExitCode>,
-{
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(f()),
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            ExitCode::FAILURE
+/// The async runtime's threads: `[server] worker_threads`, or (0) one per CPU
+/// this process may use (its affinity mask and cgroup CPU quota, as
+/// `std::thread::available_parallelism` reads them).
+#[derive(Debug, Clone, Copy)]
+struct Threads(usize);
+
+impl Threads {
+    fn resolve(configured: usize) -> Self {
+        match configured {
+            0 => Self(std::thread::available_parallelism().map_or(1, usize::from)),
+            n => Self(n),
         }
+    }
+
+    /// One thread runs everything on tokio's current-thread scheduler: the
+    /// multi-thread one would add a worker beside the main thread and pay for
+    /// cross-thread wake-ups and work stealing with no other core to use.
+    fn flavor(self) -> &'static str {
+        if self.0 == 1 {
+            "current_thread"
+        } else {
+            "multi_thread"
+        }
+    }
+
+    fn run<F, Fut>(self, f: F) -> ExitCode
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = ExitCode>,
+    {
+        let mut builder = if self.0 == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(self.0);
+            b
+        };
+        match builder.enable_all().build() {
+            Ok(rt) => rt.block_on(f()),
+            Err(e) => {
+                eprintln!("cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn log(self) {
+        tracing::info!(
+            worker_threads = self.0,
+            scheduler = self.flavor(),
+            "async runtime"
+        );
     }
 }
 
@@ -207,11 +246,12 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Config, log_format: Option<LogFormat>) -> ExitCode {
+async fn serve(config: Config, threads: Threads, log_format: Option<LogFormat>) -> ExitCode {
     telemetry::init(
         &config.logging.level,
         log_format.unwrap_or(config.logging.format),
     );
+    threads.log();
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

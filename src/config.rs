@@ -132,6 +132,8 @@ struct RawServer {
     max_requests_per_connection: u64,
     #[serde(default)]
     allow_chunked_requests: bool,
+    #[serde(default)]
+    worker_threads: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +168,7 @@ impl Default for RawServer {
             max_connections_per_ip: defaults::max_connections_per_ip(),
             max_requests_per_connection: defaults::max_requests_per_connection(),
             allow_chunked_requests: false,
+            worker_threads: 0,
         }
     }
 }
@@ -468,6 +471,8 @@ impl From<SecretSourceRepr> for SecretSource {
     }
 }
 
+/// More runtime threads than this is a typo, not a tuning.
+pub const MAX_WORKER_THREADS: usize = 1024;
 /// Largest secret file read (a key or a URL is a few hundred bytes; a path
 /// pointing at something else by mistake should not be read whole).
 pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
@@ -701,6 +706,8 @@ pub struct ServerConfig {
     pub max_requests_per_connection: u64,
     /// Accept HTTP/1.1 `Transfer-Encoding: chunked` request bodies (411 otherwise).
     pub allow_chunked_requests: bool,
+    /// Runtime worker threads; 0: one per CPU the process may use.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1038,6 +1045,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             "only with [server.tls]: without TLS, `listen` is already plaintext",
         );
     }
+    if s.worker_threads > MAX_WORKER_THREADS {
+        p.push(
+            "server.worker_threads",
+            format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU)"),
+        );
+    }
     if plaintext_listen.is_some() && plaintext_listen == Some(listen) && listen.port() != 0 {
         p.push("server.plaintext_listen", "must differ from server.listen");
     }
@@ -1058,6 +1071,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         max_connections_per_ip: s.max_connections_per_ip.max(1),
         max_requests_per_connection: s.max_requests_per_connection,
         allow_chunked_requests: s.allow_chunked_requests,
+        worker_threads: s.worker_threads,
     };
 
     // [upstream]
@@ -1775,6 +1789,24 @@ teams = ["acme"]
         assert_eq!(c.clients[0].teams[0].name, "acme");
         // The inline key is accepted with a warning.
         assert!(c.warnings.iter().any(|w| w.contains("inline")));
+    }
+
+    #[test]
+    fn worker_threads_defaults_to_auto_and_is_bounded() {
+        let c = Config::from_toml(Path::new("t.toml"), &base("")).unwrap();
+        assert_eq!(c.server.worker_threads, 0);
+        let c = Config::from_toml(
+            Path::new("t.toml"),
+            &format!("[server]\nworker_threads = 3\n{}", base("")),
+        )
+        .unwrap();
+        assert_eq!(c.server.worker_threads, 3);
+        let e = errors(&format!("[server]\nworker_threads = 5000\n{}", base("")));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "server.worker_threads");
+        assert!(e[0].reason.contains("at most 1024"), "{}", e[0].reason);
+        let e = errors(&format!("[server]\nworker_threads = -1\n{}", base("")));
+        assert!(e[0].to_string().contains("worker_threads"), "{}", e[0]);
     }
 
     #[test]

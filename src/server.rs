@@ -160,7 +160,7 @@ impl State {
 }
 
 /// Settings read once at start: a reload that changes them only warns.
-fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 8] {
+fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 9] {
     let (o, n) = (&old.server, &new.server);
     [
         ("server.listen", o.listen != n.listen),
@@ -182,6 +182,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 8]
         (
             "server.shutdown_timeout",
             o.shutdown_timeout != n.shutdown_timeout,
+        ),
+        (
+            "server.worker_threads",
+            o.worker_threads != n.worker_threads,
         ),
         ("admin.listen", old.admin.listen != new.admin.listen),
         (

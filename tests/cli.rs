@@ -539,3 +539,75 @@ async fn sighup_reloads_the_config() {
     reader.join().unwrap();
     mock.shutdown();
 }
+
+/// `[server] worker_threads` sizes the runtime: 1 runs the single-thread
+/// scheduler, more a multi-thread one with that many workers; both serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_runtime() {
+    let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for (threads, scheduler) in [(1, "current_thread"), (3, "multi_thread")] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        let text = config_toml(&mock.base_url(), &format!("worker_threads = {threads}"), "");
+        std::fs::write(&cfg, &text).unwrap();
+        let mut child = bin()
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut runtime = None;
+        let addr = loop {
+            let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "async runtime" {
+                runtime = Some(v.clone());
+            }
+            if v["message"] == "gateway listening" {
+                break v["addr"].as_str().unwrap().to_string();
+            }
+        };
+        let runtime = runtime.expect("the runtime is logged before the listener");
+        assert_eq!(runtime["worker_threads"], threads, "{runtime}");
+        assert_eq!(runtime["scheduler"], scheduler, "{runtime}");
+        if threads > 1 {
+            // tokio starts every worker up front ("tokio-rt-worker").
+            let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+                .filter(|comm| comm.starts_with("tokio-rt-worker"))
+                .count();
+            assert!(workers >= threads, "{workers} runtime threads");
+        }
+        let c = TestClient::http1();
+        let url = format!("http://{addr}/app");
+        for _ in 0..3 {
+            assert_eq!(
+                c.get(&url, &[("x-api-key", TOKEN_RO)]).await.status,
+                http::StatusCode::OK
+            );
+        }
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(child.wait().unwrap().success());
+        reader.join().unwrap();
+    }
+    mock.shutdown();
+}

@@ -603,6 +603,7 @@ class Checker:
                 "issuer": "https://i", "audience": "x", "hmacSecret": {"value": "short"}}}]},
             "unknown key in server": {"config": {"server": {"maxConnectionPerIp": 5}}},
             "negative retries": {"config": {"upstream": {"retries": -1}}},
+            "2000 worker threads": {"config": {"server": {"workerThreads": 2000}}},
         }
         with helm.Chart.load(self.chart_dir) as chart:
             for what, vals in bad_cases.items():
@@ -650,6 +651,7 @@ class Checker:
             "server limits": {"config": {"server": {"maxConnections": 5}}},
             "connections per IP": {"config": {"server": {"maxConnectionsPerIp": 5}}},
             "requests per connection": {"config": {"server": {"maxRequestsPerConnection": 5}}},
+            "worker threads": {"config": {"server": {"workerThreads": 2}}},
             "coalesce timeout": {"config": {"cache": {"coalesceTimeout": "5s"}}},
             "cluster on": {"config": {"cluster": {"enabled": True, "redisUrl": {"existingSecret": "r"}}}},
         }

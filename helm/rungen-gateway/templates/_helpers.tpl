@@ -185,8 +185,8 @@ drain delay + the drain deadline, or kubelet kills the gateway in the middle of 
 Everything the gateway reads only at start (a reload that changes it only logs a warning), hashed
 into the pod template's checksum/restart-settings annotation: the listen addresses (ports,
 bindAddress, the plaintext listener), TLS settings, the header limits / connection caps / HTTP/2
-streams / header_read_timeout / max_requests_per_connection, shutdown_timeout, the admin listener,
-[logging], [reload], the cache's size bounds and coalesce timeout, and [cluster] (including the
+streams / header_read_timeout / max_requests_per_connection / worker_threads, shutdown_timeout,
+the admin listener, [logging], [reload], the cache's size bounds and coalesce timeout, and [cluster] (including the
 chart-held Redis URL; a Redis URL in an existing Secret is not visible here: roll the pods yourself
 after changing it). Everything else (upstream, rate limits, teams, clients and their JWT keys and
 token hashes, inline or in a Secret, the admin token, API keys, certificate files, cache route
@@ -206,7 +206,8 @@ never rolls the pods.
     "maxConnections" $srv.maxConnections
     "maxConnectionsPerIp" $srv.maxConnectionsPerIp
     "maxRequestsPerConnection" $srv.maxRequestsPerConnection
-    "h2MaxConcurrentStreams" $srv.h2MaxConcurrentStreams)
+    "h2MaxConcurrentStreams" $srv.h2MaxConcurrentStreams
+    "workerThreads" $srv.workerThreads)
   "shutdownTimeout" .Values.shutdown.timeoutSeconds
   "cache" (dict
     "maxBytes" $cache.maxBytes
