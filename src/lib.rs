@@ -33,6 +33,7 @@ pub mod secret;
 pub mod server;
 pub mod step;
 pub mod telemetry;
+pub mod timer;
 pub mod tls;
 pub mod upstream;
 pub mod upstream_credentials;
