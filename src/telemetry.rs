@@ -407,24 +407,37 @@ thread_local! {
 }
 
 /// A cheap hash of the series: the metric name's address, and of each label
-/// value its length and its first and last eight bytes. Equal series hash
+/// value its length and its first and last (up to) eight bytes. Equal series hash
 /// equally; the rare different series with the same hash (values differing
 /// only in the middle) are told apart by the full comparison in [`with_memo`].
 /// Label names are fixed per call site and only compared.
 fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    fn word(b: &[u8]) -> u64 {
-        let mut w = [0u8; 8];
-        w[..b.len()].copy_from_slice(b);
-        u64::from_le_bytes(w)
+    // Up to eight bytes from each end as two words, with plain loads (a
+    // variable-length copy into a buffer would call memcpy per label).
+    fn ends(b: &[u8]) -> (u64, u64) {
+        let n = b.len();
+        if n >= 8 {
+            let first = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let last = u64::from_le_bytes(b[n - 8..].try_into().unwrap_or_default());
+            (first, last)
+        } else if n >= 4 {
+            let first = u32::from_le_bytes(b[..4].try_into().unwrap_or_default());
+            let last = u32::from_le_bytes(b[n - 4..].try_into().unwrap_or_default());
+            (u64::from(first), u64::from(last))
+        } else if n > 0 {
+            let w = u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16;
+            (w, 0)
+        } else {
+            (0, 0)
+        }
     }
     let mut h = foldhash::fast::FixedState::default().build_hasher();
     h.write_usize(name.as_ptr() as usize);
     for (_, v) in labels {
-        let b = v.as_bytes();
-        let n = b.len().min(8);
-        h.write_u64(word(&b[..n]) ^ (b.len() as u64).rotate_left(56));
-        h.write_u64(word(&b[b.len() - n..]));
+        let (first, last) = ends(v.as_bytes());
+        h.write_u64(first ^ (v.len() as u64).rotate_left(56));
+        h.write_u64(last);
     }
     h.finish()
 }
@@ -514,6 +527,48 @@ pub fn with_counter(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memo_hash_tells_apart_label_values_of_every_length() {
+        // Values that differ only in one byte, at both ends and in the middle
+        // of short ones, and by length: each is its own series.
+        let values = [
+            "",
+            "a",
+            "b",
+            "ab",
+            "ba",
+            "GET",
+            "PUT",
+            "2xx",
+            "4xx",
+            "5xx",
+            "hit",
+            "miss",
+            "HEAD",
+            "stale",
+            "bypass",
+            "acme-1",
+            "acme-2",
+            "personal",
+            "personal-team",
+            "personal-team-",
+            "x-personal-team",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for v in values {
+            assert!(
+                seen.insert(memo_hash("m", &[("l", v)])),
+                "{v:?} hashes like another value"
+            );
+        }
+        // Equal series hash equally, wherever their strings live.
+        let owned = String::from("personal-team");
+        assert_eq!(
+            memo_hash("m", &[("l", "personal-team")]),
+            memo_hash("m", &[("l", owned.as_str())])
+        );
+    }
 
     #[tokio::test]
     async fn the_response_request_id_is_never_indexed_by_hpack() {
