@@ -199,7 +199,10 @@ fn new_request_id() -> HeaderValue {
     use rand::Rng;
     let mut out = [0u8; 32];
     hex_into(&mut out, rand::rng().random::<u128>() | 1);
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("-"))
+    // One allocation shared by the request's and the response's copies (a
+    // `Bytes` copied from a slice allocates again on its first clone).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// What the steps report about a response, for the access log and the request

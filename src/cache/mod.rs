@@ -449,10 +449,22 @@ fn from_entry(
         res
     };
     if status.from_store() || age > 0 {
-        res.headers_mut()
-            .insert(header::AGE, HeaderValue::from(age));
+        res.headers_mut().insert(header::AGE, age_value(age));
     }
     finish(res, status)
+}
+
+/// `Age` values below this are made once and shared (a hit's age is mostly a
+/// few seconds: no allocation and no number formatting per hit).
+const SHARED_AGES: usize = 120;
+
+fn age_value(secs: u64) -> HeaderValue {
+    static AGES: std::sync::LazyLock<[HeaderValue; SHARED_AGES]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(HeaderValue::from));
+    match usize::try_from(secs) {
+        Ok(i) if i < SHARED_AGES => AGES[i].clone(),
+        _ => HeaderValue::from(secs),
+    }
 }
 
 fn from_buffered(b: &Buffered, method: &Method, status: CacheStatus) -> Response<Body> {
@@ -1133,8 +1145,16 @@ impl tower::Service<Request<Body>> for CacheService {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn age_values_are_the_decimal_seconds_shared_or_not() {
+        for secs in [0u64, 1, 9, 10, 119, 120, 121, 86_400, u64::MAX] {
+            assert_eq!(age_value(secs).to_str().unwrap(), secs.to_string());
+        }
+    }
 
     #[test]
     fn writes_invalidate_what_they_change() {
