@@ -4,10 +4,13 @@
 //! scope is its configured name, never its key.
 
 use http::{HeaderMap, HeaderName};
+use std::borrow::{Borrow, Cow};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Hashed and compared through [`KeyParts`], so a [`KeyRef`] borrowed from a
+/// request finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
     pub scope: Arc<str>,
     pub path: Arc<str>,
@@ -19,12 +22,7 @@ pub struct CacheKey {
 
 impl CacheKey {
     pub fn new(scope: &Arc<str>, path: &str, query: Option<&str>) -> Self {
-        Self {
-            scope: scope.clone(),
-            path: Arc::from(path),
-            query: Arc::from(normalize_query(query.unwrap_or("")).as_str()),
-            variant: 0,
-        }
+        KeyRef::new(scope, path, query).to_key(scope)
     }
 
     pub fn with_variant(&self, variant: u64) -> Self {
@@ -37,6 +35,92 @@ impl CacheKey {
     /// Approximate heap size, for the weigher.
     pub fn weight(&self) -> usize {
         self.scope.len() + self.path.len() + self.query.len() + 48
+    }
+}
+
+/// A key's parts, whether owned ([`CacheKey`]) or borrowed ([`KeyRef`]): the
+/// store is looked up through `dyn KeyParts`, so a hit builds no key (two
+/// allocations per request otherwise).
+pub trait KeyParts {
+    /// Scope, path, normalised query, variant.
+    fn parts(&self) -> (&str, &str, &str, u64);
+}
+
+impl KeyParts for CacheKey {
+    fn parts(&self) -> (&str, &str, &str, u64) {
+        (&self.scope, &self.path, &self.query, self.variant)
+    }
+}
+
+impl Hash for dyn KeyParts + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let (scope, path, query, variant) = self.parts();
+        scope.hash(state);
+        path.hash(state);
+        query.hash(state);
+        variant.hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn KeyParts).hash(state);
+    }
+}
+
+impl<'a> Borrow<dyn KeyParts + 'a> for CacheKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+/// A key borrowed from a request (the query is copied only when it has to be
+/// reordered).
+#[derive(Debug, Clone)]
+pub struct KeyRef<'a> {
+    pub scope: &'a str,
+    pub path: &'a str,
+    pub query: Cow<'a, str>,
+    pub variant: u64,
+}
+
+impl<'a> KeyRef<'a> {
+    pub fn new(scope: &'a str, path: &'a str, query: Option<&'a str>) -> Self {
+        let query = match query {
+            None | Some("") => Cow::Borrowed(""),
+            Some(q) => Cow::Owned(normalize_query(q)),
+        };
+        Self {
+            scope,
+            path,
+            query,
+            variant: 0,
+        }
+    }
+
+    /// The owned key (`scope` is the shared name this view borrowed from).
+    pub fn to_key(&self, scope: &Arc<str>) -> CacheKey {
+        debug_assert_eq!(&**scope, self.scope);
+        CacheKey {
+            scope: scope.clone(),
+            path: Arc::from(self.path),
+            query: Arc::from(&*self.query),
+            variant: self.variant,
+        }
+    }
+}
+
+impl KeyParts for KeyRef<'_> {
+    fn parts(&self) -> (&str, &str, &str, u64) {
+        (self.scope, self.path, &self.query, self.variant)
     }
 }
 
@@ -104,6 +188,31 @@ mod tests {
         assert_eq!(
             CacheKey::new(&s, "/app", Some("b=2&a=1")),
             CacheKey::new(&s, "/app", Some("a=1&b=2"))
+        );
+    }
+
+    #[test]
+    fn a_borrowed_key_finds_the_owned_one_and_only_it() {
+        use std::collections::HashMap;
+        let acme: Arc<str> = Arc::from("acme");
+        let mut map: HashMap<CacheKey, u32> = HashMap::new();
+        map.insert(CacheKey::new(&acme, "/app", Some("b=2&a=1")), 1);
+        map.insert(CacheKey::new(&acme, "/app", None), 2);
+        map.insert(CacheKey::new(&acme, "/app", None).with_variant(7), 3);
+        let find = |k: &KeyRef<'_>| map.get(k as &dyn KeyParts).copied();
+        assert_eq!(find(&KeyRef::new("acme", "/app", Some("a=1&b=2"))), Some(1));
+        assert_eq!(find(&KeyRef::new("acme", "/app", None)), Some(2));
+        assert_eq!(find(&KeyRef::new("acme", "/app", Some(""))), Some(2));
+        let mut variant = KeyRef::new("acme", "/app", None);
+        variant.variant = 7;
+        assert_eq!(find(&variant), Some(3));
+        assert_eq!(find(&KeyRef::new("globex", "/app", None)), None);
+        assert_eq!(find(&KeyRef::new("acme", "/app/", None)), None);
+        // Field boundaries are part of the hash and the comparison.
+        assert_eq!(find(&KeyRef::new("acm", "e/app", None)), None);
+        assert_eq!(
+            KeyRef::new("acme", "/app", Some("b=2&a=1")).to_key(&acme),
+            CacheKey::new(&acme, "/app", Some("a=1&b=2"))
         );
     }
 

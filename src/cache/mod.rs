@@ -794,16 +794,16 @@ impl CacheService {
 
     /// The key of a request: scope, path, normalised query and, when the
     /// upstream varies on request headers, the request's variant.
-    fn key_for(&self, scope: &Arc<str>, req: &Request<Body>) -> CacheKey {
-        let base = CacheKey::new(scope, req.uri().path(), req.uri().query());
+    /// The request's key, borrowed from it (see [`key::KeyParts`]).
+    fn key_for<'r>(&self, scope: &'r str, req: &'r Request<Body>) -> key::KeyRef<'r> {
+        let mut key = key::KeyRef::new(scope, req.uri().path(), req.uri().query());
         let cache = &self.layer.cache;
-        if !cache.any_vary.load(Ordering::SeqCst) {
-            return base;
+        if cache.any_vary.load(Ordering::SeqCst) {
+            if let Some(names) = cache.vary.get(&key as &dyn key::KeyParts) {
+                key.variant = key::variant(&names, req.headers());
+            }
         }
-        match cache.vary.get(&base) {
-            Some(names) => base.with_variant(key::variant(&names, req.headers())),
-            None => base,
-        }
+        key
     }
 
     /// A cacheable read: `entry` is what the store holds for `key` (looked up
@@ -1064,7 +1064,7 @@ impl tower::Service<Request<Body>> for CacheService {
                 let key = self.key_for(&scope, &req);
                 let client_revalidate = policy.allow_client_revalidate
                     && policy::client_wants_revalidation(req.headers());
-                let entry = cache.entries.get(&key);
+                let entry = cache.entries.get(&key as &dyn key::KeyParts);
                 // The hot path: a fresh hit is answered here, without a task,
                 // a clone of the services behind, or an async state machine.
                 if let Some(e) = entry.as_ref().filter(|_| !client_revalidate) {
@@ -1081,6 +1081,7 @@ impl tower::Service<Request<Body>> for CacheService {
                         return StepFuture::ok(res);
                     }
                 }
+                let key = key.to_key(&scope);
                 let this = self.clone();
                 // The clone in `self` was ready; swap so the ready one is used.
                 let this = CacheService {
