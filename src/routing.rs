@@ -181,25 +181,26 @@ impl<S> Routing<S> {
             return Err(GatewayError::MethodNotAllowed);
         }
         // Request smuggling defences: one framing, and only chunked.
+        // Each header looked up once (this runs on every request).
         let headers = req.headers();
-        let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
-        // hyper drops Content-Length when Transfer-Encoding is present, so a
-        // CL+TE smuggling attempt is indistinguishable from a chunked upload:
-        // HTTP/1 chunked uploads are refused unless allowed.
-        if headers.contains_key(header::TRANSFER_ENCODING)
-            && req.version() <= http::Version::HTTP_11
-            && !self.layer.allow_chunked_requests
-        {
-            return Err(GatewayError::LengthRequired);
-        }
-        if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
-            let chunked_only = headers.get_all(header::TRANSFER_ENCODING).iter().count() == 1
+        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        let content_length = lengths.next();
+        let several_lengths = lengths.next().is_some();
+        let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+        if let Some(te) = encodings.next() {
+            // hyper drops Content-Length when Transfer-Encoding is present, so
+            // a CL+TE smuggling attempt is indistinguishable from a chunked
+            // upload: HTTP/1 chunked uploads are refused unless allowed.
+            if req.version() <= http::Version::HTTP_11 && !self.layer.allow_chunked_requests {
+                return Err(GatewayError::LengthRequired);
+            }
+            let chunked_only = encodings.next().is_none()
                 && te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
-            if lengths > 0 || !chunked_only {
+            if content_length.is_some() || !chunked_only {
                 return Err(GatewayError::AmbiguousFraming);
             }
         }
-        if lengths > 1 {
+        if several_lengths {
             return Err(GatewayError::AmbiguousFraming);
         }
         // HTTP/1 absolute-form targets name a host: this gateway is not a forward proxy.
@@ -207,7 +208,7 @@ impl<S> Routing<S> {
             return Err(GatewayError::BadRequest("absolute-form request target"));
         }
         // No tunnels and no protocol switches (WebSocket, h2c upgrade): never forwarded.
-        if req.headers().contains_key(header::UPGRADE) {
+        if headers.contains_key(header::UPGRADE) {
             return Err(GatewayError::BadRequest(
                 "protocol upgrades are not supported",
             ));
@@ -215,7 +216,7 @@ impl<S> Routing<S> {
         check_path(uri.path())?;
         let route =
             classify(uri.path(), &self.layer.prefixes).ok_or(GatewayError::RouteNotFound)?;
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+        if let Some(len) = content_length {
             let len = len
                 .to_str()
                 .ok()
