@@ -812,3 +812,44 @@ async fn purge_drops_everything_a_scope_or_a_prefix() {
     assert_eq!(h.upstream_count("GET /app"), 6);
     h.stop().await;
 }
+
+/// A read with a body (HTTP/1.1 Content-Length, HTTP/2 DATA frames) is
+/// neither answered from the store nor stored: the body could change what the
+/// upstream answers. A bodiless read after it is still a miss, then a hit.
+#[tokio::test]
+async fn reads_with_a_body_bypass_the_cache() {
+    let (h, _clock) = start("").await;
+    let auth = rw();
+    for (c, proto) in [(TestClient::http1(), "h1"), (TestClient::h2c(), "h2c")] {
+        let with_body = c
+            .send(
+                Method::GET,
+                &h.url("/app?via=body"),
+                &[("authorization", &auth)],
+                Some("{\"filter\":1}"),
+            )
+            .await;
+        assert_eq!(with_body.status, StatusCode::OK, "{proto}");
+        assert!(
+            cache_status(&with_body).contains("detail=request-body"),
+            "{proto}: {}",
+            cache_status(&with_body)
+        );
+    }
+    assert_eq!(h.upstream_count("GET /app"), 2, "both went upstream");
+    let c = TestClient::http1();
+    let first = c
+        .get(&h.url("/app?via=body"), &[("authorization", &auth)])
+        .await;
+    assert!(
+        cache_status(&first).contains("fwd=uri-miss"),
+        "nothing was stored from the reads with a body: {}",
+        cache_status(&first)
+    );
+    let second = c
+        .get(&h.url("/app?via=body"), &[("authorization", &auth)])
+        .await;
+    assert_eq!(cache_status(&second), "rungen-gateway; hit");
+    assert_eq!(h.upstream_count("GET /app"), 3);
+    h.stop().await;
+}

@@ -1055,9 +1055,10 @@ impl tower::Service<Request<Body>> for CacheService {
             None
         };
 
-        let cacheable = policy
-            .as_ref()
-            .map(|_| policy::request_cacheable(req.method(), req.headers()));
+        let cacheable = policy.as_ref().map(|_| {
+            let has_body = !http_body::Body::is_end_stream(req.body());
+            policy::request_cacheable(req.method(), has_body)
+        });
         match (policy, cacheable) {
             (Some(policy), Some(Ok(()))) => {
                 let cache = &self.layer.cache;
