@@ -14,6 +14,7 @@ use crate::rate_limit::Limits;
 use crate::secret::token_digest;
 use crate::step::{Step, StepFuture};
 use crate::tls::ClientCertIdentity;
+use crate::upstream_credentials::{X_API_KEY, X_TEAM_ID};
 use http::{HeaderMap, Method, Request, Response, header};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,7 +95,7 @@ pub fn extract_token(headers: &HeaderMap) -> Option<&[u8]> {
         }
         return None;
     }
-    let token = headers.get("x-api-key")?.as_bytes().trim_ascii();
+    let token = headers.get(X_API_KEY)?.as_bytes().trim_ascii();
     (!token.is_empty()).then_some(token)
 }
 
@@ -121,7 +122,7 @@ pub fn choose_scope_within(
         })
     };
     let requested = headers
-        .get("x-team-id")
+        .get(X_TEAM_ID)
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|v| !v.is_empty());
     match requested {

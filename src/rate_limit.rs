@@ -37,6 +37,8 @@ use tokio::sync::Semaphore;
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// The proxy chain a trusted proxy reports (see [`client_ip`]).
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 type Keyed<K> = RateLimiter<
@@ -387,7 +389,7 @@ impl Limits {
         let peer = req.extensions().get::<PeerAddr>()?.0.ip();
         Some(client_ip(
             peer,
-            req.headers().get("x-forwarded-for"),
+            req.headers().get(X_FORWARDED_FOR),
             &self.settings().trusted_proxies,
         ))
     }

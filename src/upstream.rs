@@ -7,6 +7,7 @@ use crate::body::{BodyTimeout, IdleTimeout, caused_by};
 use crate::config::UpstreamConfig;
 use crate::error::{Body, BodyError, GatewayError};
 use crate::hop::strip_hop_by_hop;
+use crate::upstream_credentials::{X_API_KEY, X_TEAM_ID};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::Method;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -219,8 +220,8 @@ impl tower::Service<Request<Body>> for Upstream {
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 // Nothing of our upstream credentials is ever echoed back to a caller.
-                parts.headers.remove("x-api-key");
-                parts.headers.remove("x-team-id");
+                parts.headers.remove(X_API_KEY);
+                parts.headers.remove(X_TEAM_ID);
                 parts.extensions.insert(info);
                 // An upstream that stops sending mid-body must not hold the request forever.
                 let body = IdleTimeout::wrap(

@@ -13,8 +13,10 @@ use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use std::task::{Context, Poll};
 
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
+/// The RunGen credential headers (also a caller's `x-api-key` token and team
+/// choice on the way in).
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
 
 /// Removes caller-supplied credentials, proxy hints and hop-by-hop headers.
 pub fn strip_caller_headers(headers: &mut HeaderMap) {
