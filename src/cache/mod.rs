@@ -792,9 +792,9 @@ impl CacheService {
         (flight, true)
     }
 
-    /// The key of a request: scope, path, normalised query and, when the
-    /// upstream varies on request headers, the request's variant.
-    /// The request's key, borrowed from it (see [`key::KeyParts`]).
+    /// The key of a request, borrowed from it (see [`key::KeyParts`]): scope,
+    /// path, normalised query and, when the upstream varies on request
+    /// headers, the request's variant.
     fn key_for<'r>(&self, scope: &'r str, req: &'r Request<Body>) -> key::KeyRef<'r> {
         let mut key = key::KeyRef::new(scope, req.uri().path(), req.uri().query());
         let cache = &self.layer.cache;
