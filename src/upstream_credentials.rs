@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 /// choice on the way in).
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Removes caller-supplied credentials, proxy hints and hop-by-hop headers.
 pub fn strip_caller_headers(headers: &mut HeaderMap) {
@@ -28,7 +29,7 @@ pub fn strip_caller_headers(headers: &mut HeaderMap) {
         header::COOKIE,
         header::HOST,
         header::FORWARDED,
-        HeaderName::from_static("x-real-ip"),
+        X_REAL_IP,
     ] {
         headers.remove(name);
     }

@@ -400,11 +400,13 @@ pub struct CacheService {
     layer: CacheLayer,
 }
 
+/// RFC 9211 `Cache-Status` (a constant: `from_static` outside a const context
+/// re-checks the name on every call).
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
 fn finish(mut res: Response<Body>, status: CacheStatus) -> Response<Body> {
-    res.headers_mut().insert(
-        HeaderName::from_static("cache-status"),
-        status.header_value(),
-    );
+    res.headers_mut()
+        .insert(CACHE_STATUS, status.header_value());
     crate::telemetry::LogFields::of(&mut res).cache = Some(status.as_str());
     res
 }
