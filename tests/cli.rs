@@ -16,6 +16,82 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rungen-gateway"))
 }
 
+/// `serve --log-format json` on `cfg`, its stderr read line by line on a
+/// thread. Killed on drop if a test fails before [`Served::stop`].
+struct Served {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Served {
+    fn start(cfg: &Path) -> Self {
+        let mut child = bin()
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The JSON log lines up to and including "gateway listening".
+    fn until_listening(&self) -> Vec<serde_json::Value> {
+        let mut seen = Vec::new();
+        loop {
+            let line = self.lines.recv_timeout(Duration::from_secs(20)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let done = v["message"] == "gateway listening";
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// SIGTERM, then a clean exit.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        assert!(self.child.wait().unwrap().success());
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The environment variables config/gateway.example.toml reads its keys from.
 pub const EXAMPLE_ENV: [(&str, &str); 3] = [
     ("RUNGEN_KEY_ACME", "example-acme-key"),
@@ -473,28 +549,12 @@ async fn sighup_reloads_the_config() {
     let text =
         config_toml(&mock.base_url(), "", "").replace("poll_interval = \"200ms\"", "watch = false");
     std::fs::write(&cfg, &text).unwrap();
-    let mut child = bin()
-        .args(["serve", "--log-format", "json", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "gateway listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let served = Served::start(&cfg);
+    let listening = served.until_listening();
+    let addr = listening.last().unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let c = TestClient::http1();
     let url = format!("http://{addr}/app");
     assert_eq!(
@@ -508,16 +568,9 @@ async fn sighup_reloads_the_config() {
             .find("[[clients]]\nname = \"misconfigured\"")
             .unwrap();
     std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).unwrap();
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    served.signal("-HUP");
     let mut reloaded = false;
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+    while let Ok(line) = served.lines.recv_timeout(Duration::from_secs(10)) {
         if line.contains("config reloaded") {
             reloaded = true;
             break;
@@ -528,15 +581,7 @@ async fn sighup_reloads_the_config() {
         c.get(&url, &[("x-api-key", TOKEN_RO)]).await.status,
         http::StatusCode::UNAUTHORIZED
     );
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
-    reader.join().unwrap();
+    served.stop();
     mock.shutdown();
 }
 
@@ -552,38 +597,16 @@ async fn worker_threads_sets_the_runtime() {
         let cfg = dir.path().join("gateway.toml");
         let text = config_toml(&mock.base_url(), &format!("worker_threads = {threads}"), "");
         std::fs::write(&cfg, &text).unwrap();
-        let mut child = bin()
-            .args(["serve", "--log-format", "json", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let mut runtime = None;
-        let addr = loop {
-            let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "async runtime" {
-                runtime = Some(v.clone());
-            }
-            if v["message"] == "gateway listening" {
-                break v["addr"].as_str().unwrap().to_string();
-            }
-        };
+        let served = Served::start(&cfg);
+        let logged = served.until_listening();
+        let addr = logged.last().unwrap()["addr"].as_str().unwrap().to_string();
+        let runtime = logged.iter().find(|v| v["message"] == "async runtime");
         let runtime = runtime.expect("the runtime is logged before the listener");
         assert_eq!(runtime["worker_threads"], threads, "{runtime}");
         assert_eq!(runtime["scheduler"], scheduler, "{runtime}");
         if threads > 1 {
             // tokio starts every worker up front ("tokio-rt-worker").
-            let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            let workers = std::fs::read_dir(format!("/proc/{}/task", served.child.id()))
                 .unwrap()
                 .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
                 .filter(|comm| comm.starts_with("tokio-rt-worker"))
@@ -598,16 +621,7 @@ async fn worker_threads_sets_the_runtime() {
                 http::StatusCode::OK
             );
         }
-        let pid = child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        assert!(child.wait().unwrap().success());
-        reader.join().unwrap();
+        served.stop();
     }
     mock.shutdown();
 }
