@@ -53,6 +53,7 @@ summarize() {
 awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; cpu[key, n[key]] = $8; util[key, n[key]] = $9; bad[key] += $10; lg[key, n[key]] = $12; p90[key, n[key]] = $13
+    cu[key, n[key]] = ($14 == "" ? -1 : $14); cs[key, n[key]] = ($15 == "" ? -1 : $15)
     if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 } }
   function med(arr, key, cnt,   i, j, v, tmp) {
     for (i = 1; i <= cnt; i++) v[i] = arr[key, i] + 0
@@ -60,14 +61,16 @@ awk -F'\t' '
     return (cnt % 2) ? v[(cnt + 1) / 2] : (v[cnt / 2] + v[cnt / 2 + 1]) / 2
   }
   END {
-    printf "| scenario | server | req/s | p50 ms | p90 ms | p99 ms | CPU us/req | server core %% | load gen core %% | 1e6/(CPU us/req) | errors |\n"
-    printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    printf "| scenario | server | req/s | p50 ms | p90 ms | p99 ms | CPU us/req | user | kernel | server core %% | load gen core %% | 1e6/(CPU us/req) | errors |\n"
+    printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     for (s = 1; s <= ns; s++) {
       sc = order[s]
       for (ti = 1; ti <= 2; ti++) {
         t = (ti == 1) ? "gateway" : "nginx"; k = sc SUBSEP t; c = n[k]
         R[t] = med(rps, k, c); P5[t] = med(p50, k, c); P90[t] = med(p90, k, c); P9[t] = med(p99, k, c); C[t] = med(cpu, k, c); U[t] = med(util, k, c); L[t] = med(lg, k, c)
-        printf "| %s | %s | %.0f | %.3f | %.3f | %.3f | %.2f | %.0f | %.0f | %.0f | %d |\n", sc, t, R[t], P5[t], P90[t], P9[t], C[t], U[t], L[t], 1e6 / C[t], bad[k]
+        # user/kernel split: absent (-1) in results written before it was recorded
+        CU[t] = med(cu, k, c); CS[t] = med(cs, k, c)
+        printf "| %s | %s | %.0f | %.3f | %.3f | %.3f | %.2f | %s | %s | %.0f | %.0f | %.0f | %d |\n", sc, t, R[t], P5[t], P90[t], P9[t], C[t], (CU[t] < 0 ? "-" : sprintf("%.2f", CU[t])), (CS[t] < 0 ? "-" : sprintf("%.2f", CS[t])), U[t], L[t], 1e6 / C[t], bad[k]
       }
       rr = R["gateway"] / R["nginx"]; pr = P9["gateway"] / P9["nginx"]; cr = C["gateway"] / C["nginx"]
       line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"])
@@ -227,18 +230,18 @@ log "gateway worker threads: $(ls /proc/$GW_PID/task | wc -l) threads; nginx wor
 
 # --- helpers -----------------------------------------------------------------------
 CLK_TCK=$(getconf CLK_TCK)
-# utime+stime (clock ticks) of a process and, for nginx, its worker/cache processes.
+# "utime stime" (clock ticks) of a process and, for nginx, its worker/cache processes.
 cpu_ticks() { # target
   local pids
   if [[ $1 == gateway ]]; then pids=$GW_PID; else pids="$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')"; fi
-  local t=0 pid f
+  local u=0 s=0 pid f
   for pid in $pids; do
     # fields after the ")" of comm: state is field 3, utime 14, stime 15
     f=$(sed -e 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
     set -- $f
-    t=$((t + ${12} + ${13}))
+    u=$((u + ${12})); s=$((s + ${13}))
   done
-  echo "$t"
+  echo "$u $s"
 }
 url() { # target proto
   local port
@@ -252,6 +255,7 @@ url() { # target proto
 to_ms() { awk -v v="$1" 'BEGIN{ n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'; }
 
 # One run. Prints: reqs req_per_s p50_ms p99_ms cpu_us_per_req server_core_pct bad loadgen_core_pct p90_ms
+# user_us_per_req sys_us_per_req
 run_one() { # target scenario
   local target=$1 scen=$2 out="$WORK/run.out" before after reqs rps p50 p90 p99 bad=0 t0 t1 TIMEFORMAT='%U %S'
   before=$(cpu_ticks "$target"); t0=$(date +%s.%N)
@@ -288,9 +292,11 @@ run_one() { # target scenario
   esac
   [[ -z "${DEBUG_STAT:-}" ]] || grep -E '^cpu[01] ' /proc/stat >&2
   [[ -n "$reqs" && "$reqs" -gt 0 ]] || { cat "$out" >&2; die "$target $scen: no requests completed"; }
-  awk -v r="$reqs" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v d=$((after - before)) -v hz="$CLK_TCK" \
+  local u0 s0 u1 s1
+  read -r u0 s0 <<<"$before"; read -r u1 s1 <<<"$after"
+  awk -v r="$reqs" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$CLK_TCK" \
       -v t0="$t0" -v t1="$t1" -v bad="$bad" -v lg="$(awk '{print $1 + $2}' "$WORK/time.out")" -v p90="$p90" \
-      'BEGIN { cpu_s=d/hz; printf "%d %.0f %s %s %.2f %.0f %d %.0f %s\n", r, rps, p50, p99, cpu_s*1e6/r, 100*cpu_s/(t1-t0), bad, 100*lg/(t1-t0), p90 }'
+      'BEGIN { cpu_s=(du+ds)/hz; printf "%d %.0f %s %s %.2f %.0f %d %.0f %s %.2f %.2f\n", r, rps, p50, p99, cpu_s*1e6/r, 100*cpu_s/(t1-t0), bad, 100*lg/(t1-t0), p90, du/hz*1e6/r, ds/hz*1e6/r }'
 }
 
 check_hit() { # target proto
@@ -322,14 +328,14 @@ mock_before=$(curl -s "http://127.0.0.1:$MOCK_PORT/_mock/stats" | grep -o '"tota
 # --- interleaved rounds ------------------------------------------------------------
 rt_throttle_lift
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds x {$SCENARIOS} x {gateway, nginx} x ${DURATION}s"
-printf 'round\tscenario\ttarget\trequests\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req\tserver_core_pct\tbad\tloadavg1\tloadgen_core_pct\tp90_ms\n' >"$RESULTS"
+printf 'round\tscenario\ttarget\trequests\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req\tserver_core_pct\tbad\tloadavg1\tloadgen_core_pct\tp90_ms\tuser_us_per_req\tsys_us_per_req\n' >"$RESULTS"
 for ((r = 1; r <= ROUNDS; r++)); do
   for scen in $SCENARIOS; do
     for t in gateway nginx; do
-      read -r reqs rps p50 p99 cpu util bad lgutil p90 < <(run_one "$t" "$scen")
+      read -r reqs rps p50 p99 cpu util bad lgutil p90 ucpu scpu < <(run_one "$t" "$scen")
       la=$(cut -d' ' -f1 /proc/loadavg)
-      printf '%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$scen" "$t" "$reqs" "$rps" "$p50" "$p99" "$cpu" "$util" "$bad" "$la" "$lgutil" "$p90" >>"$RESULTS"
-      log "round $r $scen $t: $rps req/s, p50 ${p50} ms, p90 ${p90} ms, p99 ${p99} ms, ${cpu} us/req, server core ${util}%, load generator core ${lgutil}%, bad $bad, loadavg $la"
+      printf '%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$scen" "$t" "$reqs" "$rps" "$p50" "$p99" "$cpu" "$util" "$bad" "$la" "$lgutil" "$p90" "$ucpu" "$scpu" >>"$RESULTS"
+      log "round $r $scen $t: $rps req/s, p50 ${p50} ms, p90 ${p90} ms, p99 ${p99} ms, ${cpu} us/req (user ${ucpu}, kernel ${scpu}), server core ${util}%, load generator core ${lgutil}%, bad $bad, loadavg $la"
     done
   done
 done
