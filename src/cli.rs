@@ -31,7 +31,7 @@ pub enum Command {
         /// Path to the TOML config (see config/gateway.example.toml).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
-        /// Log format; overrides [logging] format.
+        /// Log format; overrides the config's logging.format.
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
     },
@@ -42,7 +42,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Print a fresh random caller token (256 bits) and the SHA-256 to put in
-    /// a [[clients]] entry as token_sha256. Give the token to the caller only.
+    /// the config's clients entry as token_sha256. Give the token to the caller only.
     NewToken,
     /// Run the built-in mock RunGen upstream (for local testing and benchmarks).
     /// Its counters are at GET /_mock/stats.
@@ -50,7 +50,7 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// Optional mock config (TOML: [[users]] api_key, user_id, teams).
+        /// Optional mock config (TOML: a users list of api_key, user_id, teams).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },

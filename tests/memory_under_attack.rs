@@ -114,7 +114,7 @@ enabled = false
         assert_eq!(h.mock.stats().total, n as u64, "every key was a miss");
 
         let cache = h.gateway().cache();
-        cache.sync().await;
+        cache.sync();
         let (bytes, entries) = (cache.weighted_size(), cache.entry_count());
         assert!(bytes <= MAX_BYTES, "{bytes} bytes held, bound {MAX_BYTES}");
         assert!(

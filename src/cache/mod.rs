@@ -173,7 +173,7 @@ impl Cache {
     }
 
     /// Runs moka's pending maintenance (counts become exact).
-    pub async fn sync(&self) {
+    pub fn sync(&self) {
         self.entries.run_pending_tasks();
         self.vary.run_pending_tasks();
     }
