@@ -17,8 +17,12 @@
 #   ROUNDS=3         rounds per scenario and target (each round: gateway then nginx)
 #   SERVER_CPU=0     core for the servers (gateway, nginx)
 #   LOAD_CPU=1       core for the load generator (and the mock upstream, idle on hits)
-#   BASE_PORT=28080  five consecutive loopback ports from here
+#   BASE_PORT=28080  five (seven with FLOOR=1) consecutive loopback ports from here
 #   SCENARIOS="h1-32 h1-128 h1-tls-32 h2-tls-32x10"
+#   FLOOR=1          also measure "nginx-memory": the same nginx worker answering the
+#                    same body from memory (`return 200`, no token map, no cache) —
+#                    the floor the issue names ("a hit served from memory should get
+#                    close to that floor"); ports BASE_PORT+5 (plain), +6 (TLS)
 #   SKIP_INSTALL=1   do not apt-get anything (fail if a tool is missing)
 #   SKIP_BUILD=1     use the existing target/release/rungen-gateway
 #   GATEWAY_BIN=path use this gateway binary (implies SKIP_BUILD)
@@ -54,7 +58,8 @@ awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; cpu[key, n[key]] = $8; util[key, n[key]] = $9; bad[key] += $10; lg[key, n[key]] = $12; p90[key, n[key]] = $13
     cu[key, n[key]] = ($14 == "" ? -1 : $14); cs[key, n[key]] = ($15 == "" ? -1 : $15)
-    if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 } }
+    if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 }
+    if (!($3 in tseen)) { tseen[$3] = 1; tord[++nt] = $3 } }
   function med(arr, key, cnt,   i, j, v, tmp) {
     for (i = 1; i <= cnt; i++) v[i] = arr[key, i] + 0
     for (i = 2; i <= cnt; i++) { tmp = v[i]; j = i - 1; while (j >= 1 && v[j] > tmp) { v[j + 1] = v[j]; j-- } v[j + 1] = tmp }
@@ -65,8 +70,8 @@ awk -F'\t' '
     printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     for (s = 1; s <= ns; s++) {
       sc = order[s]
-      for (ti = 1; ti <= 2; ti++) {
-        t = (ti == 1) ? "gateway" : "nginx"; k = sc SUBSEP t; c = n[k]
+      for (ti = 1; ti <= nt; ti++) {
+        t = tord[ti]; k = sc SUBSEP t; c = n[k]
         R[t] = med(rps, k, c); P5[t] = med(p50, k, c); P90[t] = med(p90, k, c); P9[t] = med(p99, k, c); C[t] = med(cpu, k, c); U[t] = med(util, k, c); L[t] = med(lg, k, c)
         # user/kernel split: absent (-1) in results written before it was recorded
         CU[t] = med(cu, k, c); CS[t] = med(cs, k, c)
@@ -74,15 +79,22 @@ awk -F'\t' '
       }
       rr = R["gateway"] / R["nginx"]; pr = P9["gateway"] / P9["nginx"]; cr = C["gateway"] / C["nginx"]
       line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"])
+      if ("nginx-memory" in tseen)
+        fline[s] = sprintf("| %s | %.2fx | %.2fx | %.2fx | %.2fx |", sc, C["nginx"] / C["nginx-memory"], C["gateway"] / C["nginx-memory"], (CU["gateway"] < 0 || CU["nginx-memory"] <= 0) ? 0 : CU["gateway"] / CU["nginx-memory"], R["gateway"] / R["nginx-memory"])
     }
     printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx |\n"
     printf "|---|---|---|---|---:|---:|\n"
     for (s = 1; s <= ns; s++) print line[s]
+    if ("nginx-memory" in tseen) {
+      printf "\n| scenario | CPU/req nginx proxy_cache / nginx from memory (the issue: about 2x) | CPU/req gateway / nginx from memory | user CPU/req gateway / nginx from memory | req/s gateway / nginx from memory |\n"
+      printf "|---|---:|---:|---:|---:|\n"
+      for (s = 1; s <= ns; s++) print fline[s]
+    }
     # The spread: on a shared machine one run can be far from the others.
     printf "\n| scenario | server | req/s of each run, in order | max/min |\n|---|---|---|---:|\n"
     for (s = 1; s <= ns; s++) {
-      for (ti = 1; ti <= 2; ti++) {
-        t = (ti == 1) ? "gateway" : "nginx"; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0
+      for (ti = 1; ti <= nt; ti++) {
+        t = tord[ti]; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0
         for (i = 1; i <= n[k]; i++) {
           v = rps[k, i] + 0; runs = runs (i > 1 ? ", " : "") sprintf("%.0f", v)
           if (i == 1 || v < lo) lo = v; if (v > hi) hi = v
@@ -146,7 +158,12 @@ GW_TLS=$((BASE_PORT + 1))
 NGX_PLAIN=$((BASE_PORT + 2))
 NGX_TLS=$((BASE_PORT + 3))
 MOCK_PORT=$((BASE_PORT + 4))
-for p in $GW_PLAIN $GW_TLS $NGX_PLAIN $NGX_TLS $MOCK_PORT; do
+MEM_PLAIN=$((BASE_PORT + 5))
+MEM_TLS=$((BASE_PORT + 6))
+TARGETS="gateway nginx"
+PORTS="$GW_PLAIN $GW_TLS $NGX_PLAIN $NGX_TLS $MOCK_PORT"
+if [[ -n "${FLOOR:-}" ]]; then TARGETS="gateway nginx nginx-memory"; PORTS="$PORTS $MEM_PLAIN $MEM_TLS"; fi
+for p in $PORTS; do
   if ss -Hltn "sport = :$p" | grep -q .; then die "port $p is in use (set BASE_PORT)"; fi
 done
 
@@ -198,7 +215,6 @@ mkdir -p "$WORK/nginx"
 sed -e "s#@WORK@#$WORK#g" -e "s#@MOCK_PORT@#$MOCK_PORT#g" -e "s#@TOKEN@#$TOKEN#g" \
   -e "s#@UPSTREAM_KEY@#$UPSTREAM_KEY#g" -e "s#@NGX_PLAIN_PORT@#$NGX_PLAIN#g" \
   -e "s#@NGX_TLS_PORT@#$NGX_TLS#g" "$ROOT/benches/nginx/nginx.conf.template" >"$WORK/nginx.conf"
-nginx -t -q -p "$WORK/nginx" -c "$WORK/nginx.conf" 2>"$WORK/nginx-t.log" || { cat "$WORK/nginx-t.log" >&2; die "nginx config invalid"; }
 
 # --- start -------------------------------------------------------------------------
 # The PID we hold must be the server itself (not a wrapper shell), or we could not stop it.
@@ -218,6 +234,30 @@ start_pinned "$LOAD_CPU" "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" >"
 MOCK_PID=$!; PIDS+=("$MOCK_PID")
 wait_port "$MOCK_PORT"; check_pid "$MOCK_PID"
 
+# FLOOR=1: the same body, answered by nginx from memory (the template includes floor-*.conf).
+if [[ -n "${FLOOR:-}" ]]; then
+  body=$(curl -sf -H "x-api-key: $UPSTREAM_KEY" "http://127.0.0.1:$MOCK_PORT/app") || die "could not fetch the body from the mock"
+  [[ $body != *'$'* ]] || die "the body has a '\$' (nginx would read a variable)"
+  # nginx quoted strings: escape backslashes, then single quotes.
+  body=${body//\\/\\\\}; body=${body//\'/\\\'}
+  cat >"$WORK/floor-memory.conf" <<EOF
+# Generated by benches/compare.sh (FLOOR=1): the body from memory, nothing else.
+server {
+    listen 127.0.0.1:$MEM_PLAIN backlog=4096;
+    listen 127.0.0.1:$MEM_TLS ssl http2 backlog=4096;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:1m;
+    http2_max_concurrent_streams 128;
+    location /app {
+        return 200 '$body';
+    }
+}
+EOF
+fi
+nginx -t -q -p "$WORK/nginx" -c "$WORK/nginx.conf" 2>"$WORK/nginx-t.log" || { cat "$WORK/nginx-t.log" >&2; die "nginx config invalid"; }
+
 start_pinned "$SERVER_CPU" "$BIN" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GW_PID=$!; PIDS+=("$GW_PID")
 wait_port "$GW_PLAIN"; wait_port "$GW_TLS"; check_pid "$GW_PID"
@@ -225,6 +265,7 @@ wait_port "$GW_PLAIN"; wait_port "$GW_TLS"; check_pid "$GW_PID"
 start_pinned "$SERVER_CPU" nginx -p "$WORK/nginx" -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
 NGX_PID=$!; PIDS+=("$NGX_PID")
 wait_port "$NGX_PLAIN"; wait_port "$NGX_TLS"; check_pid "$NGX_PID"
+[[ -z "${FLOOR:-}" ]] || { wait_port "$MEM_PLAIN"; wait_port "$MEM_TLS"; }
 log "mock pid $MOCK_PID :$MOCK_PORT, gateway pid $GW_PID :$GW_PLAIN/:$GW_TLS(tls), nginx master pid $NGX_PID :$NGX_PLAIN/:$NGX_TLS(tls)"
 log "gateway worker threads: $(ls /proc/$GW_PID/task | wc -l) threads; nginx workers: $(pgrep -P "$NGX_PID" | tr '\n' ' ')"
 
@@ -248,6 +289,7 @@ url() { # target proto
   case "$1:$2" in
     gateway:http) port=$GW_PLAIN ;; gateway:https) port=$GW_TLS ;;
     nginx:http) port=$NGX_PLAIN ;; nginx:https) port=$NGX_TLS ;;
+    nginx-memory:http) port=$MEM_PLAIN ;; nginx-memory:https) port=$MEM_TLS ;;
   esac
   echo "$2://127.0.0.1:$port/app"
 }
@@ -319,7 +361,13 @@ gw_len=$(curl -s -H "Authorization: Bearer $TOKEN" "$(url gateway http)" | wc -c
 ngx_len=$(curl -s -H "Authorization: Bearer $TOKEN" "$(url nginx http)" | wc -c)
 log "body bytes: gateway $gw_len, nginx $ngx_len"
 [[ $gw_len -eq $ngx_len ]] || die "the two bodies differ in size"
-for t in gateway nginx; do
+if [[ -n "${FLOOR:-}" ]]; then
+  mem_len=$(curl -s "$(url nginx-memory http)" | wc -c)
+  mem_h2=$(curl -sk -o /dev/null -w '%{http_version}' --http2 "$(url nginx-memory https)")
+  log "body bytes: nginx from memory $mem_len (https: HTTP/$mem_h2)"
+  [[ $mem_len -eq $gw_len ]] || die "nginx's body from memory differs in size"
+fi
+for t in $TARGETS; do
   pin "$LOAD_CPU" wrk -t1 -c32 -d2s -H "Authorization: Bearer $TOKEN" "$(url $t http)" >/dev/null 2>&1
   pin "$LOAD_CPU" wrk -t1 -c32 -d2s -H "Authorization: Bearer $TOKEN" "$(url $t https)" >/dev/null 2>&1
 done
@@ -327,11 +375,11 @@ mock_before=$(curl -s "http://127.0.0.1:$MOCK_PORT/_mock/stats" | grep -o '"tota
 
 # --- interleaved rounds ------------------------------------------------------------
 rt_throttle_lift
-log "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds x {$SCENARIOS} x {gateway, nginx} x ${DURATION}s"
+log "load average before: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds x {$SCENARIOS} x {${TARGETS// /, }} x ${DURATION}s"
 printf 'round\tscenario\ttarget\trequests\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req\tserver_core_pct\tbad\tloadavg1\tloadgen_core_pct\tp90_ms\tuser_us_per_req\tsys_us_per_req\n' >"$RESULTS"
 for ((r = 1; r <= ROUNDS; r++)); do
   for scen in $SCENARIOS; do
-    for t in gateway nginx; do
+    for t in $TARGETS; do
       read -r reqs rps p50 p99 cpu util bad lgutil p90 ucpu scpu < <(run_one "$t" "$scen")
       la=$(cut -d' ' -f1 /proc/loadavg)
       printf '%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$scen" "$t" "$reqs" "$rps" "$p50" "$p99" "$cpu" "$util" "$bad" "$la" "$lgutil" "$p90" "$ucpu" "$scpu" >>"$RESULTS"
