@@ -1,7 +1,8 @@
 # Shared by benches/compare.sh, scaling.sh and cluster.sh (sourced, not run).
 # Before sourcing, a script sets LOG_TAG (its name in log lines). It gets:
 #   log/die                      stderr lines "[<tag> HH:MM:SS] ..."
-#   PIDS, WORK, cleanup on exit  every PID in PIDS stopped (TERM, then KILL after 5 s),
+#   PIDS, WORK, cleanup on exit  every PID in PIDS stopped (TERM, then KILL after 5 s), then
+#                                any other process the script started (a load generator),
 #                                WORK removed unless KEEP_WORK is set, real-time
 #                                throttling restored if rt_throttle_lift changed it
 #   PRIORITY, PRIO, pin, start_pinned
@@ -49,6 +50,16 @@ rt_throttle_lift() {
 
 PIDS=()
 WORK="" # the script's temporary directory, once it makes one
+# TERM every descendant of $1, deepest first: what is left after the servers in PIDS are
+# stopped is a load generator (wrk, h2load) running in a subshell, when the script is
+# stopped by a signal to it alone rather than to its process group (Ctrl-C).
+kill_descendants() { # pid
+  local child
+  for child in $(pgrep -P "$1"); do
+    kill_descendants "$child"
+    kill -TERM "$child" 2>/dev/null
+  done
+}
 cleanup() {
   local rc=$?
   set +e
@@ -58,6 +69,7 @@ cleanup() {
     kill -KILL "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
   done
+  kill_descendants $$
   if [[ -n "$RT_RUNTIME_SAVED" ]]; then
     echo "$RT_RUNTIME_SAVED" >"$RT_RUNTIME_FILE" && log "real-time throttling restored ($RT_RUNTIME_FILE = $RT_RUNTIME_SAVED)"
   fi
