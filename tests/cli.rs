@@ -16,20 +16,28 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rungen-gateway"))
 }
 
-/// `serve --log-format json` on `cfg`, its stderr read line by line on a
-/// thread. Killed on drop if a test fails before [`Served::stop`].
+/// `serve --log-format json` on `cfg` with `env` set, its stderr read line by
+/// line on a thread, its stdout kept for [`Served::stop`]. Killed on drop if a
+/// test fails before `stop`.
 struct Served {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// One stderr line as written, and as JSON (`Null` if it is not JSON).
+struct LogLine {
+    text: String,
+    json: serde_json::Value,
+}
+
 impl Served {
-    fn start(cfg: &Path) -> Self {
+    fn start(cfg: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = bin()
             .args(["serve", "--log-format", "json", "--config"])
             .arg(cfg)
-            .stdout(Stdio::null())
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -48,14 +56,17 @@ impl Served {
         }
     }
 
-    /// The JSON log lines up to and including "gateway listening".
-    fn until_listening(&self) -> Vec<serde_json::Value> {
+    /// The log lines up to and including "gateway listening".
+    fn until_listening(&self) -> Vec<LogLine> {
         let mut seen = Vec::new();
         loop {
-            let line = self.lines.recv_timeout(Duration::from_secs(20)).unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            let done = v["message"] == "gateway listening";
-            seen.push(v);
+            let text = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the gateway did not log its address");
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let done = json["message"] == "gateway listening";
+            seen.push(LogLine { text, json });
             if done {
                 return seen;
             }
@@ -73,13 +84,23 @@ impl Served {
         );
     }
 
-    /// SIGTERM, then a clean exit.
-    fn stop(mut self) {
+    /// SIGTERM, then a clean exit. Returns the stderr lines not read before,
+    /// then everything written to stdout.
+    fn stop(mut self) -> String {
         self.signal("-TERM");
-        assert!(self.child.wait().unwrap().success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "exit status {status}");
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
+        let mut rest = String::new();
+        while let Ok(line) = self.lines.try_recv() {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        let mut stdout = self.child.stdout.take().unwrap();
+        stdout.read_to_string(&mut rest).unwrap();
+        rest
     }
 }
 
@@ -279,39 +300,18 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
     let cfg = dir.path().join("gateway.toml");
     std::fs::write(&cfg, text).unwrap();
 
-    let mut child = bin()
-        .args(["serve", "--log-format", "json", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "debug")
-        .env("CANARY_WRONG_KEY", WRONG_UPSTREAM_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = line_tx.send(line);
-        }
-    });
-    let mut logs = String::new();
-    let addr = loop {
-        let line = line_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway did not log its address");
-        logs.push_str(&line);
-        logs.push('\n');
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "gateway listening" {
-            break (
-                v["addr"].as_str().unwrap().to_string(),
-                v["admin"].as_str().unwrap().to_string(),
-            );
-        }
-    };
-    let (addr, admin) = addr;
+    let served = Served::start(
+        &cfg,
+        &[
+            ("RUST_LOG", "debug"),
+            ("CANARY_WRONG_KEY", WRONG_UPSTREAM_KEY),
+        ],
+    );
+    let listening = served.until_listening();
+    let mut logs: String = listening.iter().map(|l| format!("{}\n", l.text)).collect();
+    let listening = &listening.last().unwrap().json;
+    let addr = listening["addr"].as_str().unwrap().to_string();
+    let admin = listening["admin"].as_str().unwrap().to_string();
     let base = format!("http://{addr}");
     let mut captured = String::new();
     let clients = [TestClient::http1(), TestClient::h2c()];
@@ -462,29 +462,7 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
     assert!(captured.contains("-> 504"));
 
     // SIGTERM: the gateway drains and exits 0.
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    assert!(status.success(), "exit status {status}");
-    reader.join().unwrap();
-    while let Ok(line) = line_rx.try_recv() {
-        logs.push_str(&line);
-        logs.push('\n');
-    }
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    logs.push_str(&stdout);
+    logs.push_str(&served.stop());
     assert!(logs.contains("shutdown signal received"), "{logs}");
     assert!(
         logs.contains("\"status\":200"),
@@ -549,9 +527,9 @@ async fn sighup_reloads_the_config() {
     let text =
         config_toml(&mock.base_url(), "", "").replace("poll_interval = \"200ms\"", "watch = false");
     std::fs::write(&cfg, &text).unwrap();
-    let served = Served::start(&cfg);
+    let served = Served::start(&cfg, &[]);
     let listening = served.until_listening();
-    let addr = listening.last().unwrap()["addr"]
+    let addr = listening.last().unwrap().json["addr"]
         .as_str()
         .unwrap()
         .to_string();
@@ -597,11 +575,16 @@ async fn worker_threads_sets_the_runtime() {
         let cfg = dir.path().join("gateway.toml");
         let text = config_toml(&mock.base_url(), &format!("worker_threads = {threads}"), "");
         std::fs::write(&cfg, &text).unwrap();
-        let served = Served::start(&cfg);
+        let served = Served::start(&cfg, &[]);
         let logged = served.until_listening();
-        let addr = logged.last().unwrap()["addr"].as_str().unwrap().to_string();
-        let runtime = logged.iter().find(|v| v["message"] == "async runtime");
-        let runtime = runtime.expect("the runtime is logged before the listener");
+        let addr = logged.last().unwrap().json["addr"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let runtime = logged.iter().find(|l| l.json["message"] == "async runtime");
+        let runtime = &runtime
+            .expect("the runtime is logged before the listener")
+            .json;
         assert_eq!(runtime["worker_threads"], threads, "{runtime}");
         assert_eq!(runtime["scheduler"], scheduler, "{runtime}");
         if threads > 1 {
