@@ -80,7 +80,7 @@ awk -F'\t' '
       rr = R["gateway"] / R["nginx"]; pr = P9["gateway"] / P9["nginx"]; cr = C["gateway"] / C["nginx"]
       line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"])
       if ("nginx-memory" in tseen)
-        fline[s] = sprintf("| %s | %.2fx | %.2fx | %.2fx | %.2fx |", sc, C["nginx"] / C["nginx-memory"], C["gateway"] / C["nginx-memory"], (CU["gateway"] < 0 || CU["nginx-memory"] <= 0) ? 0 : CU["gateway"] / CU["nginx-memory"], R["gateway"] / R["nginx-memory"])
+        fline[s] = sprintf("| %s | %.2fx | %.2fx | %s | %.2fx |", sc, C["nginx"] / C["nginx-memory"], C["gateway"] / C["nginx-memory"], (CU["gateway"] < 0 || CU["nginx-memory"] <= 0) ? "-" : sprintf("%.2fx", CU["gateway"] / CU["nginx-memory"]), R["gateway"] / R["nginx-memory"])
     }
     printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx |\n"
     printf "|---|---|---|---|---:|---:|\n"
