@@ -395,56 +395,40 @@ fn in_flight_gauge() -> &'static metrics::Gauge {
 
 const MEMO_MAX: usize = 1 << 16;
 
-/// One memoised series. Its label values sit in one allocation, each label
-/// name with where its value ends: a lookup reads the entry, one short array
-/// and one short string (with 10,000 clients the memo outgrows the CPU caches,
-/// and one allocation per label was one cache miss per label). `next` chains
+/// One memoised series: its key (see [`series_key`]) in one allocation beside
+/// its handle, so a lookup reads the map's slot and one short byte string.
+/// With 10,000 clients the memo outgrows the CPU caches, and every separate
+/// allocation a lookup reads is one more cache miss (label names, label values
+/// and the handle in three places cost about ten per request). `next` chains
 /// the rare series whose hashes collide.
 struct Memo<H> {
-    name: &'static str,
-    labels: Box<[(&'static str, usize)]>,
-    values: Box<str>,
+    key: Box<[u8]>,
     handle: H,
     next: Option<Box<Memo<H>>>,
 }
 
-impl<H> Memo<H> {
-    fn new(name: &'static str, labels: &[(&'static str, &str)], handle: H) -> Self {
-        let mut values = String::with_capacity(labels.iter().map(|(_, v)| v.len()).sum());
-        let labels = labels
-            .iter()
-            .map(|(k, v)| {
-                values.push_str(v);
-                (*k, values.len())
-            })
-            .collect();
-        Self {
-            name,
-            labels,
-            values: values.into_boxed_str(),
-            handle,
-            next: None,
-        }
-    }
+type MemoMap<H> = std::collections::HashMap<u64, Memo<H>, foldhash::fast::FixedState>;
 
-    fn is(&self, name: &'static str, labels: &[(&'static str, &str)]) -> bool {
-        if !same(self.name, name) || self.labels.len() != labels.len() {
-            return false;
+/// A thread's memo and the buffer each lookup builds its key in.
+struct MemoTable<H> {
+    map: MemoMap<H>,
+    key: Vec<u8>,
+}
+
+impl<H> Default for MemoTable<H> {
+    fn default() -> Self {
+        Self {
+            map: MemoMap::default(),
+            key: Vec::with_capacity(256),
         }
-        let mut start = 0;
-        self.labels.iter().zip(labels).all(|((k1, end), (k2, v2))| {
-            let v1 = self.values.as_bytes().get(start..*end);
-            start = *end;
-            same(k1, k2) && v1 == Some(v2.as_bytes())
-        })
     }
 }
 
-type MemoMap<H> = std::collections::HashMap<u64, Memo<H>, foldhash::fast::FixedState>;
+type MemoKey<H> = std::thread::LocalKey<std::cell::RefCell<MemoTable<H>>>;
 
 thread_local! {
-    static COUNTERS: std::cell::RefCell<MemoMap<metrics::Counter>> = Default::default();
-    static REQUESTS: std::cell::RefCell<MemoMap<(metrics::Counter, metrics::Histogram)>> =
+    static COUNTERS: std::cell::RefCell<MemoTable<metrics::Counter>> = Default::default();
+    static REQUESTS: std::cell::RefCell<MemoTable<(metrics::Counter, metrics::Histogram)>> =
         Default::default();
 }
 
@@ -484,53 +468,140 @@ fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
     h.finish()
 }
 
-/// String equality that skips the byte comparison for the same literal (metric
-/// and label names are `'static` at each call site).
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && (std::ptr::eq(a.as_ptr(), b.as_ptr()) || a == b)
+/// A series as bytes, into `out`: the metric name's and each label name's
+/// address and length (they are `'static` at each call site; one name at two
+/// addresses only makes two memo entries for the same registry series), each
+/// label's value after its length. Lengths are one byte below 255, else 255 and
+/// eight bytes, so different series never encode alike.
+fn series_key(out: &mut Vec<u8>, name: &'static str, labels: &[(&'static str, &str)]) {
+    fn put_len(out: &mut Vec<u8>, n: usize) {
+        match u8::try_from(n) {
+            Ok(n) if n < u8::MAX => out.push(n),
+            _ => {
+                out.push(u8::MAX);
+                out.extend_from_slice(&(n as u64).to_le_bytes());
+            }
+        }
+    }
+    out.clear();
+    out.extend_from_slice(&(name.as_ptr() as usize).to_ne_bytes());
+    put_len(out, name.len());
+    for (k, v) in labels {
+        out.extend_from_slice(&(k.as_ptr() as usize).to_ne_bytes());
+        put_len(out, k.len());
+        put_len(out, v.len());
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Whether `key` is [`series_key`] of this series, read in place (the lookup
+/// builds no key of its own).
+fn series_is(key: &[u8], name: &'static str, labels: &[(&'static str, &str)]) -> bool {
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        *rest = tail;
+        Some(head)
+    }
+    fn take_len(rest: &mut &[u8]) -> Option<usize> {
+        match take(rest, 1)? {
+            [n] if *n < u8::MAX => Some(usize::from(*n)),
+            _ => usize::try_from(u64::from_le_bytes(take(rest, 8)?.try_into().ok()?)).ok(),
+        }
+    }
+    fn is_static(rest: &mut &[u8], s: &'static str) -> Option<bool> {
+        let address = take(rest, std::mem::size_of::<usize>())?;
+        Some(address == (s.as_ptr() as usize).to_ne_bytes() && take_len(rest)? == s.len())
+    }
+    let walk = || -> Option<bool> {
+        let mut rest = key;
+        if !is_static(&mut rest, name)? {
+            return Some(false);
+        }
+        for (k, v) in labels {
+            if !is_static(&mut rest, k)? {
+                return Some(false);
+            }
+            let n = take_len(&mut rest)?;
+            if take(&mut rest, n)? != v.as_bytes() {
+                return Some(false);
+            }
+        }
+        Some(rest.is_empty())
+    };
+    walk() == Some(true)
 }
 
 fn with_memo<H>(
-    map: &'static std::thread::LocalKey<std::cell::RefCell<MemoMap<H>>>,
+    table: &'static MemoKey<H>,
     name: &'static str,
     labels: &[(&'static str, &str)],
     register: impl FnOnce(Vec<metrics::Label>) -> H,
     f: impl FnOnce(&H),
 ) {
     let hash = memo_hash(name, labels);
-    map.with(|m| {
-        let mut m = m.borrow_mut();
-        let mut entry = m.get(&hash);
-        while let Some(e) = entry {
-            if e.is(name, labels) {
-                return f(&e.handle);
-            }
-            entry = e.next.as_deref();
-        }
-        if m.len() >= MEMO_MAX {
-            m.clear();
-        }
-        // A handle taken before the recorder exists would be a no-op forever.
-        metrics();
-        let handle = register(
-            labels
-                .iter()
-                .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
-                .collect(),
-        );
-        f(&handle);
-        let memo = Memo::new(name, labels, handle);
-        match m.entry(hash) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(memo);
-            }
-            std::collections::hash_map::Entry::Occupied(mut o) => {
-                // A collision: the new series goes first, the others after it.
-                let older = o.insert(memo);
-                o.get_mut().next = Some(Box::new(older));
-            }
-        }
+    table.with(|t| {
+        let t = &mut *t.borrow_mut();
+        let register = || {
+            // A handle taken before the recorder exists would be a no-op forever.
+            metrics();
+            register(
+                labels
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+                    .collect(),
+            )
+        };
+        memo_lookup(
+            &mut t.map,
+            hash,
+            |key| series_is(key, name, labels),
+            || {
+                series_key(&mut t.key, name, labels);
+                &t.key
+            },
+            register,
+            f,
+        )
     })
+}
+
+/// The handle memoised under the key `is` accepts (whose hash is `hash`),
+/// registered first, under the key `key` returns, if it is not there yet.
+fn memo_lookup<'k, H>(
+    map: &mut MemoMap<H>,
+    hash: u64,
+    is: impl Fn(&[u8]) -> bool,
+    key: impl FnOnce() -> &'k [u8],
+    register: impl FnOnce() -> H,
+    f: impl FnOnce(&H),
+) {
+    let mut entry = map.get(&hash);
+    while let Some(e) = entry {
+        if is(&e.key) {
+            return f(&e.handle);
+        }
+        entry = e.next.as_deref();
+    }
+    if map.len() >= MEMO_MAX {
+        map.clear();
+    }
+    let handle = register();
+    f(&handle);
+    let memo = Memo {
+        key: key().into(),
+        handle,
+        next: None,
+    };
+    match map.entry(hash) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(memo);
+        }
+        std::collections::hash_map::Entry::Occupied(mut o) => {
+            // A collision: the new series goes first, the others after it.
+            let older = o.insert(memo);
+            o.get_mut().next = Some(Box::new(older));
+        }
+    }
 }
 
 /// One request in `rungen_gateway_requests_total{route, method, status_class,
@@ -573,38 +644,83 @@ mod tests {
 
     #[test]
     fn memo_keeps_series_whose_hashes_collide_apart() {
-        thread_local! {
-            static SEEN: std::cell::RefCell<MemoMap<String>> = Default::default();
-        }
-        // One pointer for the metric name (the hash includes its address).
-        let m: &'static str = "m";
-        // Same length, same first and last eight bytes: the same memo hash.
-        let a = "aaaaaaaa-one-bbbbbbbb";
-        let b = "aaaaaaaa-two-bbbbbbbb";
-        assert_eq!(memo_hash(m, &[("l", a)]), memo_hash(m, &[("l", b)]));
+        // Every key under one hash: found by comparing the whole key.
+        let mut map = MemoMap::default();
         let mut registered = 0;
         for _ in 0..3 {
-            for v in [a, b, "other"] {
-                with_memo(
-                    &SEEN,
-                    m,
-                    &[("k", "fixed"), ("l", v)],
-                    |labels| {
+            for key in ["a", "b", "other"] {
+                memo_lookup(
+                    &mut map,
+                    7,
+                    |k| k == key.as_bytes(),
+                    || key.as_bytes(),
+                    || {
                         registered += 1;
-                        labels[1].value().to_string()
+                        key.to_string()
                     },
-                    |handle| assert_eq!(handle, v),
+                    |handle| assert_eq!(handle, key),
                 );
             }
         }
         assert_eq!(registered, 3, "each series registered once, then found");
-        // A different label name is a different series too.
-        with_memo(
-            &SEEN,
-            m,
-            &[("k", "fixed"), ("x", a)],
-            |_| "x".into(),
-            |h| assert_eq!(h, "x"),
+        assert_eq!(map.len(), 1, "one slot, the others chained");
+    }
+
+    #[test]
+    fn series_keys_differ_for_different_series() {
+        // One address per name, as at a call site.
+        let (m, n, l, k, x): (
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+        ) = ("m", "n", "l", "k", "x");
+        let key = |name: &'static str, labels: &[(&'static str, &str)]| {
+            let mut out = Vec::new();
+            series_key(&mut out, name, labels);
+            out
+        };
+        let long = "x".repeat(254);
+        let longer = "x".repeat(255);
+        let longest = "x".repeat(300);
+        let series: Vec<Vec<(&'static str, &str)>> = vec![
+            vec![],
+            vec![(l, "")],
+            vec![(l, "a")],
+            vec![(l, "ab")],
+            vec![(l, "ab"), (k, "c")],
+            vec![(l, "a"), (k, "bc")],
+            vec![(k, "c"), (l, "ab")],
+            vec![(l, "personal-team")],
+            vec![(x, "personal-team")],
+            vec![(l, long.as_str())],
+            vec![(l, longer.as_str())],
+            vec![(l, longest.as_str())],
+            vec![(l, longer.as_str()), (l, "")],
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for labels in &series {
+            let encoded = key(m, labels);
+            assert!(series_is(&encoded, m, labels), "{labels:?}");
+            assert!(!series_is(&encoded, n, labels), "{labels:?}");
+            assert!(
+                seen.insert(encoded),
+                "{labels:?} encodes like another series"
+            );
+            for other in &series {
+                assert_eq!(series_is(&key(m, other), m, labels), other == labels);
+            }
+        }
+        // A key cut short or with bytes after it is not the series.
+        let encoded = key(m, &[(l, "ab")]);
+        assert!(!series_is(&encoded[..encoded.len() - 1], m, &[(l, "ab")]));
+        assert!(!series_is(&[&encoded[..], b"x"].concat(), m, &[(l, "ab")]));
+        // Equal series encode equally, wherever their values live.
+        let owned = String::from("personal-team");
+        assert_eq!(
+            key(m, &[(l, "personal-team")]),
+            key(m, &[(l, owned.as_str())])
         );
     }
 
@@ -649,6 +765,29 @@ mod tests {
             memo_hash(m, &[("l", "personal-team")]),
             memo_hash(m, &[("l", owned.as_str())])
         );
+    }
+
+    #[test]
+    fn memoised_counters_count_each_series_apart() {
+        let m: &'static str = "rungen_gateway_test_memo_total";
+        let mut calls = std::collections::HashMap::new();
+        for (client, n) in [("c1", 3), ("c2", 2), ("c1", 1)] {
+            for _ in 0..n {
+                with_memo(
+                    &COUNTERS,
+                    m,
+                    &[("client", client)],
+                    |l| {
+                        *calls.entry(l[0].value().to_string()).or_insert(0) += 1;
+                        metrics::Counter::noop()
+                    },
+                    |_| {},
+                );
+            }
+        }
+        let want: std::collections::HashMap<String, i32> =
+            [("c1".to_string(), 1), ("c2".to_string(), 1)].into();
+        assert_eq!(calls, want, "one registration per series");
     }
 
     #[tokio::test]
