@@ -28,6 +28,10 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use ipnet::IpNet;
 use std::collections::HashMap;
+
+/// Maps keyed by configured names (clients, scopes), read on every request:
+/// foldhash instead of SipHash (the names come from the config, not callers).
+pub type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -143,13 +147,13 @@ pub struct RateLimitSettings {
     /// Global cap on requests in flight; over it, 503.
     pub max_in_flight: usize,
     /// Client name -> its own quota.
-    pub client_quotas: HashMap<String, Quota>,
+    pub client_quotas: ByName<Quota>,
     /// Per source IP, for public clients (besides their total quota).
     pub public_ip_quota: Quota,
     /// Public client name -> its own per-IP quota.
-    pub client_ip_quotas: HashMap<String, Quota>,
+    pub client_ip_quotas: ByName<Quota>,
     /// Scope name -> its upstream budget.
-    pub scope_budgets: HashMap<String, ScopeBudget>,
+    pub scope_budgets: ByName<ScopeBudget>,
     /// How often per-IP state that has fully refilled is dropped.
     pub prune_interval: Duration,
 }
@@ -170,10 +174,10 @@ impl Default for RateLimitSettings {
             unauthenticated_quota: quota(60, Duration::from_secs(60), 30),
             trusted_proxies: Vec::new(),
             max_in_flight: 4096,
-            client_quotas: HashMap::new(),
+            client_quotas: ByName::default(),
             public_ip_quota: quota(120, Duration::from_secs(60), 30),
-            client_ip_quotas: HashMap::new(),
-            scope_budgets: HashMap::new(),
+            client_ip_quotas: ByName::default(),
+            scope_budgets: ByName::default(),
             prune_interval: Duration::from_secs(60),
         }
     }
@@ -226,11 +230,11 @@ struct ScopeState {
 pub struct Limits {
     /// Read on every request: swapped whole on reload, read without a lock.
     settings: arc_swap::ArcSwap<RateLimitSettings>,
-    callers: RwLock<HashMap<String, Arc<CallerLimiter>>>,
+    callers: RwLock<ByName<Arc<CallerLimiter>>>,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
     /// Public clients: per (client, source IP).
-    public_ips: RwLock<HashMap<String, Arc<IpLimiter>>>,
-    scopes: RwLock<HashMap<String, Arc<ScopeState>>>,
+    public_ips: RwLock<ByName<Arc<IpLimiter>>>,
+    scopes: RwLock<ByName<Arc<ScopeState>>>,
     in_flight: AtomicUsize,
     /// Time for upstream pauses (tests move it by hand).
     clock: SharedClock,
@@ -260,10 +264,10 @@ impl Limits {
         let unauth = RateLimiter::keyed(settings.unauthenticated_quota).with_middleware();
         let limits = Arc::new(Self {
             settings: arc_swap::ArcSwap::from_pointee(settings.clone()),
-            callers: RwLock::new(HashMap::new()),
+            callers: RwLock::new(ByName::default()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
-            public_ips: RwLock::new(HashMap::new()),
-            scopes: RwLock::new(HashMap::new()),
+            public_ips: RwLock::new(ByName::default()),
+            scopes: RwLock::new(ByName::default()),
             in_flight: AtomicUsize::new(0),
             clock,
             cluster: std::sync::OnceLock::new(),
