@@ -58,6 +58,7 @@ awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; cpu[key, n[key]] = $8; util[key, n[key]] = $9; bad[key] += $10; lg[key, n[key]] = $12; p90[key, n[key]] = $13
     cu[key, n[key]] = ($14 == "" ? -1 : $14); cs[key, n[key]] = ($15 == "" ? -1 : $15)
+    rrps[$2, $3, $1] = $5; rcpu[$2, $3, $1] = $8; if ($1 + 0 > maxr) maxr = $1 + 0
     if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 }
     if (!($3 in tseen)) { tseen[$3] = 1; tord[++nt] = $3 } }
   function med(arr, key, cnt,   i, j, v, tmp) {
@@ -78,12 +79,20 @@ awk -F'\t' '
         printf "| %s | %s | %.0f | %.3f | %.3f | %.3f | %.2f | %s | %s | %.0f | %.0f | %.0f | %d |\n", sc, t, R[t], P5[t], P90[t], P9[t], C[t], (CU[t] < 0 ? "-" : sprintf("%.2f", CU[t])), (CS[t] < 0 ? "-" : sprintf("%.2f", CS[t])), U[t], L[t], 1e6 / C[t], bad[k]
       }
       rr = R["gateway"] / R["nginx"]; pr = P9["gateway"] / P9["nginx"]; cr = C["gateway"] / C["nginx"]
-      line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"])
+      # Paired: the gateway/nginx ratio within each round (the two runs are seconds
+      # apart, so most of the drift of a shared machine cancels), then the median.
+      m = 0
+      for (r = 1; r <= maxr; r++)
+        if (rrps[sc, "nginx", r] > 0 && rcpu[sc, "nginx", r] > 0 && (sc SUBSEP "gateway" SUBSEP r) in rrps) {
+          m++; PRR[sc, m] = rrps[sc, "gateway", r] / rrps[sc, "nginx", r]; PRC[sc, m] = rcpu[sc, "gateway", r] / rcpu[sc, "nginx", r]
+        }
+      paired = (m ? sprintf(" %.2fx | %.2fx |", med(PRR, sc, m), med(PRC, sc, m)) : " - | - |")
+      line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"]) paired
       if ("nginx-memory" in tseen)
         fline[s] = sprintf("| %s | %.2fx | %.2fx | %s | %.2fx |", sc, C["nginx"] / C["nginx-memory"], C["gateway"] / C["nginx-memory"], (CU["gateway"] < 0 || CU["nginx-memory"] <= 0) ? "-" : sprintf("%.2fx", CU["gateway"] / CU["nginx-memory"]), R["gateway"] / R["nginx-memory"])
     }
-    printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx |\n"
-    printf "|---|---|---|---|---:|---:|\n"
+    printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx | req/s, paired by round (median) | CPU/req, paired by round (median) |\n"
+    printf "|---|---|---|---|---:|---:|---:|---:|\n"
     for (s = 1; s <= ns; s++) print line[s]
     if ("nginx-memory" in tseen) {
       printf "\n| scenario | CPU/req nginx proxy_cache / nginx from memory (the issue: about 2x) | CPU/req gateway / nginx from memory | user CPU/req gateway / nginx from memory | req/s gateway / nginx from memory |\n"

@@ -217,8 +217,12 @@ done
 printf 'round\tclients\treq_per_s\tp50_ms\tp99_ms\tnon2xx\n' >"$WORK/hit.tsv"
 rt_throttle_lift
 log "hit path: $ROUNDS rounds x {$CLIENT_COUNTS} clients x ${DURATION}s, 32 connections"
+read -ra COUNTS <<<"$CLIENT_COUNTS"
 for ((r = 1; r <= ROUNDS; r++)); do
-  for c in $CLIENT_COUNTS; do
+  # Each round starts one step further along the list (1 100 10000, 100 10000 1, ...),
+  # so no client count always runs first or last in a round.
+  for ((k = 0; k < ${#COUNTS[@]}; k++)); do
+    c=${COUNTS[$(((r - 1 + k) % ${#COUNTS[@]}))]}
     pin "$LOAD_CPU" wrk -t1 -c32 -d"${DURATION}s" --latency -s "$WORK/rotate.lua" "$GW/app" -- "$c" >"$WORK/wrk.out" 2>&1
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.out")
     p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk.out")")
@@ -280,12 +284,21 @@ awk -v e="$ENTRIES_LARGE" -v m="$ENT_LARGE" -v b="$BYTES_LARGE" -v r="$RSS_LARGE
 echo
 echo "Cold storm: $STORM concurrent requests for one uncached key (mock answering after 1 s) -> $STORM_UP upstream request(s); $STORM_OK answered 2xx; all done in $STORM_TIME (slowest $STORM_MAX)."
 echo
-echo "| distinct clients | req/s (median) | p50 ms | p99 ms | vs 1 client |"
-echo "|---:|---:|---:|---:|---:|"
+# Two views of "vs 1 client": the ratio of the medians, and the median of the ratios
+# within each round (the runs of one round are 20-30 s apart, so the second cancels
+# most of this shared machine's slow drift; the per-round ratios are listed too).
+round_ratios() { # clients -> "ratio ratio ..." (req/s with c clients / with 1, per round)
+  awk -F'\t' -v c="$1" 'NR > 1 && $2 == 1 {one[$1] = $3} NR > 1 && $2 == c {v[$1] = $3}
+    END {for (r in v) if (one[r] > 0) printf "%.3f\n", v[r] / one[r]}' "$WORK/hit.tsv" | sort -n | tr '\n' ' '
+}
+echo "| distinct clients | req/s (median) | p50 ms | p99 ms | vs 1 client | vs 1 client, same round (median) | per-round ratios |"
+echo "|---:|---:|---:|---:|---:|---:|---|"
 base=$(col_med "$WORK/hit.tsv" 2 1 3)
 for c in $CLIENT_COUNTS; do
+  ratios=$(round_ratios "$c")
   awk -v c="$c" -v r="$(col_med "$WORK/hit.tsv" 2 "$c" 3)" -v p5="$(col_med "$WORK/hit.tsv" 2 "$c" 4)" -v p9="$(col_med "$WORK/hit.tsv" 2 "$c" 5)" -v b="$base" \
-    'BEGIN {printf "| %d | %.0f | %.3f | %.3f | %+.1f%% |\n", c, r, p5, p9, 100*(r/b-1)}'
+    -v pr="$(tr ' ' '\n' <<<"$ratios" | grep . | median)" -v list="${ratios% }" \
+    'BEGIN {printf "| %d | %.0f | %.3f | %.3f | %+.1f%% | %+.1f%% | %s |\n", c, r, p5, p9, 100*(r/b-1), 100*(pr-1), list}'
 done
 echo
 echo "| miss path, 1 connection | req/s | avg ms | p50 ms | p99 ms |"
