@@ -300,7 +300,7 @@ mod tests {
             public: false,
             allowed_origins: vec![],
             teams: vec![team("personal", None), team("acme", Some("t-1"))],
-            methods: vec![Method::GET],
+            methods: [Method::GET].iter().collect(),
         }
     }
 

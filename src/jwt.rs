@@ -367,7 +367,7 @@ mod tests {
             token_sha256: None,
             cert_names: vec![],
             teams: vec![],
-            methods: vec![http::Method::GET],
+            methods: [http::Method::GET].iter().collect(),
             public: false,
             allowed_origins: vec![],
         })
