@@ -28,9 +28,9 @@ use rungen_gateway::caller_auth::Credentials;
 use rungen_gateway::circuit::Breakers;
 use rungen_gateway::clock::{SharedClock, SystemClock};
 use rungen_gateway::config::Config;
+use rungen_gateway::context::RequestContext;
 use rungen_gateway::error::{Body, empty_body};
 use rungen_gateway::gateway::{self, GatewayService};
-use rungen_gateway::listener::PeerAddr;
 use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle};
 use rungen_gateway::rate_limit::Limits;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -228,7 +228,7 @@ fn request() -> Request<Body> {
         header::AUTHORIZATION,
         HeaderValue::from_static(AUTHORIZATION),
     );
-    req.extensions_mut().insert(PeerAddr(PEER));
+    RequestContext::of_mut(req.extensions_mut()).peer = Some(PEER);
     req
 }
 

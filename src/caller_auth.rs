@@ -8,6 +8,7 @@
 //! This step never sees upstream keys; it only picks the scope.
 
 use crate::config::{Client, Team};
+use crate::context::RequestContext;
 use crate::error::{Body, GatewayError, error_response};
 use crate::jwt::{Verifiers, looks_like_jwt};
 use crate::rate_limit::Limits;
@@ -209,9 +210,9 @@ where
                 }
                 None => None,
             },
-            None => req
-                .extensions()
-                .get::<ClientCertIdentity>()
+            None => RequestContext::of(req.extensions())
+                .cert
+                .as_ref()
                 .and_then(|id| self.credentials.lookup_cert(id))
                 .cloned()
                 .or_else(|| {
@@ -269,7 +270,7 @@ where
             client: client.clone(),
             scope: Some(scope.clone()),
         };
-        req.extensions_mut().insert(Caller { client, scope });
+        RequestContext::of_mut(req.extensions_mut()).caller = Some(Caller { client, scope });
         self.inner.call(req).map_ok(move |mut res| {
             crate::telemetry::LogFields::of(&mut res).caller = Some(log);
             res

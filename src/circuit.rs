@@ -5,8 +5,8 @@
 //! After `breaker_cooldown` one probe request is let through: success closes
 //! the circuit, failure opens it again.
 
-use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
+use crate::context::RequestContext;
 use crate::error::{Body, GatewayError};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{Request, Response};
@@ -153,9 +153,9 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let Some(scope) = req
-            .extensions()
-            .get::<Caller>()
+        let Some(scope) = RequestContext::of(req.extensions())
+            .caller
+            .as_ref()
             .map(|c| c.scope.name.clone())
         else {
             return self.inner.call(req).boxed();

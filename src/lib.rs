@@ -20,6 +20,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod context;
 pub mod cors;
 pub mod error;
 pub mod gateway;

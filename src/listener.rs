@@ -6,6 +6,7 @@
 //! service (swappable, so a config reload applies to the next request).
 
 use crate::config::ServerConfig;
+use crate::context::RequestContext;
 use crate::error::{Body, BodyError};
 use crate::gateway::GatewayService;
 use crate::tls::ClientCertIdentity;
@@ -428,10 +429,11 @@ impl hyper::service::Service<Request<Incoming>> for HyperAdapter {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let mut req = req.map(|b| b.map_err(BodyError::new).boxed_unsync());
-        req.extensions_mut().insert(PeerAddr(self.peer));
-        if let Some(id) = &self.identity {
-            req.extensions_mut().insert(id.clone());
-        }
+        req.extensions_mut().insert(RequestContext {
+            peer: Some(self.peer),
+            cert: self.identity.clone(),
+            ..RequestContext::default()
+        });
         let served = self.requests.served.fetch_add(1, Ordering::Relaxed) + 1;
         let last = self.requests.limit > 0
             && served >= self.requests.limit
@@ -476,7 +478,3 @@ impl Future for TrackedResponse {
         Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
     }
 }
-
-/// The TCP peer of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);

@@ -15,10 +15,9 @@
 //! client's quota is never spent on 401/403.
 //! This step never parses credentials: it reads the `Caller` that auth left.
 
-use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
+use crate::context::RequestContext;
 use crate::error::{Body, GatewayError, error_response};
-use crate::listener::PeerAddr;
 use crate::step::{Step, StepFuture};
 use futures_util::future::{BoxFuture, FutureExt};
 use governor::clock::{Clock, DefaultClock};
@@ -390,7 +389,7 @@ impl Limits {
 
     /// The source IP of a request (see [`client_ip`]), if it came over a socket.
     pub fn source_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        let peer = req.extensions().get::<PeerAddr>()?.0.ip();
+        let peer = RequestContext::of(req.extensions()).peer?.ip();
         Some(client_ip(
             peer,
             req.headers().get(X_FORWARDED_FOR),
@@ -621,7 +620,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (Some(caller), true) = (
-            req.extensions().get::<Caller>(),
+            RequestContext::of(req.extensions()).caller.as_ref(),
             self.limits.settings.load().enabled,
         ) else {
             return self.inner.call(req);
@@ -783,9 +782,9 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let scope_name = req
-            .extensions()
-            .get::<Caller>()
+        let scope_name = RequestContext::of(req.extensions())
+            .caller
+            .as_ref()
             .map(|c| c.scope.name.clone());
         let state = match (&scope_name, self.limits.settings.load().enabled) {
             (Some(name), true) => self.limits.scope(name),

@@ -5,6 +5,7 @@
 //! path into a [`Route`] that later steps (cache, metrics, logs) key on. Only
 //! paths under the configured prefixes are forwarded: this is not an open proxy.
 
+use crate::context::RequestContext;
 use crate::error::{Body, BodyError, GatewayError, error_response};
 use crate::step::{Step, StepFuture};
 use http::{Method, Request, Response, header};
@@ -247,7 +248,7 @@ where
             Ok(route) => {
                 let limit = usize::try_from(self.layer.max_body_bytes).unwrap_or(usize::MAX);
                 let (mut parts, body) = req.into_parts();
-                parts.extensions.insert(route.clone());
+                RequestContext::of_mut(&mut parts.extensions).route = Some(route.clone());
                 // Bodies without Content-Length (chunked, h2) are cut at the
                 // limit too, and a client that stops sending mid-body is cut
                 // off (408). An empty body (most reads) needs neither.

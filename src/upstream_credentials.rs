@@ -7,6 +7,7 @@
 //! answered as 502 and logged at error level with the scope name.
 
 use crate::caller_auth::Caller;
+use crate::context::RequestContext;
 use crate::error::{Body, GatewayError};
 use crate::hop::strip_hop_by_hop;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -85,7 +86,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let Some(caller) = req.extensions().get::<Caller>().cloned() else {
+        let Some(caller) = RequestContext::of(req.extensions()).caller.clone() else {
             tracing::error!("request reached credential injection without a caller");
             return std::future::ready(Err(GatewayError::Internal)).boxed();
         };

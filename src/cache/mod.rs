@@ -18,8 +18,8 @@ pub mod policy;
 pub mod status;
 pub mod store;
 
-use crate::caller_auth::Caller;
 use crate::clock::SharedClock;
+use crate::context::RequestContext;
 use crate::error::{Body, GatewayError, full_body};
 use crate::routing::Route;
 use crate::step::StepFuture;
@@ -1043,10 +1043,8 @@ impl tower::Service<Request<Body>> for CacheService {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (Some(route), Some(caller)) = (
-            req.extensions().get::<Route>().cloned(),
-            req.extensions().get::<Caller>(),
-        ) else {
+        let context = RequestContext::of(req.extensions());
+        let (Some(route), Some(caller)) = (context.route.clone(), context.caller.as_ref()) else {
             return StepFuture::wait(self.inner.call(req));
         };
         let scope = self.layer.scope_name(&caller.scope.name);
