@@ -279,19 +279,12 @@ log "mock pid $MOCK_PID :$MOCK_PORT, gateway pid $GW_PID :$GW_PLAIN/:$GW_TLS(tls
 log "gateway worker threads: $(ls /proc/$GW_PID/task | wc -l) threads; nginx workers: $(pgrep -P "$NGX_PID" | tr '\n' ' ')"
 
 # --- helpers -----------------------------------------------------------------------
-CLK_TCK=$(getconf CLK_TCK)
 # "utime stime" (clock ticks) of a process and, for nginx, its worker/cache processes.
 cpu_ticks() { # target
-  local pids
-  if [[ $1 == gateway ]]; then pids=$GW_PID; else pids="$NGX_PID $(pgrep -P "$NGX_PID" | tr '\n' ' ')"; fi
-  local u=0 s=0 pid f
-  for pid in $pids; do
-    # fields after the ")" of comm: state is field 3, utime 14, stime 15
-    f=$(sed -e 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
-    set -- $f
-    u=$((u + ${12})); s=$((s + ${13}))
-  done
-  echo "$u $s"
+  if [[ $1 == gateway ]]; then proc_ticks "$GW_PID"; else
+    # shellcheck disable=SC2046 # one PID per word
+    proc_ticks "$NGX_PID" $(pgrep -P "$NGX_PID")
+  fi
 }
 url() { # target proto
   local port

@@ -27,6 +27,19 @@ esac
 pin() { local cpu=$1; shift; taskset -c "$cpu" "${PRIO[@]}" "$@"; }
 start_pinned() { local cpu=$1; shift; exec taskset -c "$cpu" "${PRIO[@]}" "$@"; }
 
+CLK_TCK=$(getconf CLK_TCK)
+# "utime stime" in clock ticks, summed over the given processes (gone ones count 0).
+proc_ticks() { # pid...
+  local u=0 s=0 pid f
+  for pid in "$@"; do
+    # fields after the ")" of comm: state is field 3, utime 14, stime 15
+    f=$(sed -e 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+    set -- $f
+    u=$((u + ${12})); s=$((s + ${13}))
+  done
+  echo "$u $s"
+}
+
 # The kernel gives SCHED_FIFO tasks 95% of each second by default (sched_rt_runtime_us):
 # the rest of the second a saturated server is parked, and p99 shows that ~50 ms stall
 # for every server alike. RT_THROTTLE=off (default) lifts it for the run; keep leaves it.

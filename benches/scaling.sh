@@ -214,7 +214,7 @@ CLIENT_COUNTS="1 100 $CLIENTS"
 for c in $CLIENT_COUNTS; do # warm every client once (limiter state, token map)
   pin "$LOAD_CPU" wrk -t1 -c32 -d2s -s "$WORK/rotate.lua" "$GW/app" -- "$c" >/dev/null 2>&1
 done
-printf 'round\tclients\treq_per_s\tp50_ms\tp99_ms\tnon2xx\n' >"$WORK/hit.tsv"
+printf 'round\tclients\treq_per_s\tp50_ms\tp99_ms\tnon2xx\tcpu_us_per_req\n' >"$WORK/hit.tsv"
 rt_throttle_lift
 log "hit path: $ROUNDS rounds x {$CLIENT_COUNTS} clients x ${DURATION}s, 32 connections"
 read -ra COUNTS <<<"$CLIENT_COUNTS"
@@ -223,13 +223,17 @@ for ((r = 1; r <= ROUNDS; r++)); do
   # so no client count always runs first or last in a round.
   for ((k = 0; k < ${#COUNTS[@]}; k++)); do
     c=${COUNTS[$(((r - 1 + k) % ${#COUNTS[@]}))]}
+    read -r u0 s0 <<<"$(proc_ticks "$GW_PID")"
     pin "$LOAD_CPU" wrk -t1 -c32 -d"${DURATION}s" --latency -s "$WORK/rotate.lua" "$GW/app" -- "$c" >"$WORK/wrk.out" 2>&1
+    read -r u1 s1 <<<"$(proc_ticks "$GW_PID")"
+    # The gateway's CPU per request: what a hit costs it, whichever side was the bottleneck.
+    cpu=$(awk -v t=$((u1 + s1 - u0 - s0)) -v hz="$CLK_TCK" '/requests in/ {printf "%.2f", t / hz * 1e6 / $1}' "$WORK/wrk.out")
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/wrk.out")
     p50=$(to_ms "$(awk '$1=="50%" {print $2}' "$WORK/wrk.out")")
     p99=$(to_ms "$(awk '$1=="99%" {print $2}' "$WORK/wrk.out")")
     bad=$(awk '/Non-2xx/ {s+=$NF} END {print s+0}' "$WORK/wrk.out")
-    printf '%d\t%d\t%s\t%s\t%s\t%s\n' "$r" "$c" "$rps" "$p50" "$p99" "$bad" >>"$WORK/hit.tsv"
-    log "  round $r, $c clients: $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx $bad"
+    printf '%d\t%d\t%s\t%s\t%s\t%s\t%s\n' "$r" "$c" "$rps" "$p50" "$p99" "$bad" "$cpu" >>"$WORK/hit.tsv"
+    log "  round $r, $c clients: $rps req/s, p50 $p50 ms, p99 $p99 ms, gateway CPU $cpu us/req, non-2xx $bad"
   done
 done
 
@@ -285,20 +289,22 @@ echo
 echo "Cold storm: $STORM concurrent requests for one uncached key (mock answering after 1 s) -> $STORM_UP upstream request(s); $STORM_OK answered 2xx; all done in $STORM_TIME (slowest $STORM_MAX)."
 echo
 # Two views of "vs 1 client": the ratio of the medians, and the median of the ratios
-# within each round (the runs of one round are 20-30 s apart, so the second cancels
-# most of this shared machine's slow drift; the per-round ratios are listed too).
-round_ratios() { # clients -> "ratio ratio ..." (req/s with c clients / with 1, per round)
-  awk -F'\t' -v c="$1" 'NR > 1 && $2 == 1 {one[$1] = $3} NR > 1 && $2 == c {v[$1] = $3}
+# within each round (the runs of one round are seconds apart, so the second cancels
+# most of this shared machine's slow drift; the per-round ratios are listed too). And
+# the gateway's CPU per request, which does not depend on which side was the bottleneck.
+round_ratios() { # clients column -> "ratio ratio ..." (column with c clients / with 1, per round)
+  awk -F'\t' -v c="$1" -v col="$2" 'NR > 1 && $2 == 1 {one[$1] = $col} NR > 1 && $2 == c {v[$1] = $col}
     END {for (r in v) if (one[r] > 0) printf "%.3f\n", v[r] / one[r]}' "$WORK/hit.tsv" | sort -n | tr '\n' ' '
 }
-echo "| distinct clients | req/s (median) | p50 ms | p99 ms | vs 1 client | vs 1 client, same round (median) | per-round ratios |"
-echo "|---:|---:|---:|---:|---:|---:|---|"
+echo "| distinct clients | req/s (median) | p50 ms | p99 ms | vs 1 client | vs 1 client, same round (median) | gateway CPU us/req (median) | CPU vs 1 client, same round (median) | per-round req/s ratios |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 base=$(col_med "$WORK/hit.tsv" 2 1 3)
 for c in $CLIENT_COUNTS; do
-  ratios=$(round_ratios "$c")
+  ratios=$(round_ratios "$c" 3)
   awk -v c="$c" -v r="$(col_med "$WORK/hit.tsv" 2 "$c" 3)" -v p5="$(col_med "$WORK/hit.tsv" 2 "$c" 4)" -v p9="$(col_med "$WORK/hit.tsv" 2 "$c" 5)" -v b="$base" \
     -v pr="$(tr ' ' '\n' <<<"$ratios" | grep . | median)" -v list="${ratios% }" \
-    'BEGIN {printf "| %d | %.0f | %.3f | %.3f | %+.1f%% | %+.1f%% | %s |\n", c, r, p5, p9, 100*(r/b-1), 100*(pr-1), list}'
+    -v cpu="$(col_med "$WORK/hit.tsv" 2 "$c" 7)" -v pc="$(round_ratios "$c" 7 | tr ' ' '\n' | grep . | median)" \
+    'BEGIN {printf "| %d | %.0f | %.3f | %.3f | %+.1f%% | %+.1f%% | %.2f | %+.1f%% | %s |\n", c, r, p5, p9, 100*(r/b-1), 100*(pr-1), cpu, 100*(pc-1), list}'
 done
 echo
 echo "| miss path, 1 connection | req/s | avg ms | p50 ms | p99 ms |"
