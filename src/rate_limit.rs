@@ -27,16 +27,16 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use ipnet::IpNet;
 use std::collections::HashMap;
-
-/// Maps keyed by configured names (clients, scopes), read on every request:
-/// foldhash instead of SipHash (the names come from the config, not callers).
-pub type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+
+/// Maps keyed by configured names (clients, scopes), read on every request:
+/// foldhash instead of SipHash (the names come from the config, not callers).
+pub type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");

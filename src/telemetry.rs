@@ -409,7 +409,7 @@ struct Memo<H> {
 
 type MemoMap<H> = std::collections::HashMap<u64, Memo<H>, foldhash::fast::FixedState>;
 
-/// A thread's memo and the buffer each lookup builds its key in.
+/// A thread's memo, and the buffer a new series' key is built in.
 struct MemoTable<H> {
     map: MemoMap<H>,
     key: Vec<u8>,
