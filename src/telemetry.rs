@@ -409,26 +409,9 @@ struct Memo<H> {
 
 type MemoMap<H> = std::collections::HashMap<u64, Memo<H>, foldhash::fast::FixedState>;
 
-/// A thread's memo, and the buffer a new series' key is built in.
-struct MemoTable<H> {
-    map: MemoMap<H>,
-    key: Vec<u8>,
-}
-
-impl<H> Default for MemoTable<H> {
-    fn default() -> Self {
-        Self {
-            map: MemoMap::default(),
-            key: Vec::with_capacity(256),
-        }
-    }
-}
-
-type MemoKey<H> = std::thread::LocalKey<std::cell::RefCell<MemoTable<H>>>;
-
 thread_local! {
-    static COUNTERS: std::cell::RefCell<MemoTable<metrics::Counter>> = Default::default();
-    static REQUESTS: std::cell::RefCell<MemoTable<(metrics::Counter, metrics::Histogram)>> =
+    static COUNTERS: std::cell::RefCell<MemoMap<metrics::Counter>> = Default::default();
+    static REQUESTS: std::cell::RefCell<MemoMap<(metrics::Counter, metrics::Histogram)>> =
         Default::default();
 }
 
@@ -468,12 +451,13 @@ fn memo_hash(name: &'static str, labels: &[(&'static str, &str)]) -> u64 {
     h.finish()
 }
 
-/// A series as bytes, into `out`: the metric name's and each label name's
-/// address and length (they are `'static` at each call site; one name at two
-/// addresses only makes two memo entries for the same registry series), each
-/// label's value after its length. Lengths are one byte below 255, else 255 and
-/// eight bytes, so different series never encode alike.
-fn series_key(out: &mut Vec<u8>, name: &'static str, labels: &[(&'static str, &str)]) {
+/// A series as bytes (made once per series, when it is registered): the
+/// metric name's and each label name's address and length (they are `'static`
+/// at each call site; one name at two addresses only makes two memo entries for
+/// the same registry series), each label's value after its length. Lengths are
+/// one byte below 255, else 255 and eight bytes, so different series never
+/// encode alike.
+fn series_key(name: &'static str, labels: &[(&'static str, &str)]) -> Box<[u8]> {
     fn put_len(out: &mut Vec<u8>, n: usize) {
         match u8::try_from(n) {
             Ok(n) if n < u8::MAX => out.push(n),
@@ -483,15 +467,16 @@ fn series_key(out: &mut Vec<u8>, name: &'static str, labels: &[(&'static str, &s
             }
         }
     }
-    out.clear();
+    let mut out = Vec::new();
     out.extend_from_slice(&(name.as_ptr() as usize).to_ne_bytes());
-    put_len(out, name.len());
+    put_len(&mut out, name.len());
     for (k, v) in labels {
         out.extend_from_slice(&(k.as_ptr() as usize).to_ne_bytes());
-        put_len(out, k.len());
-        put_len(out, v.len());
+        put_len(&mut out, k.len());
+        put_len(&mut out, v.len());
         out.extend_from_slice(v.as_bytes());
     }
+    out.into_boxed_slice()
 }
 
 /// Whether `key` is [`series_key`] of this series, read in place (the lookup
@@ -532,76 +517,50 @@ fn series_is(key: &[u8], name: &'static str, labels: &[(&'static str, &str)]) ->
 }
 
 fn with_memo<H>(
-    table: &'static MemoKey<H>,
+    map: &'static std::thread::LocalKey<std::cell::RefCell<MemoMap<H>>>,
     name: &'static str,
     labels: &[(&'static str, &str)],
     register: impl FnOnce(Vec<metrics::Label>) -> H,
     f: impl FnOnce(&H),
 ) {
     let hash = memo_hash(name, labels);
-    table.with(|t| {
-        let t = &mut *t.borrow_mut();
-        let register = || {
-            // A handle taken before the recorder exists would be a no-op forever.
-            metrics();
-            register(
-                labels
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
-                    .collect(),
-            )
+    map.with(|m| {
+        let mut m = m.borrow_mut();
+        let mut entry = m.get(&hash);
+        while let Some(e) = entry {
+            if series_is(&e.key, name, labels) {
+                return f(&e.handle);
+            }
+            entry = e.next.as_deref();
+        }
+        if m.len() >= MEMO_MAX {
+            m.clear();
+        }
+        // A handle taken before the recorder exists would be a no-op forever.
+        metrics();
+        let handle = register(
+            labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+                .collect(),
+        );
+        f(&handle);
+        let memo = Memo {
+            key: series_key(name, labels),
+            handle,
+            next: None,
         };
-        memo_lookup(
-            &mut t.map,
-            hash,
-            |key| series_is(key, name, labels),
-            || {
-                series_key(&mut t.key, name, labels);
-                &t.key
-            },
-            register,
-            f,
-        )
+        match m.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(memo);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                // A collision: the new series goes first, the others after it.
+                let older = o.insert(memo);
+                o.get_mut().next = Some(Box::new(older));
+            }
+        }
     })
-}
-
-/// The handle memoised under the key `is` accepts (whose hash is `hash`),
-/// registered first, under the key `key` returns, if it is not there yet.
-fn memo_lookup<'k, H>(
-    map: &mut MemoMap<H>,
-    hash: u64,
-    is: impl Fn(&[u8]) -> bool,
-    key: impl FnOnce() -> &'k [u8],
-    register: impl FnOnce() -> H,
-    f: impl FnOnce(&H),
-) {
-    let mut entry = map.get(&hash);
-    while let Some(e) = entry {
-        if is(&e.key) {
-            return f(&e.handle);
-        }
-        entry = e.next.as_deref();
-    }
-    if map.len() >= MEMO_MAX {
-        map.clear();
-    }
-    let handle = register();
-    f(&handle);
-    let memo = Memo {
-        key: key().into(),
-        handle,
-        next: None,
-    };
-    match map.entry(hash) {
-        std::collections::hash_map::Entry::Vacant(v) => {
-            v.insert(memo);
-        }
-        std::collections::hash_map::Entry::Occupied(mut o) => {
-            // A collision: the new series goes first, the others after it.
-            let older = o.insert(memo);
-            o.get_mut().next = Some(Box::new(older));
-        }
-    }
 }
 
 /// One request in `rungen_gateway_requests_total{route, method, status_class,
@@ -644,26 +603,45 @@ mod tests {
 
     #[test]
     fn memo_keeps_series_whose_hashes_collide_apart() {
-        // Every key under one hash: found by comparing the whole key.
-        let mut map = MemoMap::default();
+        thread_local! {
+            static SEEN: std::cell::RefCell<MemoMap<String>> = Default::default();
+        }
+        // One pointer for the metric name (the hash includes its address).
+        let m: &'static str = "m";
+        // Same length, same first and last eight bytes: the same memo hash.
+        let a = "aaaaaaaa-one-bbbbbbbb";
+        let b = "aaaaaaaa-two-bbbbbbbb";
+        assert_eq!(memo_hash(m, &[("l", a)]), memo_hash(m, &[("l", b)]));
         let mut registered = 0;
         for _ in 0..3 {
-            for key in ["a", "b", "other"] {
-                memo_lookup(
-                    &mut map,
-                    7,
-                    |k| k == key.as_bytes(),
-                    || key.as_bytes(),
-                    || {
+            for v in [a, b, "other"] {
+                with_memo(
+                    &SEEN,
+                    m,
+                    &[("k", "fixed"), ("l", v)],
+                    |labels| {
                         registered += 1;
-                        key.to_string()
+                        labels[1].value().to_string()
                     },
-                    |handle| assert_eq!(handle, key),
+                    |handle| assert_eq!(handle, v),
                 );
             }
         }
         assert_eq!(registered, 3, "each series registered once, then found");
-        assert_eq!(map.len(), 1, "one slot, the others chained");
+        // A different label name is a different series too (the hash leaves
+        // label names out: this one is chained beside `a` and `b`).
+        with_memo(
+            &SEEN,
+            m,
+            &[("k", "fixed"), ("x", a)],
+            |_| "x".into(),
+            |h| assert_eq!(h, "x"),
+        );
+        let slots = SEEN.with(|s| s.borrow().len());
+        assert_eq!(
+            slots, 2,
+            "a, b and the x series share one slot; other has its own"
+        );
     }
 
     #[test]
@@ -676,11 +654,7 @@ mod tests {
             &'static str,
             &'static str,
         ) = ("m", "n", "l", "k", "x");
-        let key = |name: &'static str, labels: &[(&'static str, &str)]| {
-            let mut out = Vec::new();
-            series_key(&mut out, name, labels);
-            out
-        };
+        let key = series_key;
         let long = "x".repeat(254);
         let longer = "x".repeat(255);
         let longest = "x".repeat(300);
@@ -765,29 +739,6 @@ mod tests {
             memo_hash(m, &[("l", "personal-team")]),
             memo_hash(m, &[("l", owned.as_str())])
         );
-    }
-
-    #[test]
-    fn memoised_counters_count_each_series_apart() {
-        let m: &'static str = "rungen_gateway_test_memo_total";
-        let mut calls = std::collections::HashMap::new();
-        for (client, n) in [("c1", 3), ("c2", 2), ("c1", 1)] {
-            for _ in 0..n {
-                with_memo(
-                    &COUNTERS,
-                    m,
-                    &[("client", client)],
-                    |l| {
-                        *calls.entry(l[0].value().to_string()).or_insert(0) += 1;
-                        metrics::Counter::noop()
-                    },
-                    |_| {},
-                );
-            }
-        }
-        let want: std::collections::HashMap<String, i32> =
-            [("c1".to_string(), 1), ("c2".to_string(), 1)].into();
-        assert_eq!(calls, want, "one registration per series");
     }
 
     #[tokio::test]
