@@ -1607,7 +1607,10 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             if !known {
                 p.push(
                     format!("clients[{i}].methods[{j}]"),
-                    format!("`{upper}` is not one of GET, HEAD, POST, PUT, DELETE, PATCH"),
+                    format!(
+                        "`{upper}` is not one of {}",
+                        Methods::ALLOWED.map(|m| m.to_string()).join(", ")
+                    ),
                 );
             }
         }
@@ -2008,9 +2011,14 @@ teams = ["acme"]
         let text = base("methods = [\"GET\", \"TRACE\"]")
             .replace(TOKEN_HASH, "abc")
             .replace("https://api.rungen.ai", "ftp://x");
-        let fields: Vec<String> = errors(&text).into_iter().map(|e| e.field).collect();
+        let errors = errors(&text);
+        let method = errors.iter().find(|e| e.field == "clients[0].methods[1]");
+        assert_eq!(
+            method.map(|e| e.reason.as_str()),
+            Some("`TRACE` is not one of GET, HEAD, POST, PUT, DELETE, PATCH")
+        );
+        let fields: Vec<String> = errors.into_iter().map(|e| e.field).collect();
         assert!(fields.contains(&"clients[0].token_sha256".to_string()));
-        assert!(fields.contains(&"clients[0].methods[1]".to_string()));
         assert!(fields.contains(&"upstream.base_url".to_string()));
     }
 

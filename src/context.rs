@@ -48,10 +48,19 @@ mod tests {
     fn steps_fill_one_context() {
         let mut ext = Extensions::new();
         assert!(RequestContext::of(&ext).peer.is_none());
+        assert!(RequestContext::of(&ext).cert.is_none());
         let peer: SocketAddr = ([127, 0, 0, 1], 9).into();
         RequestContext::of_mut(&mut ext).peer = Some(peer);
-        RequestContext::of_mut(&mut ext).route = None;
-        assert_eq!(RequestContext::of(&ext).peer, Some(peer));
+        RequestContext::of_mut(&mut ext).cert = Some(ClientCertIdentity {
+            names: vec!["svc.internal".into()],
+        });
+        // The second step's write kept the first one's.
+        let context = RequestContext::of(&ext);
+        assert_eq!(context.peer, Some(peer));
+        assert_eq!(
+            context.cert.as_ref().map(|c| c.names.clone()),
+            Some(vec!["svc.internal".to_string()])
+        );
         assert_eq!(ext.len(), 1, "one extension however many steps write");
     }
 }
