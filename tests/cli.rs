@@ -31,6 +31,16 @@ struct LogLine {
     json: serde_json::Value,
 }
 
+/// A string field (`addr`, `admin`) of the "gateway listening" line: the last
+/// of what [`Served::until_listening`] returns.
+fn listening_field(lines: &[LogLine], field: &str) -> String {
+    let last = &lines.last().expect("no log lines").json;
+    last[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} in {last}"))
+        .to_string()
+}
+
 impl Served {
     fn start(cfg: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = bin()
@@ -309,9 +319,8 @@ async fn canary_secrets_never_leak_into_logs_or_responses() {
     );
     let listening = served.until_listening();
     let mut logs: String = listening.iter().map(|l| format!("{}\n", l.text)).collect();
-    let listening = &listening.last().unwrap().json;
-    let addr = listening["addr"].as_str().unwrap().to_string();
-    let admin = listening["admin"].as_str().unwrap().to_string();
+    let addr = listening_field(&listening, "addr");
+    let admin = listening_field(&listening, "admin");
     let base = format!("http://{addr}");
     let mut captured = String::new();
     let clients = [TestClient::http1(), TestClient::h2c()];
@@ -529,10 +538,7 @@ async fn sighup_reloads_the_config() {
     std::fs::write(&cfg, &text).unwrap();
     let served = Served::start(&cfg, &[]);
     let listening = served.until_listening();
-    let addr = listening.last().unwrap().json["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let addr = listening_field(&listening, "addr");
     let c = TestClient::http1();
     let url = format!("http://{addr}/app");
     assert_eq!(
@@ -577,10 +583,7 @@ async fn worker_threads_sets_the_runtime() {
         std::fs::write(&cfg, &text).unwrap();
         let served = Served::start(&cfg, &[]);
         let logged = served.until_listening();
-        let addr = logged.last().unwrap().json["addr"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let addr = listening_field(&logged, "addr");
         let runtime = logged.iter().find(|l| l.json["message"] == "async runtime");
         let runtime = &runtime
             .expect("the runtime is logged before the listener")
