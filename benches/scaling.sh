@@ -292,18 +292,17 @@ echo
 # within each round (the runs of one round are seconds apart, so the second cancels
 # most of this shared machine's slow drift; the per-round ratios are listed too). And
 # the gateway's CPU per request, which does not depend on which side was the bottleneck.
-round_ratios() { # clients column -> "ratio ratio ..." (column with c clients / with 1, per round)
+round_ratios() { # clients column -> one ratio per line, sorted (column with c clients / with 1, per round)
   awk -F'\t' -v c="$1" -v col="$2" 'NR > 1 && $2 == 1 {one[$1] = $col} NR > 1 && $2 == c {v[$1] = $col}
-    END {for (r in v) if (one[r] > 0) printf "%.3f\n", v[r] / one[r]}' "$WORK/hit.tsv" | sort -n | tr '\n' ' '
+    END {for (r in v) if (one[r] > 0) printf "%.3f\n", v[r] / one[r]}' "$WORK/hit.tsv" | sort -n
 }
 echo "| distinct clients | req/s (median) | p50 ms | p99 ms | vs 1 client | vs 1 client, same round (median) | gateway CPU us/req (median) | CPU vs 1 client, same round (median) | per-round req/s ratios |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 base=$(col_med "$WORK/hit.tsv" 2 1 3)
 for c in $CLIENT_COUNTS; do
-  ratios=$(round_ratios "$c" 3)
   awk -v c="$c" -v r="$(col_med "$WORK/hit.tsv" 2 "$c" 3)" -v p5="$(col_med "$WORK/hit.tsv" 2 "$c" 4)" -v p9="$(col_med "$WORK/hit.tsv" 2 "$c" 5)" -v b="$base" \
-    -v pr="$(tr ' ' '\n' <<<"$ratios" | grep . | median)" -v list="${ratios% }" \
-    -v cpu="$(col_med "$WORK/hit.tsv" 2 "$c" 7)" -v pc="$(round_ratios "$c" 7 | tr ' ' '\n' | grep . | median)" \
+    -v pr="$(round_ratios "$c" 3 | median)" -v list="$(round_ratios "$c" 3 | paste -sd' ')" \
+    -v cpu="$(col_med "$WORK/hit.tsv" 2 "$c" 7)" -v pc="$(round_ratios "$c" 7 | median)" \
     'BEGIN {printf "| %d | %.0f | %.3f | %.3f | %+.1f%% | %+.1f%% | %.2f | %+.1f%% | %s |\n", c, r, p5, p9, 100*(r/b-1), 100*(pr-1), cpu, 100*(pc-1), list}'
 done
 echo
