@@ -8,7 +8,7 @@ use crate::error::{Body, ErrorKind};
 use crate::routing::Route;
 use crate::step::{Step, StepFuture};
 use crate::upstream::UpstreamInfo;
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -171,6 +171,30 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
+}
+
+/// The methods the `method` metric label names; any other is `"other"`.
+static METHOD_LABELS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
+
+/// The `method` label of a request: a standard method by name, anything
+/// else `"other"`. Callers choose the method, and each new label value is a
+/// new series the recorder keeps for good: an invented method per request
+/// must not grow the gateway's memory (or Prometheus's).
+pub fn method_label(method: &Method) -> &'static str {
+    METHOD_LABELS
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", Method::as_str)
 }
 
 /// A caller-supplied request id is kept only if it is short and plain, so it
@@ -344,7 +368,7 @@ where
                     "request"
                 );
             }
-            let method = method.as_str();
+            let method = method_label(&method);
             record_request(
                 &[
                     ("route", route),
@@ -600,6 +624,27 @@ pub fn with_counter(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_label_names_standard_methods_only() {
+        for m in [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+        ] {
+            assert_eq!(method_label(&Method::from_bytes(m.as_bytes()).unwrap()), m);
+        }
+        for m in [
+            "get",
+            "FOO",
+            "PROPFIND",
+            "GETX",
+            "A-VERY-LONG-INVENTED-METHOD",
+        ] {
+            assert_eq!(
+                method_label(&Method::from_bytes(m.as_bytes()).unwrap()),
+                "other"
+            );
+        }
+    }
 
     #[test]
     fn memo_keeps_series_whose_hashes_collide_apart() {

@@ -135,6 +135,58 @@ enabled = false
     .await;
 }
 
+/// The requests-total count of `method="other"` requests in Prometheus text.
+fn other_method_requests(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("rungen_gateway_requests_total{") && l.contains("method=\"other\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// 300 requests with 300 invented methods, with and without a token: each is
+/// refused, and counted under `method="other"`; no invented method becomes a
+/// metric series (each would be kept for good, with its histogram).
+#[tokio::test]
+async fn invented_methods_do_not_add_metric_series() {
+    with_timeout(TEST_LIMIT, async {
+        let h = Harness::start().await;
+        let metrics_url = format!("http://{}/metrics", h.gateway().admin_addr().unwrap());
+        let before = TestClient::http1().get(&metrics_url, &[]).await.text();
+        let client = TestClient::http1();
+        let url = h.url("/app");
+        let n = 300;
+        flood(n, move |i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let method =
+                    http::Method::from_bytes(format!("INVENTED{i:04}").as_bytes()).unwrap();
+                let auth = bearer(TOKEN_RW);
+                let headers: &[(&str, &str)] = if i % 2 == 0 {
+                    &[("authorization", &auth)]
+                } else {
+                    &[]
+                };
+                let r = client.send(method, &url, headers, None).await;
+                assert!(r.status.is_client_error(), "{r:?}");
+                assert!(r.json()["error"].is_string(), "{r:?}");
+            }
+        })
+        .await;
+        let after = TestClient::http1().get(&metrics_url, &[]).await.text();
+        assert!(
+            !after.contains("INVENTED"),
+            "an invented method became a label"
+        );
+        let counted = other_method_requests(&after) - other_method_requests(&before);
+        assert_eq!(counted, n as f64, "every refused request is counted once");
+        assert_eq!(h.mock.stats().total, 0);
+        h.stop().await;
+    })
+    .await;
+}
+
 /// 600 distinct bad tokens from one peer, each with a different spoofed
 /// `X-Forwarded-For` (no proxy is trusted): one limiter entry (the peer),
 /// guessing is throttled to 429, nothing reaches the upstream.
