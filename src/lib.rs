@@ -9,7 +9,8 @@
 //! The steps from the access log down to the cache return a `step::StepFuture`:
 //! an answer made without waiting (a hit, a refusal) goes back up as a value.
 //! Beside it: `config`, `server` (wiring, reload, shutdown), `admin`,
-//! `cluster` (Redis), `clock`, `body`, `secret`, `mock_upstream`.
+//! `cluster` (Redis), `clock`, `body`, `secret`, `client_local` (per-thread
+//! records of each client's metric series and limiter), `mock_upstream`.
 
 pub mod admin;
 pub mod body;
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod caller_auth;
 pub mod circuit;
 pub mod cli;
+pub mod client_local;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -16,6 +16,7 @@
 //! This step never parses credentials: it reads the `Caller` that auth left.
 
 use crate::clock::SharedClock;
+use crate::config::Client;
 use crate::context::RequestContext;
 use crate::error::{Body, GatewayError, error_response};
 use crate::step::{Step, StepFuture};
@@ -28,7 +29,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -213,6 +214,11 @@ pub fn default_scope_budget() -> ScopeBudget {
 
 /// A client's quota and its limiter.
 type CallerLimiter = (Quota, Direct<DefaultClock>);
+
+/// A thread's copy of one client's limiter (in its `client_local` record),
+/// good while [`Limits`]'s limiter generation is the one it was taken at.
+#[derive(Default)]
+pub struct LocalLimiter(Option<(u64, Arc<CallerLimiter>)>);
 /// A public client's per-IP quota and its keyed limiter.
 type IpLimiter = (Quota, Keyed<IpAddr>);
 
@@ -230,6 +236,9 @@ pub struct Limits {
     /// Read on every request: swapped whole on reload, read without a lock.
     settings: arc_swap::ArcSwap<RateLimitSettings>,
     callers: RwLock<ByName<Arc<CallerLimiter>>>,
+    /// Moves whenever `callers` changes: a thread's copy of a limiter
+    /// ([`LocalLimiter`]) taken at this generation is the one `callers` holds.
+    callers_generation: AtomicU64,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
     /// Public clients: per (client, source IP).
     public_ips: RwLock<ByName<Arc<IpLimiter>>>,
@@ -264,6 +273,7 @@ impl Limits {
         let limits = Arc::new(Self {
             settings: arc_swap::ArcSwap::from_pointee(settings.clone()),
             callers: RwLock::new(ByName::default()),
+            callers_generation: AtomicU64::new(0),
             unauthenticated: RwLock::new(Arc::new(unauth)),
             public_ips: RwLock::new(ByName::default()),
             scopes: RwLock::new(ByName::default()),
@@ -286,6 +296,7 @@ impl Limits {
                     .unwrap_or(&settings.default_quota);
                 l.0 == *q
             });
+            self.callers_generation.fetch_add(1, Ordering::Release);
         }
         {
             let mut scopes = write(&self.scopes);
@@ -328,7 +339,7 @@ impl Limits {
 
     /// The client's quota and this request's decision: from the cluster
     /// lease when there is one (see `cluster::lease`), else the local limiter.
-    fn check_caller(&self, client: &str, leased: Option<&LeaseDecision>) -> CallerCheck {
+    fn check_caller(&self, client: &Arc<Client>, leased: Option<&LeaseDecision>) -> CallerCheck {
         if let Some(LeaseDecision(Some((q, d)))) = leased {
             return CallerCheck::Now(*q, *d);
         }
@@ -336,12 +347,12 @@ impl Limits {
             let settings = self.settings();
             let q = *settings
                 .client_quotas
-                .get(client)
+                .get(&client.name)
                 .unwrap_or(&settings.default_quota);
-            match c.lease_take(client, &q) {
+            match c.lease_take(&client.name, &q) {
                 crate::cluster::lease::LeaseTake::Decided(d) => return CallerCheck::Now(q, d),
                 crate::cluster::lease::LeaseTake::Refill => {
-                    let (c, client) = (c.clone(), client.to_string());
+                    let (c, client) = (c.clone(), client.name.clone());
                     return CallerCheck::Lease(
                         q,
                         async move { c.lease_refill(&client, q).await }.boxed(),
@@ -350,24 +361,45 @@ impl Limits {
                 crate::cluster::lease::LeaseTake::Local => {}
             }
         }
-        let limiter = self.caller_limiter(client);
-        CallerCheck::Now(limiter.0, check(&limiter.1))
+        let q = self.caller_quota(&client.name);
+        // The generation before the map is read: a copy taken from a map
+        // that changes meanwhile carries the older number.
+        let generation = self.callers_generation.load(Ordering::Acquire);
+        crate::client_local::with(client, |local| {
+            let limiter = match &local.limiter.0 {
+                Some((g, l)) if *g == generation && l.0 == q => l,
+                _ => {
+                    &local
+                        .limiter
+                        .0
+                        .insert((generation, self.caller_limiter(&client.name, q)))
+                        .1
+                }
+            };
+            CallerCheck::Now(q, check(&limiter.1))
+        })
     }
 
-    fn caller_limiter(&self, client: &str) -> Arc<CallerLimiter> {
-        let settings = self.settings();
-        let q = share(
+    /// The client's quota at this replica.
+    fn caller_quota(&self, client: &str) -> Quota {
+        let settings = self.settings.load();
+        share(
             *settings
                 .client_quotas
                 .get(client)
                 .unwrap_or(&settings.default_quota),
             self.replicas(),
-        );
+        )
+    }
+
+    /// The client's limiter at quota `q` (a new one if the quota changed).
+    fn caller_limiter(&self, client: &str, q: Quota) -> Arc<CallerLimiter> {
         if let Some(l) = read(&self.callers).get(client).filter(|l| l.0 == q) {
             return l.clone();
         }
         let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
         write(&self.callers).insert(client.to_string(), fresh.clone());
+        self.callers_generation.fetch_add(1, Ordering::Release);
         fresh
     }
 
@@ -626,11 +658,13 @@ where
             return self.inner.call(req);
         };
         let (client, scope) = (caller.client.name.as_str(), caller.scope.name.as_str());
-        let (mut quota, mut decision, mut name) =
-            match self.limits.check_caller(client, req.extensions().get()) {
-                CallerCheck::Now(q, d) => (q, d, "caller"),
-                CallerCheck::Lease(q, lease) => return self.after_lease(req, q, lease),
-            };
+        let (mut quota, mut decision, mut name) = match self
+            .limits
+            .check_caller(&caller.client, req.extensions().get())
+        {
+            CallerCheck::Now(q, d) => (q, d, "caller"),
+            CallerCheck::Lease(q, lease) => return self.after_lease(req, q, lease),
+        };
         // A public client is limited per source IP as well as in total; the
         // tighter of the two is what the headers describe.
         if caller.client.public {
@@ -655,16 +689,7 @@ where
         } else {
             "limited"
         };
-        crate::telemetry::with_counter(
-            "rungen_gateway_rate_limit_decisions_total",
-            &[
-                ("policy", "caller"),
-                ("decision", outcome),
-                ("client", client),
-                ("scope", scope),
-            ],
-            |c| c.increment(1),
-        );
+        crate::telemetry::count_caller_decision(&caller.client, outcome, scope);
         let add_headers = move |mut res: Response<Body>| {
             res.headers_mut().insert(RATELIMIT_POLICY, policy);
             res.headers_mut().insert(RATELIMIT, state);
@@ -956,14 +981,15 @@ mod tests {
     #[test]
     fn reconfigure_keeps_state_of_unchanged_limiters() {
         let limits = Limits::new(RateLimitSettings::default());
-        let a = limits.caller_limiter("a");
+        let limiter = |limits: &Limits| limits.caller_limiter("a", limits.caller_quota("a"));
+        let a = limiter(&limits);
         limits.configure(RateLimitSettings::default());
-        assert!(Arc::ptr_eq(&a, &limits.caller_limiter("a")));
+        assert!(Arc::ptr_eq(&a, &limiter(&limits)));
         let mut changed = RateLimitSettings::default();
         changed
             .client_quotas
             .insert("a".into(), quota(1, Duration::from_secs(1), 1));
         limits.configure(changed);
-        assert!(!Arc::ptr_eq(&a, &limits.caller_limiter("a")));
+        assert!(!Arc::ptr_eq(&a, &limiter(&limits)));
     }
 }

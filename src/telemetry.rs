@@ -370,6 +370,7 @@ where
             }
             let method = method_label(&method);
             record_request(
+                caller.map(|c| &c.client),
                 &[
                     ("route", route),
                     ("method", method),
@@ -562,12 +563,7 @@ fn with_memo<H>(
         }
         // A handle taken before the recorder exists would be a no-op forever.
         metrics();
-        let handle = register(
-            labels
-                .iter()
-                .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
-                .collect(),
-        );
+        let handle = register(owned_labels(labels));
         f(&handle);
         let memo = Memo {
             key: series_key(name, labels),
@@ -587,28 +583,150 @@ fn with_memo<H>(
     })
 }
 
-/// One request in `rungen_gateway_requests_total{route, method, status_class,
-/// client, scope, cache}` and `rungen_gateway_request_duration_seconds{route,
-/// method}`: both handles from one memo lookup (the histogram's labels are
-/// the first two).
-fn record_request(labels: &[(&'static str, &str); 6], seconds: f64) {
+// ---------------------------------------------------------------------------
+// Per-client series: two series per request carry the client's name, the
+// request's and the caller-limit decision's. Their handles are kept in the
+// client's per-thread record (`client_local`), beside each other; series
+// beyond a record's few slots, or with long label values, take the memo above.
+
+/// The label values of a series other than its client, each after its length
+/// byte; zeros after the last. The number of values is fixed per kind of
+/// series, so different values never encode alike.
+#[derive(PartialEq, Eq)]
+struct Values([u8; 64]);
+
+impl Values {
+    /// `None` if they do not fit.
+    fn of(values: &[&str]) -> Option<Values> {
+        let mut out = [0u8; 64];
+        let mut at = 0;
+        for v in values {
+            let end = at + 1 + v.len();
+            out.get_mut(at + 1..end)?.copy_from_slice(v.as_bytes());
+            out[at] = u8::try_from(v.len()).ok()?;
+            at = end;
+        }
+        Some(Values(out))
+    }
+}
+
+/// Up to `N` series of one kind, filled in the order first seen.
+struct Slots<H, const N: usize>([Option<(Values, H)>; N]);
+
+impl<H, const N: usize> Default for Slots<H, N> {
+    fn default() -> Self {
+        Slots(std::array::from_fn(|_| None))
+    }
+}
+
+impl<H, const N: usize> Slots<H, N> {
+    /// The handle of `values`, registered into a free slot if new; `None`
+    /// when the values do not fit or every slot holds another series.
+    fn get_or_register(&mut self, values: &[&str], register: impl FnOnce() -> H) -> Option<&H> {
+        let key = Values::of(values)?;
+        let at = self
+            .0
+            .iter()
+            .position(|s| s.as_ref().is_none_or(|(k, _)| *k == key))?;
+        let slot = &mut self.0[at];
+        if slot.is_none() {
+            metrics();
+            *slot = Some((key, register()));
+        }
+        slot.as_ref().map(|(_, h)| h)
+    }
+}
+
+#[derive(Default)]
+pub struct ClientSeries {
+    /// `requests_total` and `request_duration_seconds`, by route, method,
+    /// status class, scope, cache.
+    requests: Slots<(metrics::Counter, metrics::Histogram), 3>,
+    /// `rate_limit_decisions_total{policy="caller"}`, by decision, scope.
+    decisions: Slots<metrics::Counter, 2>,
+}
+
+/// The handles for one request in `rungen_gateway_requests_total{route,
+/// method, status_class, client, scope, cache}` and
+/// `rungen_gateway_request_duration_seconds{route, method}` (the histogram's
+/// labels are the first two).
+fn request_handles(labels: Vec<metrics::Label>) -> (metrics::Counter, metrics::Histogram) {
+    let histogram = metrics::histogram!(
+        "rungen_gateway_request_duration_seconds",
+        labels[..2].to_vec()
+    );
+    (
+        metrics::counter!("rungen_gateway_requests_total", labels),
+        histogram,
+    )
+}
+
+fn owned_labels(labels: &[(&'static str, &str)]) -> Vec<metrics::Label> {
+    labels
+        .iter()
+        .map(|(k, v)| metrics::Label::new(*k, v.to_string()))
+        .collect()
+}
+
+/// One request (see [`request_handles`]); `client` is the one the `client`
+/// label names, if any.
+fn record_request(
+    client: Option<&std::sync::Arc<crate::config::Client>>,
+    labels: &[(&'static str, &str); 6],
+    seconds: f64,
+) {
+    let record = |(counter, histogram): &(metrics::Counter, metrics::Histogram)| {
+        counter.increment(1);
+        histogram.record(seconds);
+    };
+    if let Some(client) = client {
+        let [route, method, status, _, scope, cache] = labels.map(|(_, v)| v);
+        let done = crate::client_local::with(client, |c| {
+            c.series
+                .requests
+                .get_or_register(&[route, method, status, scope, cache], || {
+                    request_handles(owned_labels(labels))
+                })
+                .map(record)
+        });
+        if done.is_some() {
+            return;
+        }
+    }
     with_memo(
         &REQUESTS,
         "rungen_gateway_requests_total",
         labels,
-        |l| {
-            let histogram =
-                metrics::histogram!("rungen_gateway_request_duration_seconds", l[..2].to_vec());
-            (
-                metrics::counter!("rungen_gateway_requests_total", l),
-                histogram,
-            )
-        },
-        |(counter, histogram)| {
-            counter.increment(1);
-            histogram.record(seconds);
-        },
+        request_handles,
+        record,
     )
+}
+
+/// One caller-limit decision in `rungen_gateway_rate_limit_decisions_total`
+/// (`policy="caller"`).
+pub fn count_caller_decision(
+    client: &std::sync::Arc<crate::config::Client>,
+    decision: &'static str,
+    scope: &str,
+) {
+    const NAME: &str = "rungen_gateway_rate_limit_decisions_total";
+    let labels = [
+        ("policy", "caller"),
+        ("decision", decision),
+        ("client", client.name.as_str()),
+        ("scope", scope),
+    ];
+    let done = crate::client_local::with(client, |c| {
+        c.series
+            .decisions
+            .get_or_register(&[decision, scope], || {
+                metrics::counter!(NAME, owned_labels(&labels))
+            })
+            .map(|c| c.increment(1))
+    });
+    if done.is_none() {
+        with_counter(NAME, &labels, |c| c.increment(1));
+    }
 }
 
 /// `metrics::counter!(name, labels)`, memoised per thread (see above).
@@ -644,6 +762,31 @@ mod tests {
                 "other"
             );
         }
+    }
+
+    #[test]
+    fn client_slots_register_each_series_once_then_fall_back() {
+        let mut slots: Slots<usize, 2> = Slots::default();
+        let mut registered = 0;
+        let mut get = |slots: &mut Slots<usize, 2>, values: &[&str]| {
+            slots
+                .get_or_register(values, || {
+                    registered += 1;
+                    registered
+                })
+                .copied()
+        };
+        assert_eq!(get(&mut slots, &["a", "bc"]), Some(1));
+        // Same bytes, split differently: another series.
+        assert_eq!(get(&mut slots, &["ab", "c"]), Some(2));
+        assert_eq!(get(&mut slots, &["a", "bc"]), Some(1));
+        assert_eq!(get(&mut slots, &["ab", "c"]), Some(2));
+        // Full: the caller takes the general memo.
+        assert_eq!(get(&mut slots, &["x", "y"]), None);
+        let long = "x".repeat(64);
+        let mut empty: Slots<usize, 2> = Slots::default();
+        assert_eq!(get(&mut empty, &[&long, ""]), None, "too long to hold");
+        assert_eq!(registered, 2);
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! Per worker thread, per client: what the hot path resolves by client name
+//! (the request's metric series, the caller limiter), in one record found by
+//! the client's address.
+//!
+//! With thousands of clients, each map keyed by client name that a request
+//! consults costs cache misses of its own (its slot, the key to compare, the
+//! value), and a request consulted three: the two metric series that carry
+//! the client label and the limiter. One record per client, on the thread
+//! that serves the request, puts them together: one slot, a few adjacent
+//! lines, and no lock or shared counter touched to find it.
+//!
+//! A record holds a `Weak` to its client, so while it exists no other client
+//! can be allocated at that address: an address found here is the same
+//! client. Clients go with the config that made them (a reload makes new
+//! ones); the records of old clients are unreachable from then on, and go
+//! when a thread's map reaches [`MAX_RECORDS`] and is cleared.
+
+use crate::config::Client;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+/// Records per thread before the map is cleared (clients of old configs
+/// included; sized for tens of thousands of live clients).
+pub const MAX_RECORDS: usize = 1 << 16;
+
+pub struct ClientLocal {
+    _pin: Weak<Client>,
+    /// The caller limiter (`rate_limit`).
+    pub limiter: crate::rate_limit::LocalLimiter,
+    /// The metric series labelled with the client (`telemetry`).
+    pub series: crate::telemetry::ClientSeries,
+}
+
+type Records = HashMap<usize, ClientLocal, foldhash::fast::FixedState>;
+
+thread_local! {
+    static RECORDS: RefCell<Records> = Default::default();
+}
+
+/// `f` with this thread's record of `client` (made if new). `f` must not
+/// call `with` again (the record is borrowed).
+pub fn with<R>(client: &Arc<Client>, f: impl FnOnce(&mut ClientLocal) -> R) -> R {
+    RECORDS.with(|records| {
+        let mut records = records.borrow_mut();
+        let address = Arc::as_ptr(client) as usize;
+        if records.len() >= MAX_RECORDS && !records.contains_key(&address) {
+            records.clear();
+        }
+        let record = records.entry(address).or_insert_with(|| ClientLocal {
+            _pin: Arc::downgrade(client),
+            limiter: Default::default(),
+            series: Default::default(),
+        });
+        f(record)
+    })
+}
+
+/// This thread's record count (tests).
+pub fn records() -> usize {
+    RECORDS.with(|r| r.borrow().len())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str) -> Arc<Client> {
+        Arc::new(Client {
+            name: name.into(),
+            teams: Vec::new(),
+            methods: Default::default(),
+            public: false,
+            token_sha256: None,
+            cert_names: Vec::new(),
+            allowed_origins: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn one_record_per_live_client_and_none_shared_after_a_client_goes() {
+        let before = records();
+        let a = client("a");
+        let b = client("b");
+        with(&a, |r| r.limiter = Default::default());
+        with(&b, |_| ());
+        with(&a, |_| ());
+        assert_eq!(records(), before + 2);
+        // While a's record pins its address, a new client cannot take it.
+        let a_address = Arc::as_ptr(&a) as usize;
+        drop(a);
+        let fresh: Vec<_> = (0..64).map(|i| client(&i.to_string())).collect();
+        assert!(fresh.iter().all(|c| Arc::as_ptr(c) as usize != a_address));
+    }
+}
