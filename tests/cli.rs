@@ -591,12 +591,22 @@ async fn worker_threads_sets_the_runtime() {
         assert_eq!(runtime["worker_threads"], threads, "{runtime}");
         assert_eq!(runtime["scheduler"], scheduler, "{runtime}");
         if threads > 1 {
-            // tokio starts every worker up front ("tokio-rt-worker").
-            let workers = std::fs::read_dir(format!("/proc/{}/task", served.child.id()))
-                .unwrap()
-                .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-                .filter(|comm| comm.starts_with("tokio-rt-worker"))
-                .count();
+            // tokio starts every worker up front ("tokio-rt-worker"), each
+            // naming itself once it runs: on a busy machine the last may not
+            // have yet when the listener is up.
+            let pid = served.child.id();
+            let workers = || {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .unwrap()
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|comm| comm.starts_with("tokio-rt-worker"))
+                    .count()
+            };
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while workers() < threads && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let workers = workers();
             assert!(workers >= threads, "{workers} runtime threads");
         }
         let c = TestClient::http1();
