@@ -599,9 +599,9 @@ async fn try_get(addr: SocketAddr, path: &str) -> Result<RawReply, String> {
     send_raw(addr, req.as_bytes()).await.1
 }
 
-/// Upstream freshness directives at the edge of their range (a buggy or
-/// hostile upstream) must not break the request that stores them, nor leave
-/// an entry behind that breaks every later request for the same key.
+/// Upstream freshness directives and `Age` at the edge of their range (a
+/// buggy or hostile upstream) must not break the request that stores them,
+/// nor leave an entry behind that breaks every later request for the same key.
 #[tokio::test]
 async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
     with_timeout(TEST_LIMIT, async {
@@ -609,21 +609,32 @@ async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
         let h = Harness::start_full("", "", "", Arc::new(clock.clone())).await;
         let huge = u64::MAX;
         let mut failures = Vec::new();
+        let cc = |v: String| vec![("cache-control".to_string(), v)];
         let cases = [
-            format!("max-age={huge}"),
-            format!("s-maxage={huge}, stale-if-error={huge}"),
-            format!("stale-while-revalidate={huge}"),
-            format!("stale-if-error={huge}"),
-            format!("max-age=1, stale-while-revalidate={huge}, stale-if-error={huge}"),
+            cc(format!("max-age={huge}")),
+            cc(format!("s-maxage={huge}, stale-if-error={huge}")),
+            cc(format!("stale-while-revalidate={huge}")),
+            cc(format!("stale-if-error={huge}")),
+            cc(format!(
+                "max-age=1, stale-while-revalidate={huge}, stale-if-error={huge}"
+            )),
             // No `Duration` overflow, but far past any `Instant`.
-            format!("stale-if-error={}", i64::MAX),
-            format!("stale-while-revalidate={}", u64::MAX - 10),
+            cc(format!("stale-if-error={}", i64::MAX)),
+            cc(format!("stale-while-revalidate={}", u64::MAX - 10)),
+            // Stored for its stale windows; every answer from it adds the
+            // time since to the upstream's `Age`.
+            vec![("age".into(), huge.to_string())],
+            vec![
+                ("age".into(), huge.to_string()),
+                ("cache-control".into(), format!("max-age={huge}")),
+            ],
         ];
-        for (i, cc) in cases.iter().enumerate() {
+        for (i, headers) in cases.iter().enumerate() {
+            let cc = format!("{headers:?}");
             let path = format!("/app?case={i}");
             let upstream = |faults: Faults| {
                 h.mock.set_faults(Faults {
-                    extra_response_headers: vec![("cache-control".into(), cc.clone())],
+                    extra_response_headers: headers.clone(),
                     ..faults
                 })
             };
@@ -634,6 +645,7 @@ async fn huge_upstream_cache_control_values_do_not_break_the_gateway() {
                 Err(e) => failures.push(format!("`{cc}`, {what}: {e}")),
             };
             step("fill", try_get(h.addr, &path).await, &[200]);
+            clock.advance(Duration::from_secs(2));
             step("fresh", try_get(h.addr, &path).await, &[200]);
             // Stale: past the 5 s ttl of /app.
             clock.advance(Duration::from_secs(30));

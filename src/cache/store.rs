@@ -47,7 +47,9 @@ impl CachedResponse {
             .get(header::AGE)
             .and_then(|a| a.to_str().ok())
             .and_then(|a| a.parse::<u64>().ok())
-            .map_or(Duration::ZERO, Duration::from_secs);
+            .map_or(Duration::ZERO, |a| {
+                Duration::from_secs(a.min(super::policy::MAX_DIRECTIVE_SECS))
+            });
         headers.remove(header::AGE);
         let upstream_etag = headers.get(header::ETAG).cloned();
         let strong = upstream_etag
@@ -112,7 +114,9 @@ impl CachedResponse {
 
     /// Whole seconds of `Age`.
     pub fn age_secs(&self, now: Instant) -> u64 {
-        (self.initial_age + self.since_stored(now)).as_secs()
+        self.initial_age
+            .saturating_add(self.since_stored(now))
+            .as_secs()
     }
 
     /// Approximate memory held, for the weigher.
