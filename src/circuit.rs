@@ -3,7 +3,11 @@
 //! invalid responses, 5xx) the scope's circuit opens and requests fail fast
 //! with 503 (the cache serves a usable stale answer instead, if it has one).
 //! After `breaker_cooldown` one probe request is let through: success closes
-//! the circuit, failure opens it again.
+//! the circuit, failure opens it again. A probe that ends without an answer
+//! (its caller went away, a timeout above cut it short) says nothing of the
+//! upstream: the next request probes instead. A probe that has not reported
+//! within a cooldown is presumed lost the same way, so a scope is never left
+//! failing fast with no probe in flight.
 
 use crate::clock::SharedClock;
 use crate::context::RequestContext;
@@ -17,9 +21,16 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen,
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// A probe is in flight, let through at `since`.
+    HalfOpen {
+        since: Instant,
+    },
 }
 
 /// What a request may do.
@@ -57,7 +68,7 @@ impl Breakers {
 
     /// Whether a request for `scope` may go upstream; `Err(wait)` while open.
     pub fn admit(&self, scope: &str) -> Result<Admission, Duration> {
-        let (failures, _) = self.settings();
+        let (failures, cooldown) = self.settings();
         if failures == 0 {
             return Ok(Admission::Pass);
         }
@@ -69,12 +80,26 @@ impl Breakers {
         match *phase {
             Phase::Closed { .. } => Ok(Admission::Pass),
             Phase::Open { until } if now >= until => {
-                *phase = Phase::HalfOpen;
+                *phase = Phase::HalfOpen { since: now };
+                Ok(Admission::Probe)
+            }
+            Phase::HalfOpen { since } if now >= since + cooldown => {
+                tracing::warn!(scope, "the circuit's probe did not report: probing again");
+                *phase = Phase::HalfOpen { since: now };
                 Ok(Admission::Probe)
             }
             Phase::Open { until } => Err(until - now),
             // A probe is in flight: everyone else still fails fast.
-            Phase::HalfOpen => Err(Duration::from_secs(1)),
+            Phase::HalfOpen { .. } => Err(Duration::from_secs(1)),
+        }
+    }
+
+    /// A probe ended without an outcome: the next request probes.
+    fn probe_abandoned(&self, scope: &str) {
+        let now = self.clock.now();
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(phase @ Phase::HalfOpen { .. }) = phases.get_mut(scope) {
+            *phase = Phase::Open { until: now };
         }
     }
 
@@ -99,7 +124,7 @@ impl Breakers {
                 until: now + cooldown,
             },
         };
-        let was_open = matches!(*phase, Phase::Open { .. } | Phase::HalfOpen);
+        let was_open = matches!(*phase, Phase::Open { .. } | Phase::HalfOpen { .. });
         let is_open = matches!(next, Phase::Open { .. });
         if is_open && !was_open {
             tracing::error!(scope, ?cooldown, "upstream keeps failing: circuit opened");
@@ -109,6 +134,30 @@ impl Breakers {
         metrics::gauge!("rungen_gateway_circuit_open", "scope" => scope.to_string())
             .set(if is_open { 1.0 } else { 0.0 });
         *phase = next;
+    }
+}
+
+/// An admitted request's report to the breakers, made when its answer is in;
+/// a probe dropped before that is reported abandoned.
+struct Report {
+    breakers: Arc<Breakers>,
+    scope: String,
+    probe: bool,
+    done: bool,
+}
+
+impl Report {
+    fn finish(mut self, success: bool) {
+        self.done = true;
+        self.breakers.record(&self.scope, success);
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if self.probe && !self.done {
+            self.breakers.probe_abandoned(&self.scope);
+        }
     }
 }
 
@@ -160,16 +209,24 @@ where
         else {
             return self.inner.call(req).boxed();
         };
-        if let Err(wait) = self.breakers.admit(&scope) {
-            metrics::counter!("rungen_gateway_circuit_rejections_total", "scope" => scope.clone())
-                .increment(1);
-            return std::future::ready(Err(GatewayError::CircuitOpen {
-                scope,
-                retry_after: wait,
-            }))
-            .boxed();
-        }
-        let breakers = self.breakers.clone();
+        let admission = match self.breakers.admit(&scope) {
+            Ok(admission) => admission,
+            Err(wait) => {
+                metrics::counter!("rungen_gateway_circuit_rejections_total", "scope" => scope.clone())
+                    .increment(1);
+                return std::future::ready(Err(GatewayError::CircuitOpen {
+                    scope,
+                    retry_after: wait,
+                }))
+                .boxed();
+            }
+        };
+        let report = Report {
+            breakers: self.breakers.clone(),
+            scope,
+            probe: admission == Admission::Probe,
+            done: false,
+        };
         self.inner
             .call(req)
             .map(move |res| {
@@ -183,7 +240,7 @@ where
                             | GatewayError::UpstreamProtocol
                     ),
                 };
-                breakers.record(&scope, success);
+                report.finish(success);
                 res
             })
             .boxed()
@@ -227,6 +284,29 @@ mod tests {
         clock.advance(Duration::from_secs(10));
         assert_eq!(b.admit("acme"), Ok(Admission::Probe));
         b.record("acme", true);
+        assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_does_not_leave_the_circuit_half_open() {
+        let clock = ManualClock::new();
+        let b = Breakers::new(1, Duration::from_secs(10), Arc::new(clock.clone()));
+        b.record("acme", false);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(b.admit("acme"), Ok(Admission::Probe));
+        // Abandoned (dropped before its answer): the next request probes.
+        b.probe_abandoned("acme");
+        assert_eq!(b.admit("acme"), Ok(Admission::Probe));
+        // Lost without a word: within a cooldown others still fail fast,
+        // after it another probe goes.
+        clock.advance(Duration::from_secs(9));
+        assert!(b.admit("acme").is_err());
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(b.admit("acme"), Ok(Admission::Probe));
+        b.record("acme", true);
+        assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+        // Abandoning outside a probe changes nothing.
+        b.probe_abandoned("acme");
         assert_eq!(b.admit("acme"), Ok(Admission::Pass));
     }
 

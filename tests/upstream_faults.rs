@@ -217,6 +217,69 @@ async fn a_scope_that_keeps_failing_trips_its_circuit_and_recovers() {
     h.stop().await;
 }
 
+/// The probe let through after the cooldown is a write whose caller hangs up
+/// before the slow upstream answers: the next request probes instead of the
+/// scope failing fast for good.
+#[tokio::test]
+async fn a_probe_whose_caller_hangs_up_does_not_leave_the_circuit_stuck() {
+    use tokio::io::AsyncWriteExt;
+    let (h, clock) = start(
+        "retries = 0\nbreaker_failures = 1\nbreaker_cooldown = \"30s\"",
+        "",
+    )
+    .await;
+    let c = TestClient::http1();
+    let rw = bearer(TOKEN_RW);
+    h.mock.set_faults(Faults {
+        fail_status: Some(500),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app/x1"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let r = c.get(&h.url("/app/x2"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "open");
+    h.mock.set_faults(Faults {
+        latency_ms: 2000,
+        ..Faults::default()
+    });
+    clock.advance(Duration::from_secs(31));
+    let sent = h.mock.stats().total;
+    {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let body =
+            r#"{"name":"a","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"x"}}"#;
+        let req = format!(
+            "POST /app HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN_RW}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while h.mock.stats().total == sent && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            h.mock.stats().total,
+            sent + 1,
+            "the probe reached the upstream"
+        );
+    } // The caller hangs up while the upstream is still thinking.
+    h.mock.set_faults(Faults::default());
+    // No more time passes: only the abandoned probe can let this one through.
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    let until = Instant::now() + Duration::from_secs(5);
+    while status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = c
+            .get(&h.url("/app/y"), &[("authorization", &rw)])
+            .await
+            .status;
+    }
+    assert_eq!(status, StatusCode::NOT_FOUND, "the upstream's own answer");
+    let r = c.get(&h.url("/app/y2"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "closed again");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_client_that_stalls_mid_body_gets_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
