@@ -98,6 +98,8 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             let cache = state.cache();
             metrics::gauge!("rungen_gateway_cache_entries").set(cache.entry_count() as f64);
             metrics::gauge!("rungen_gateway_cache_bytes").set(cache.weighted_size() as f64);
+            metrics::gauge!("rungen_gateway_cache_vary_index_bytes")
+                .set(cache.vary_index_bytes() as f64);
             metrics::gauge!("rungen_gateway_rate_limit_tracked_ips")
                 .set(state.limits().tracked_ips() as f64);
             let mut res = Response::new(full_body(telemetry::metrics().render()));

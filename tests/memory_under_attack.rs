@@ -135,6 +135,66 @@ enabled = false
     .await;
 }
 
+/// 1500 distinct 4 KB query strings on `/app` while the upstream answers
+/// with `Vary: Accept`: each stored answer puts its key in the Vary index,
+/// which keeps keys after their answers are evicted. The index stays within
+/// its own bound (an eighth of `max_bytes`, at least 64 KiB), and a varying
+/// key still caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_varying_keys_keep_the_vary_index_within_its_bound() {
+    with_timeout(TEST_LIMIT, async {
+        let sections = format!(
+            "[cache]\nmax_bytes = {MAX_BYTES}\nmax_entry_bytes = 65536\n\n[rate_limit]\nenabled = false\n"
+        );
+        let h = Harness::start_full(
+            "",
+            "",
+            &sections,
+            Arc::new(rungen_gateway::clock::SystemClock),
+        )
+        .await;
+        h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+            extra_response_headers: vec![("vary".into(), "Accept".into())],
+            ..Default::default()
+        });
+        let client = TestClient::http1();
+        let pad = "p".repeat(3900);
+        let n = 1500;
+        {
+            let (client, base) = (client.clone(), h.url("/app"));
+            flood(n, move |i| {
+                let url = format!("{base}?q{i}={pad}");
+                let client = client.clone();
+                async move {
+                    let r = client.get(&url, &[("authorization", &bearer(TOKEN_RW))]).await;
+                    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+                }
+            })
+            .await;
+        }
+        assert_eq!(h.mock.stats().total, n as u64, "every key was a miss");
+        let cache = h.gateway().cache();
+        cache.sync();
+        let bound = rungen_gateway::cache::store::vary_index_max_bytes(MAX_BYTES);
+        let held = cache.vary_index_bytes();
+        assert!(held > 0 && held <= bound, "Vary index: {held} bytes, bound {bound}");
+        // Whatever the weigher says: each key holds its 3.9 KB query.
+        let keys = cache.vary_index_keys();
+        assert!(keys > 0 && keys * 3900 <= bound, "Vary index: {keys} keys");
+        assert!(cache.weighted_size() <= MAX_BYTES);
+        // Varying answers are still stored and served.
+        let url = h.url("/app?after=flood");
+        let auth = bearer(TOKEN_RW);
+        let first = client.get(&url, &[("authorization", &auth)]).await;
+        let second = client.get(&url, &[("authorization", &auth)]).await;
+        assert!(first.headers["cache-status"].to_str().unwrap().contains("stored"));
+        assert!(second.headers["cache-status"].to_str().unwrap().contains("hit"), "{second:?}");
+        assert_eq!(h.mock.stats().total, n as u64 + 1);
+        h.stop().await;
+    })
+    .await;
+}
+
 /// The requests-total count of `method="other"` requests in Prometheus text.
 fn other_method_requests(text: &str) -> f64 {
     text.lines()

@@ -142,7 +142,7 @@ impl Cache {
                 settings.policies.clone(),
             )),
             entries: store::build_entries(settings.max_bytes),
-            vary: store::build_vary_index(),
+            vary: store::build_vary_index(settings.max_bytes),
             any_vary: std::sync::atomic::AtomicBool::new(false),
             settings,
             flights: Mutex::new(HashMap::new()),
@@ -170,6 +170,16 @@ impl Cache {
 
     pub fn weighted_size(&self) -> u64 {
         self.entries.weighted_size()
+    }
+
+    /// Bytes held by the Vary index (see [`store::vary_index_max_bytes`]).
+    pub fn vary_index_bytes(&self) -> u64 {
+        self.vary.weighted_size()
+    }
+
+    /// Keys in the Vary index.
+    pub fn vary_index_keys(&self) -> u64 {
+        self.vary.entry_count()
     }
 
     /// Runs moka's pending maintenance (counts become exact).

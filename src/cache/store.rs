@@ -285,9 +285,22 @@ pub fn build_entries(max_bytes: u64) -> Entries {
 /// Which base keys vary on which request headers (absent: they do not vary).
 pub type VaryIndex = moka::sync::Cache<CacheKey, Arc<[HeaderName]>, KeyHasher>;
 
-pub fn build_vary_index() -> VaryIndex {
+/// The Vary index's bound: an eighth of the store's, at least 64 KiB. Its
+/// keys come from callers (a path and query of up to `max_uri_bytes` each)
+/// and outlive the responses they were made for, so it is bounded by bytes
+/// like the store; an entry evicted early costs one miss, never a wrong
+/// variant (stored variants are keyed by their request headers).
+pub fn vary_index_max_bytes(store_max_bytes: u64) -> u64 {
+    (store_max_bytes / 8).max(64 * 1024)
+}
+
+pub fn build_vary_index(store_max_bytes: u64) -> VaryIndex {
     moka::sync::Cache::builder()
-        .max_capacity(100_000)
+        .max_capacity(vary_index_max_bytes(store_max_bytes))
+        .weigher(|k: &CacheKey, names: &Arc<[HeaderName]>| {
+            let names: usize = names.iter().map(|n| n.as_str().len() + 16).sum();
+            u32::try_from(k.weight() + names + 64).unwrap_or(u32::MAX)
+        })
         .time_to_idle(Duration::from_secs(3600))
         .support_invalidation_closures()
         .build_with_hasher(KeyHasher::default())
