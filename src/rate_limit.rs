@@ -219,6 +219,14 @@ type CallerLimiter = (Quota, Direct<DefaultClock>);
 /// good while [`Limits`]'s limiter generation is the one it was taken at.
 #[derive(Default)]
 pub struct LocalLimiter(Option<(u64, Arc<CallerLimiter>)>);
+
+/// Limiter generations of every [`Limits`] in the process come from this one
+/// counter, so a copy taken from one never matches another's generation.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
+}
 /// A public client's per-IP quota and its keyed limiter.
 type IpLimiter = (Quota, Keyed<IpAddr>);
 
@@ -273,7 +281,7 @@ impl Limits {
         let limits = Arc::new(Self {
             settings: arc_swap::ArcSwap::from_pointee(settings.clone()),
             callers: RwLock::new(ByName::default()),
-            callers_generation: AtomicU64::new(0),
+            callers_generation: AtomicU64::new(next_generation()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
             public_ips: RwLock::new(ByName::default()),
             scopes: RwLock::new(ByName::default()),
@@ -296,7 +304,8 @@ impl Limits {
                     .unwrap_or(&settings.default_quota);
                 l.0 == *q
             });
-            self.callers_generation.fetch_add(1, Ordering::Release);
+            self.callers_generation
+                .store(next_generation(), Ordering::Release);
         }
         {
             let mut scopes = write(&self.scopes);
@@ -398,8 +407,11 @@ impl Limits {
             return l.clone();
         }
         let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
-        write(&self.callers).insert(client.to_string(), fresh.clone());
-        self.callers_generation.fetch_add(1, Ordering::Release);
+        let mut callers = write(&self.callers);
+        callers.insert(client.to_string(), fresh.clone());
+        // Under the lock: generations follow the map's changes in order.
+        self.callers_generation
+            .store(next_generation(), Ordering::Release);
         fresh
     }
 
@@ -976,6 +988,43 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         limits.prune();
         assert_eq!(limits.tracked_ips(), 0, "refilled buckets are dropped");
+    }
+
+    #[test]
+    fn a_threads_copy_of_a_limiter_follows_the_map() {
+        let client = Arc::new(Client {
+            name: "a".into(),
+            teams: Vec::new(),
+            methods: Default::default(),
+            public: false,
+            token_sha256: None,
+            cert_names: Vec::new(),
+            allowed_origins: Vec::new(),
+        });
+        let burst = |n| {
+            let mut s = RateLimitSettings::default();
+            s.client_quotas
+                .insert("a".into(), quota(1, Duration::from_secs(3600), n));
+            s
+        };
+        let allowed = |limits: &Limits| match limits.check_caller(&client, None) {
+            CallerCheck::Now(_, d) => matches!(d, Decision::Allowed { .. }),
+            CallerCheck::Lease(..) => panic!("no cluster here"),
+        };
+        let limits = Limits::new(burst(1));
+        assert!(allowed(&limits));
+        assert!(!allowed(&limits), "the copy is the limiter the map holds");
+        limits.configure(burst(1));
+        assert!(!allowed(&limits), "same quota after a reload: same state");
+        limits.configure(burst(2));
+        assert!(allowed(&limits), "a new quota: a new limiter");
+        // Another `Limits` (another gateway in this process) with the same
+        // client, whatever its generation count: its own limiter.
+        let other = Limits::new(burst(1));
+        assert!(allowed(&other));
+        assert!(!allowed(&other));
+        assert!(allowed(&limits), "the first keeps its own state");
+        assert!(!allowed(&limits));
     }
 
     #[test]
