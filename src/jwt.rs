@@ -129,6 +129,20 @@ pub fn parse_jwks(text: &str) -> Result<Vec<KeyInfo>, String> {
     Ok(keys)
 }
 
+/// The keys last fetched from each JWKS URL in this process. A config
+/// reload builds new verifiers; one for a URL fetched before starts with its
+/// keys rather than refusing every token until its own first fetch (which
+/// an identity provider's blip would put off by a whole `jwks_refresh`).
+/// Holds one entry per URL ever configured.
+type KeysByUrl = HashMap<String, Arc<Vec<Arc<Key>>>>;
+
+static FETCHED: std::sync::LazyLock<std::sync::Mutex<KeysByUrl>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn lock_fetched() -> std::sync::MutexGuard<'static, KeysByUrl> {
+    FETCHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A key from a JWKS document.
 pub struct KeyInfo {
     kid: Option<String>,
@@ -149,8 +163,17 @@ impl Verifier {
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 into_keys(parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?)
             }
-            // Fetched after start (see `spawn_jwks_refresh`); until then nothing verifies.
-            KeySource::JwksUrl(_) => Vec::new(),
+            // Fetched after start (see `spawn_jwks_refresh`): until then the
+            // keys last fetched from that URL, if any (a reload makes new
+            // verifiers), else nothing verifies.
+            KeySource::JwksUrl(url) => {
+                let fetched = lock_fetched().get(&url.to_string()).cloned();
+                return Ok(Arc::new(Self {
+                    client,
+                    keys: ArcSwap::new(fetched.unwrap_or_default()),
+                    settings,
+                }));
+            }
         };
         Ok(Arc::new(Self {
             client,
@@ -160,7 +183,11 @@ impl Verifier {
     }
 
     pub fn set_jwks(&self, keys: Vec<KeyInfo>) {
-        self.keys.store(Arc::new(into_keys(keys)));
+        let keys = Arc::new(into_keys(keys));
+        if let KeySource::JwksUrl(url) = &self.settings.keys {
+            lock_fetched().insert(url.to_string(), keys.clone());
+        }
+        self.keys.store(keys);
     }
 
     fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Grant, JwtError> {

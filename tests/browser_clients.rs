@@ -473,3 +473,64 @@ async fn a_jwks_url_is_fetched_and_refreshed() {
     );
     h.stop().await;
 }
+
+/// A config reload (any reload: SIGHUP, a rotated team key file) does not
+/// drop the JWKS keys a `jwks_url` client verified with a moment ago, even
+/// when the identity provider cannot be reached just then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_keys_fetched_from_a_jwks_url() {
+    let (k1, jwk1) = ec_key("u1");
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [jwk1]}).to_string(),
+    ));
+    let url = serve_jwks(doc.clone()).await;
+    let extra = format!(
+        "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{url}\", jwks_refresh = \"1h\" }}\n"
+    );
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(&extra),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let mut sso = claims(600);
+    sso["iss"] = "https://sso.test".into();
+    let token = es256("u1", &k1, sso);
+    let status = || {
+        let c = c.clone();
+        let url = h.url("/app");
+        let t = token.clone();
+        async move {
+            c.get(&url, &[("authorization", &format!("Bearer {t}"))])
+                .await
+                .status
+        }
+    };
+    let mut ok = false;
+    for _ in 0..100 {
+        if status().await == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the JWKS was never fetched");
+    // The identity provider has a blip (the keys did not change).
+    *doc.lock().unwrap() = "503 upstream unavailable".to_string();
+    // An unrelated reload (same config).
+    let text = config_toml_with(&h.mock.base_url(), "", "", &sections(&extra));
+    let config =
+        rungen_gateway::config::Config::from_toml(std::path::Path::new("test.toml"), &text)
+            .unwrap();
+    h.gateway().state().apply(config).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after = status().await;
+    h.stop().await;
+    assert_eq!(
+        after,
+        StatusCode::OK,
+        "after a reload, a JWKS client whose keys were fine is refused until the next refresh (1h)"
+    );
+}
