@@ -119,7 +119,10 @@ pub async fn serve(
         let drain_rx = drain.subscribe();
         let tls = tls.clone();
         let handshake_timeout = cfg.header_read_timeout;
-        let idle_timeout = cfg.header_read_timeout;
+        let timeouts = ConnTimeouts {
+            idle: cfg.header_read_timeout,
+            stall: cfg.body_read_timeout,
+        };
         tokio::spawn(async move {
             match tls {
                 None => {
@@ -130,7 +133,7 @@ pub async fn serve(
                         identity: None,
                         requests: requests.clone(),
                     };
-                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, timeouts)
                         .await;
                 }
                 Some(acceptor) => {
@@ -173,7 +176,7 @@ pub async fn serve(
                         identity,
                         requests: requests.clone(),
                     };
-                    serve_connection(&builder, stream, adapter, drain_rx, &requests, idle_timeout)
+                    serve_connection(&builder, stream, adapter, drain_rx, &requests, timeouts)
                         .await;
                 }
             }
@@ -194,6 +197,15 @@ pub async fn serve(
     }
 }
 
+/// How long a connection may be idle (no request in flight, none starting
+/// or ending), and how long a response may make no progress (a client that
+/// stops reading) before the connection goes.
+#[derive(Clone, Copy)]
+struct ConnTimeouts {
+    idle: Duration,
+    stall: Duration,
+}
+
 /// Serves one connection until it ends. It is asked to finish gracefully
 /// (HTTP/1.1: close once the current response is sent; HTTP/2: GOAWAY, then
 /// close once open streams are done) when the server drains, or when it has
@@ -201,18 +213,22 @@ pub async fn serve(
 /// cover every idle state: an HTTP/2 connection between requests, and a
 /// connection that has not yet sent enough bytes to tell its protocol (a
 /// silent client, a partial HTTP/2 preface), would otherwise hold their
-/// connection slots forever.
+/// connection slots forever. A response body that hyper has not taken a
+/// frame of for `stall` (HTTP/1.1: the client reads nothing and the socket
+/// is full; HTTP/2: it grants no flow-control window) ends the connection
+/// at once: it could not finish gracefully either.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     adapter: HyperAdapter,
     mut drain: watch::Receiver<()>,
     requests: &RequestCounter,
-    idle_timeout: Duration,
+    timeouts: ConnTimeouts,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = adapter.peer;
+    let idle_timeout = timeouts.idle;
     let conn = builder.serve_connection(TokioIo::new(io), adapter);
     tokio::pin!(conn);
     let mut finishing = false;
@@ -230,6 +246,11 @@ async fn serve_connection<I>(
                 conn.as_mut().graceful_shutdown();
                 requests.touch();
                 finishing = true;
+            }
+            _ = requests.stalled_for(timeouts.stall) => {
+                tracing::debug!(%peer, stall = ?timeouts.stall, "closing a connection whose response made no progress");
+                metrics::counter!("rungen_gateway_connections_stalled_closed_total").increment(1);
+                return;
             }
             // Asked to finish, yet still open and idle (an HTTP/2 peer that
             // never acknowledges the GOAWAY's PING): drop it.
@@ -297,6 +318,9 @@ struct RequestCounter {
     limit: u64,
     /// Requests whose response (body included) is not finished.
     in_flight: AtomicUsize,
+    /// Of those, the ones whose response body waits for hyper to take its
+    /// next frame (not for the upstream to produce it).
+    sending: AtomicUsize,
     /// Bumped when a request starts or a response finishes (no clock read
     /// and no lock per request: the idle check compares two readings).
     activity: AtomicU64,
@@ -308,12 +332,27 @@ impl RequestCounter {
             served: AtomicU64::new(0),
             limit,
             in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
             activity: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves once a response body is being sent and no frame of any
+    /// body, and no request start or end, has happened for a whole `timeout`.
+    async fn stalled_for(&self, timeout: Duration) {
+        loop {
+            let seen = self.activity.load(Ordering::SeqCst);
+            tokio::time::sleep(timeout).await;
+            if self.sending.load(Ordering::SeqCst) > 0
+                && self.activity.load(Ordering::SeqCst) == seen
+            {
+                return;
+            }
+        }
     }
 
     /// Resolves once the connection has had no request in flight, and no
@@ -351,12 +390,33 @@ impl Drop for InFlight {
     }
 }
 
+/// A response body that waits for hyper to take its next frame: from when
+/// the response is handed over, and after each frame, until the body is
+/// polled and has nothing yet (then it waits for the upstream, whose own
+/// timeouts apply), ends, or is dropped.
+struct Sending(Arc<RequestCounter>);
+
+impl Sending {
+    fn start(counter: &Arc<RequestCounter>) -> Self {
+        counter.sending.fetch_add(1, Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it ends.
+    /// A response body that keeps its request counted as in flight until it
+    /// ends, and counts each frame hyper takes as progress.
     struct TrackedBody {
         #[pin]
         inner: Body,
         guard: Option<InFlight>,
+        sending: Option<Sending>,
     }
 }
 
@@ -370,8 +430,20 @@ impl http_body::Body for TrackedBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(None) = frame {
-            this.guard.take();
+        match (&frame, &*this.guard) {
+            (std::task::Poll::Ready(Some(_)), Some(in_flight)) => {
+                in_flight.0.touch();
+                if this.sending.is_none() {
+                    *this.sending = Some(Sending::start(&in_flight.0));
+                }
+            }
+            (std::task::Poll::Pending, _) => {
+                this.sending.take();
+            }
+            _ => {
+                this.sending.take();
+                this.guard.take();
+            }
         }
         frame
     }
@@ -475,6 +547,11 @@ impl Future for TrackedResponse {
             );
         }
         let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
+        let sending = guard.as_ref().map(|g| Sending::start(&g.0));
+        Poll::Ready(Ok(res.map(|inner| TrackedBody {
+            inner,
+            guard,
+            sending,
+        })))
     }
 }

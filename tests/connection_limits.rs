@@ -450,3 +450,93 @@ async fn h2_peer_that_goes_silent_is_dropped() {
     })
     .await;
 }
+
+/// A client that sends a request and then stops reading the answer (a
+/// response larger than the socket buffers) does not keep its connection,
+/// and its per-IP and total connection slots, for as long as it likes: the
+/// idle close never fires while a response body is unfinished, so a response
+/// that makes no progress for `body_read_timeout` ends the connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_its_slot_forever() {
+    with_timeout(Duration::from_secs(40), async {
+        let h = Harness::start_with(
+            "max_connections_per_ip = 1\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"",
+            "",
+        )
+        .await;
+        h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+            large_body_bytes: Some(32 * 1024 * 1024),
+            ..Default::default()
+        });
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind(SocketAddr::new(LOCAL, 0)).unwrap();
+        let mut stalled = socket.connect(h.addr).await.unwrap();
+        stalled.write_all(get_app().as_bytes()).await.unwrap();
+        // Read a little (the head), then never again.
+        let mut some = [0u8; 1024];
+        let _ = tokio::time::timeout(IO_TIMEOUT, stalled.read(&mut some)).await;
+        // Five idle (and stall) timeouts.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        h.mock
+            .set_faults(rungen_gateway::mock_upstream::Faults::default());
+        let served = served_from(LOCAL, h.addr).await;
+        drop(stalled);
+        let control = served_from(LOCAL, h.addr).await;
+        assert!(control, "served once the stalled client closed");
+        h.stop().await;
+        assert!(
+            served,
+            "a connection whose client stopped reading still holds 127.0.0.1's only slot after 5 s"
+        );
+    })
+    .await;
+}
+
+/// HTTP/2: an h2 client that grants no flow-control window
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0, never a WINDOW_UPDATE) and keeps
+/// answering PINGs does not hold its connection slot, whatever the size of
+/// the answer (here an ordinary `GET /app`).
+#[tokio::test]
+async fn an_h2_client_with_a_zero_window_does_not_hold_its_slot_forever() {
+    with_timeout(Duration::from_secs(40), async {
+        let h = Harness::start_with(
+            "max_connections_per_ip = 1\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"",
+            "",
+        )
+        .await;
+        let stream = connect_from(LOCAL, h.addr).await;
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                    stream,
+                ))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        let req = http::Request::builder()
+            .uri(format!("http://{}/app", h.addr))
+            .header("authorization", format!("Bearer {TOKEN_RW}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        // Hold the response, never read its body. Five stall timeouts.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let served = served_from(LOCAL, h.addr).await;
+        drop(res);
+        driver.abort();
+        let control = served_from(LOCAL, h.addr).await;
+        assert!(control, "served once the h2 client closed");
+        h.stop().await;
+        assert!(
+            served,
+            "an h2 connection that granted no window still holds 127.0.0.1's only slot after 5 s"
+        );
+    })
+    .await;
+}
