@@ -853,3 +853,100 @@ async fn reads_with_a_body_bypass_the_cache() {
     assert_eq!(h.upstream_count("GET /app"), 3);
     h.stop().await;
 }
+
+/// An upstream whose `GET /app/a1` reads a version when the request arrives
+/// and answers 800 ms later, and whose `PUT /app/a1` bumps the version at once.
+async fn versioned_upstream(version: Arc<std::sync::atomic::AtomicU64>) -> String {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let version = version.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let version = version.clone();
+                        async move {
+                            let (status, v) = match (req.method(), req.uri().path()) {
+                                (&Method::GET, "/app/a1") => {
+                                    let v = version.load(Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(800)).await;
+                                    (200, v)
+                                }
+                                (&Method::PUT, "/app/a1") => {
+                                    (200, version.fetch_add(1, Ordering::SeqCst) + 1)
+                                }
+                                _ => (404, 0),
+                            };
+                            let body = format!("{{\"data\":{{\"id\":\"a1\",\"v\":{v}}}}}");
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Read-your-writes: a read that starts after a write's 200 does not join a
+/// fetch of the same key that started before the write (and would answer
+/// with the pre-write body); it fetches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let version = Arc::new(AtomicU64::new(1));
+    let base = versioned_upstream(version.clone()).await;
+    let config = rungen_gateway::config::Config::from_toml(
+        std::path::Path::new("t.toml"),
+        &config_toml(&base, "", ""),
+    )
+    .unwrap();
+    let g = rungen_gateway::server::start(config).await.unwrap();
+    let url = format!("http://{}/app/a1", g.local_addr());
+    let auth = bearer(TOKEN_RW);
+    let c = TestClient::http1();
+    // A poller's read is in the air (its fetch saw version 1).
+    let poller = {
+        let (c, url, auth) = (c.clone(), url.clone(), auth.clone());
+        tokio::spawn(async move { c.get(&url, &[("authorization", &auth)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let w = c
+        .send(
+            Method::PUT,
+            &url,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(w.status, StatusCode::OK);
+    assert_eq!(version.load(Ordering::SeqCst), 2);
+    // The writer reads its write.
+    let r = c.get(&url, &[("authorization", &auth)]).await;
+    let polled = poller.await.unwrap();
+    g.stop().await;
+    assert_eq!(
+        polled.json()["data"]["v"],
+        1,
+        "the poller's fetch began before the write"
+    );
+    assert_eq!(
+        r.json()["data"]["v"],
+        2,
+        "read after a write got the pre-write body (cache-status: {:?})",
+        r.headers.get("cache-status")
+    );
+}

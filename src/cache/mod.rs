@@ -105,7 +105,8 @@ pub struct Cache {
     vary: VaryIndex,
     /// Set once any response has varied: until then a lookup skips the index.
     any_vary: std::sync::atomic::AtomicBool,
-    flights: Mutex<HashMap<CacheKey, Flight>>,
+    /// Fetches in the air, with the epoch they started in.
+    flights: Mutex<HashMap<CacheKey, (u64, Flight)>>,
     /// Bumped by every invalidation: a fill that raced a write is not stored.
     epoch: AtomicU64,
     /// Scopes whose upstream said 429, until when.
@@ -775,8 +776,13 @@ impl CacheService {
     fn flight(&self, fill: Fill) -> (Flight, bool) {
         let cache = &self.layer.cache;
         let mut flights = cache.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = flights.get(&fill.key) {
-            return (f.clone(), false);
+        // Only a fetch started since the last write or purge: an older one
+        // may answer with what that write changed (read-your-writes).
+        let epoch = cache.epoch.load(Ordering::SeqCst);
+        if let Some((started, f)) = flights.get(&fill.key) {
+            if *started == epoch {
+                return (f.clone(), false);
+            }
         }
         let key = fill.key.clone();
         let cache2 = cache.clone();
@@ -787,11 +793,11 @@ impl CacheService {
             let result = tokio::time::timeout(deadline, fill.run_shared())
                 .await
                 .unwrap_or(FetchResult::Failed(GatewayError::UpstreamTimeout));
-            cache2
-                .flights
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key2);
+            let mut flights = cache2.flights.lock().unwrap_or_else(|e| e.into_inner());
+            // Unless a newer fetch of the key has taken the slot.
+            if flights.get(&key2).is_some_and(|(e, _)| *e == epoch) {
+                flights.remove(&key2);
+            }
             result
         });
         let flight: Flight = async move {
@@ -800,7 +806,7 @@ impl CacheService {
         }
         .boxed()
         .shared();
-        flights.insert(key, flight.clone());
+        flights.insert(key, (epoch, flight.clone()));
         (flight, true)
     }
 
