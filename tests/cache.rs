@@ -877,6 +877,24 @@ async fn versioned_upstream(version: Arc<std::sync::atomic::AtomicU64>) -> Strin
                                 (&Method::PUT, "/app/a1") => {
                                     (200, version.fetch_add(1, Ordering::SeqCst) + 1)
                                 }
+                                (&Method::GET, "/app/b1") => {
+                                    let conditional = req.headers().contains_key("if-none-match");
+                                    let res = http::Response::builder().header("etag", "\"b1\"");
+                                    let res = if conditional {
+                                        res.status(304).header("cache-control", "private")
+                                    } else {
+                                        res.header("cache-control", "max-age=1")
+                                            .header("content-type", "application/json")
+                                    };
+                                    let body = if conditional {
+                                        ""
+                                    } else {
+                                        r#"{"data":{"id":"b1"}}"#
+                                    };
+                                    return Ok(res
+                                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                        .unwrap());
+                                }
                                 _ => (404, 0),
                             };
                             let body = format!("{{\"data\":{{\"id\":\"a1\",\"v\":{v}}}}}");
@@ -949,4 +967,42 @@ async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
         "read after a write got the pre-write body (cache-status: {:?})",
         r.headers.get("cache-status")
     );
+}
+
+/// A caller that sent no validators never gets a 304: when the upstream's
+/// 304 to the gateway's own revalidation may not be stored (here `private`),
+/// the stale body is still the answer, served but not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconditional_get_never_gets_a_304() {
+    let base = versioned_upstream(Arc::new(std::sync::atomic::AtomicU64::new(1))).await;
+    let clock = ManualClock::new();
+    let config = rungen_gateway::config::Config::from_toml(
+        std::path::Path::new("t.toml"),
+        &config_toml(&base, "", ""),
+    )
+    .unwrap();
+    let g = rungen_gateway::server::start_with(config, Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let url = format!("http://{}/app/b1", g.local_addr());
+    let auth = bearer(TOKEN_RW);
+    let c = TestClient::http1();
+    let first = c.get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    // Long past ttl, stale-while-revalidate and stale-if-error.
+    clock.advance(Duration::from_secs(3600));
+    for _ in 0..2 {
+        let again = c.get(&url, &[("authorization", &auth)]).await;
+        assert_eq!(
+            again.status,
+            StatusCode::OK,
+            "an unconditional GET was answered {} (cache-status: {:?})",
+            again.status,
+            again.headers.get("cache-status")
+        );
+        assert_eq!(again.body, first.body);
+        // The 304's headers, merged over the stale entry's.
+        assert_eq!(again.headers["cache-control"], "private");
+    }
+    g.stop().await;
 }

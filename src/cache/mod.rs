@@ -630,26 +630,41 @@ impl Fill {
                     &stale.body,
                     wall,
                 );
-                if let Ok(freshness) = refreshed {
-                    let entry = Arc::new(CachedResponse::new(
-                        stale.status,
-                        headers,
-                        stale.body.clone(),
-                        now,
-                        freshness,
-                        stale.variant,
-                        stale.vary.clone(),
-                    ));
-                    if cache.epoch.load(Ordering::SeqCst) == epoch {
-                        cache.entries.insert(key.clone(), entry.clone());
+                let freshness = match refreshed {
+                    Ok(freshness) => freshness,
+                    // Not storable now (`private`, `no-store`, ...), yet the
+                    // stale body is still the answer: served once, not kept
+                    // (the 304 itself only answers our validators).
+                    Err(reason) => {
+                        return FetchResult::NotStored {
+                            response: Arc::new(Buffered {
+                                status: stale.status,
+                                headers,
+                                body: stale.body.clone(),
+                                extensions: res.into_parts().0.extensions,
+                            }),
+                            reason,
+                        };
                     }
-                    return FetchResult::Stored {
-                        entry,
-                        fwd_status: 304,
-                        upstream,
-                        shared: false,
-                    };
+                };
+                let entry = Arc::new(CachedResponse::new(
+                    stale.status,
+                    headers,
+                    stale.body.clone(),
+                    now,
+                    freshness,
+                    stale.variant,
+                    stale.vary.clone(),
+                ));
+                if cache.epoch.load(Ordering::SeqCst) == epoch {
+                    cache.entries.insert(key.clone(), entry.clone());
                 }
+                return FetchResult::Stored {
+                    entry,
+                    fwd_status: 304,
+                    upstream,
+                    shared: false,
+                };
             }
         }
 
