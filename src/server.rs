@@ -160,9 +160,28 @@ impl State {
 }
 
 /// Settings read once at start: a reload that changes them only warns.
-fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 9] {
+fn restart_only_changes(old: &Config, new: &Config) -> [(&'static str, bool); 11] {
     let (o, n) = (&old.server, &new.server);
+    let cluster = match (&old.cluster, &new.cluster) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.redis_url.expose() != b.redis_url.expose()
+                || a.timeout != b.timeout
+                || a.heartbeat != b.heartbeat
+                || a.key_prefix != b.key_prefix
+                || a.shared_cache != b.shared_cache
+                || a.shared_lock != b.shared_lock
+                || a.shared_wait != b.shared_wait
+        }
+        _ => true,
+    };
     [
+        ("cluster", cluster),
+        (
+            // Request bodies take the new value at once.
+            "server.body_read_timeout (for responses a client does not take)",
+            o.body_read_timeout != n.body_read_timeout,
+        ),
         ("server.listen", o.listen != n.listen),
         (
             "server.plaintext_listen",
@@ -476,5 +495,64 @@ async fn watch_files(state: Arc<State>, every: Duration, mut stopped: watch::Rec
         tracing::info!("config or secret file changed; reloading");
         let _ = state.reload().await;
         last = watched_versions(&state);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(server: &str, rest: &str) -> Config {
+        let text = format!(
+            r#"
+[server]
+{server}
+
+[upstream]
+base_url = "https://api.rungen.ai"
+
+[[teams]]
+name = "acme"
+api_key = {{ value = "k1" }}
+
+[[clients]]
+name = "billing"
+token_sha256 = "{}"
+teams = ["acme"]
+{rest}
+"#,
+            "0".repeat(64)
+        );
+        Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap()
+    }
+
+    fn changed(old: &Config, new: &Config) -> Vec<&'static str> {
+        restart_only_changes(old, new)
+            .into_iter()
+            .filter_map(|(section, changed)| changed.then_some(section))
+            .collect()
+    }
+
+    #[test]
+    fn restart_only_changes_name_the_cluster_and_the_response_stall_timeout() {
+        let plain = config("", "");
+        assert!(changed(&plain, &config("", "")).is_empty());
+        let slow = config("body_read_timeout = \"5s\"", "");
+        assert_eq!(
+            changed(&plain, &slow),
+            ["server.body_read_timeout (for responses a client does not take)"]
+        );
+        let redis = |prefix: &str| {
+            config(
+                "",
+                &format!(
+                    "[cluster]\nredis_url = {{ value = \"redis://127.0.0.1:1\" }}\nkey_prefix = \"{prefix}\""
+                ),
+            )
+        };
+        assert_eq!(changed(&plain, &redis("a")), ["cluster"]);
+        assert_eq!(changed(&redis("a"), &redis("b")), ["cluster"]);
+        assert!(changed(&redis("a"), &redis("a")).is_empty());
     }
 }
