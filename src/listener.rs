@@ -372,40 +372,42 @@ impl RequestCounter {
 }
 
 /// One request in flight on a connection, until its response body is done
-/// (or dropped).
-struct InFlight(Arc<RequestCounter>);
+/// (or dropped). `sending`: its response body waits for hyper to take the
+/// next frame (from when the response is handed over, and after each frame,
+/// until the body is polled and has nothing yet: then it waits for the
+/// upstream, whose own timeouts apply).
+struct InFlight {
+    counter: Arc<RequestCounter>,
+    sending: bool,
+}
 
 impl InFlight {
     fn start(counter: &Arc<RequestCounter>) -> Self {
         counter.in_flight.fetch_add(1, Ordering::SeqCst);
         counter.touch();
-        Self(counter.clone())
+        Self {
+            counter: counter.clone(),
+            sending: false,
+        }
+    }
+
+    fn set_sending(&mut self, sending: bool) {
+        if self.sending != sending {
+            self.sending = sending;
+            if sending {
+                self.counter.sending.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.counter.sending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// A response body that waits for hyper to take its next frame: from when
-/// the response is handed over, and after each frame, until the body is
-/// polled and has nothing yet (then it waits for the upstream, whose own
-/// timeouts apply), ends, or is dropped.
-struct Sending(Arc<RequestCounter>);
-
-impl Sending {
-    fn start(counter: &Arc<RequestCounter>) -> Self {
-        counter.sending.fetch_add(1, Ordering::SeqCst);
-        Self(counter.clone())
-    }
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+        self.set_sending(false);
+        self.counter.touch();
+        self.counter.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -416,7 +418,6 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         guard: Option<InFlight>,
-        sending: Option<Sending>,
     }
 }
 
@@ -430,18 +431,14 @@ impl http_body::Body for TrackedBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        match (&frame, &*this.guard) {
+        match (&frame, this.guard.as_mut()) {
             (std::task::Poll::Ready(Some(_)), Some(in_flight)) => {
-                in_flight.0.touch();
-                if this.sending.is_none() {
-                    *this.sending = Some(Sending::start(&in_flight.0));
-                }
+                in_flight.counter.touch();
+                in_flight.set_sending(true);
             }
-            (std::task::Poll::Pending, _) => {
-                this.sending.take();
-            }
+            (std::task::Poll::Pending, Some(in_flight)) => in_flight.set_sending(false),
+            (std::task::Poll::Pending, None) => {}
             _ => {
-                this.sending.take();
                 this.guard.take();
             }
         }
@@ -546,12 +543,10 @@ impl Future for TrackedResponse {
                 http::HeaderValue::from_static("close"),
             );
         }
-        let guard = this.guard.take();
-        let sending = guard.as_ref().map(|g| Sending::start(&g.0));
-        Poll::Ready(Ok(res.map(|inner| TrackedBody {
-            inner,
-            guard,
-            sending,
-        })))
+        let mut guard = this.guard.take();
+        if let Some(g) = guard.as_mut() {
+            g.set_sending(true);
+        }
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
     }
 }
