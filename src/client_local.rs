@@ -66,23 +66,11 @@ pub fn records() -> usize {
 mod tests {
     use super::*;
 
-    fn client(name: &str) -> Arc<Client> {
-        Arc::new(Client {
-            name: name.into(),
-            teams: Vec::new(),
-            methods: Default::default(),
-            public: false,
-            token_sha256: None,
-            cert_names: Vec::new(),
-            allowed_origins: Vec::new(),
-        })
-    }
-
     #[test]
     fn one_record_per_live_client_and_none_shared_after_a_client_goes() {
         let before = records();
-        let a = client("a");
-        let b = client("b");
+        let a = Client::named("a");
+        let b = Client::named("b");
         with(&a, |r| r.limiter = Default::default());
         with(&b, |_| ());
         with(&a, |_| ());
@@ -90,7 +78,7 @@ mod tests {
         // While a's record pins its address, a new client cannot take it.
         let a_address = Arc::as_ptr(&a) as usize;
         drop(a);
-        let fresh: Vec<_> = (0..64).map(|i| client(&i.to_string())).collect();
+        let fresh: Vec<_> = (0..64).map(|i| Client::named(&i.to_string())).collect();
         assert!(fresh.iter().all(|c| Arc::as_ptr(c) as usize != a_address));
     }
 }

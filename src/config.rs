@@ -796,6 +796,22 @@ pub struct Client {
     pub allowed_origins: Vec<String>,
 }
 
+#[cfg(test)]
+impl Client {
+    /// A client with a name and nothing else (unit tests).
+    pub(crate) fn named(name: &str) -> Arc<Client> {
+        Arc::new(Client {
+            name: name.into(),
+            teams: Vec::new(),
+            methods: Methods::default(),
+            public: false,
+            token_sha256: None,
+            cert_names: Vec::new(),
+            allowed_origins: Vec::new(),
+        })
+    }
+}
+
 /// The methods a client may use, out of those the config accepts: a bit
 /// each, held in the client itself (checked on every request; a list would be
 /// one more allocation to read).

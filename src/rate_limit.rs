@@ -992,15 +992,7 @@ mod tests {
 
     #[test]
     fn a_threads_copy_of_a_limiter_follows_the_map() {
-        let client = Arc::new(Client {
-            name: "a".into(),
-            teams: Vec::new(),
-            methods: Default::default(),
-            public: false,
-            token_sha256: None,
-            cert_names: Vec::new(),
-            allowed_origins: Vec::new(),
-        });
+        let client = Client::named("a");
         let burst = |n| {
             let mut s = RateLimitSettings::default();
             s.client_quotas

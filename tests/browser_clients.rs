@@ -420,16 +420,11 @@ async fn serve_jwks(body: std::sync::Arc<std::sync::Mutex<String>>) -> String {
     format!("http://{addr}/jwks.json")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jwks_url_is_fetched_and_refreshed() {
-    let (k1, jwk1) = ec_key("u1");
-    let (k2, jwk2) = ec_key("u2");
-    let doc = std::sync::Arc::new(std::sync::Mutex::new(
-        serde_json::json!({"keys": [jwk1]}).to_string(),
-    ));
-    let url = serve_jwks(doc.clone()).await;
+/// A gateway with the `sso-web` client, whose keys come from `jwks_url`
+/// every `refresh`; and the config sections that made it.
+async fn sso_gateway(jwks_url: &str, refresh: &str) -> (Harness, String) {
     let extra = format!(
-        "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{url}\", jwks_refresh = \"200ms\" }}\n"
+        "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{jwks_url}\", jwks_refresh = \"{refresh}\" }}\n"
     );
     let h = Harness::start_full(
         "",
@@ -438,6 +433,18 @@ async fn a_jwks_url_is_fetched_and_refreshed() {
         std::sync::Arc::new(rungen_gateway::clock::SystemClock),
     )
     .await;
+    (h, extra)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_and_refreshed() {
+    let (k1, jwk1) = ec_key("u1");
+    let (k2, jwk2) = ec_key("u2");
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(
+        serde_json::json!({"keys": [jwk1]}).to_string(),
+    ));
+    let url = serve_jwks(doc.clone()).await;
+    let (h, _) = sso_gateway(&url, "200ms").await;
     let c = TestClient::http1();
     let mut sso = claims(60);
     sso["iss"] = "https://sso.test".into();
@@ -484,16 +491,7 @@ async fn a_reload_keeps_the_keys_fetched_from_a_jwks_url() {
         serde_json::json!({"keys": [jwk1]}).to_string(),
     ));
     let url = serve_jwks(doc.clone()).await;
-    let extra = format!(
-        "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{url}\", jwks_refresh = \"1h\" }}\n"
-    );
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(&extra),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let (h, extra) = sso_gateway(&url, "1h").await;
     let c = TestClient::http1();
     let mut sso = claims(600);
     sso["iss"] = "https://sso.test".into();
