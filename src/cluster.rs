@@ -10,8 +10,9 @@
 //!   (see [`lease`]). Without Redis: each replica's share
 //!   (quota / live replicas, counted by Redis heartbeats).
 //! - **Invalidations and purges fan out** over Redis pub/sub and are applied
-//!   by every replica; a replica that loses its subscription drops the caches
-//!   it cannot vouch for when it reconnects.
+//!   by every replica; a replica that loses its subscription (closed, or
+//!   silent: its own heartbeat message did not come back) drops the caches it
+//!   cannot vouch for when it subscribes again.
 //! - **Shared fetch** (optional, `shared_cache`): a cold key is fetched
 //!   upstream by one replica (a short per-key lock) and shared through Redis
 //!   with the same freshness; writes and purges version the shared entries
@@ -93,15 +94,39 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
 return {1, 0}
 "#;
 
+/// One heartbeat, one round trip: this replica's entry in the replica set
+/// (scored by Redis' clock, so replicas' clocks do not matter), entries
+/// silent for a heartbeat TTL dropped, the old per-replica key kept for
+/// replicas of earlier versions (they count by SCAN), and a beat published on
+/// the invalidation channel (each subscriber hears its own beat: that is how
+/// a silent subscription is noticed). Returns the live replicas.
+/// KEYS: the replica set, this replica's key. ARGV: id, TTL ms, channel, beat.
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[2], 1, 'PX', ttl)
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return redis.call('ZCARD', KEYS[1])
+"#;
+
 /// The cluster link of one replica.
 pub struct Cluster {
     settings: ClusterSettings,
     id: String,
     conn: Mutex<Option<ConnectionManager>>,
     connected: AtomicBool,
+    /// The invalidation subscription is up and has heard a beat recently.
+    subscribed: AtomicBool,
+    /// Heartbeats Redis acknowledged (each published a beat).
+    beats: AtomicU64,
     replicas: AtomicU32,
     outbox: mpsc::UnboundedSender<FanOut>,
     gcra: redis::Script,
+    heartbeat: redis::Script,
     degraded_since: Mutex<Option<Instant>>,
     shared_lookup: redis::Script,
     shared_store: redis::Script,
@@ -144,9 +169,12 @@ impl Cluster {
             settings,
             conn: Mutex::new(None),
             connected: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            beats: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
             outbox,
             gcra: redis::Script::new(GCRA),
+            heartbeat: redis::Script::new(HEARTBEAT),
             degraded_since: Mutex::new(Some(Instant::now())),
             shared_lookup: redis::Script::new(shared::LOOKUP),
             shared_store: redis::Script::new(shared::STORE),
@@ -157,6 +185,7 @@ impl Cluster {
             lease: redis::Script::new(lease::LEASE),
         });
         metrics::gauge!("rungen_gateway_cluster_mode").set(1.0);
+        metrics::gauge!("rungen_gateway_cluster_subscribed").set(0.0);
         tokio::spawn(heartbeat(Arc::downgrade(&cluster), client.clone()));
         tokio::spawn(subscriber(Arc::downgrade(&cluster), client, cache));
         tokio::spawn(publisher(Arc::downgrade(&cluster), inbox));
@@ -174,6 +203,12 @@ impl Cluster {
 
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether this replica hears the other replicas' invalidations (its
+    /// subscription is up and its own heartbeat came back recently).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::SeqCst)
     }
 
     /// Live replicas (at least 1).
@@ -276,42 +311,22 @@ async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
             }
         }
         if let Some(mut conn) = c.connection() {
-            let me = c.key(&["replica", &c.id]);
-            let pattern = c.key(&["replica", "*"]);
             let ttl_ms = (every * 3).as_millis() as u64;
-            let beat = async {
-                let _: () = redis::cmd("SET")
-                    .arg(&me)
-                    .arg(1)
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async(&mut conn)
-                    .await?;
-                let mut cursor: u64 = 0;
-                let mut count = 0u32;
-                loop {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await?;
-                    count += keys.len() as u32;
-                    cursor = next;
-                    if cursor == 0 {
-                        break;
-                    }
-                }
-                Ok::<u32, redis::RedisError>(count)
-            };
+            let beat_message = serde_json::json!({ "from": &c.id, "kind": "beat" }).to_string();
+            let mut inv = c.heartbeat.key(c.key(&["replicas"]));
+            inv.key(c.key(&["replica", &c.id]))
+                .arg(&c.id)
+                .arg(ttl_ms)
+                .arg(c.key(&["invalidate"]))
+                .arg(beat_message);
+            let beat = inv.invoke_async::<u32>(&mut conn);
             let beaten = tokio::time::timeout(timeout * 2, beat).await;
             match beaten {
                 Ok(Ok(n)) => {
                     c.replicas.store(n.max(1), Ordering::SeqCst);
                     metrics::gauge!("rungen_gateway_cluster_replicas").set(n.max(1) as f64);
                     c.set_health(true);
+                    c.beats.fetch_add(1, Ordering::SeqCst);
                     if c.needs_global_bump.load(Ordering::SeqCst) {
                         bump_global(&c, &mut conn).await;
                     }
@@ -402,8 +417,13 @@ async fn bump_global(c: &Cluster, conn: &mut ConnectionManager) {
     }
 }
 
-/// Applies other replicas' cache changes; after a lost subscription, drops
-/// the local cache (messages may have been missed) before resuming.
+/// Applies other replicas' cache changes. Whenever it (re)subscribes it
+/// drops the local cache first: anything cached while not subscribed (Redis
+/// down at start, or a lost subscription) may have missed an invalidation.
+/// A subscription that stays silent while Redis acknowledged two of this
+/// replica's beats (they did not come back: a half-open connection, or a
+/// Redis that lost the subscription) counts as lost. Silence while Redis is
+/// unreachable for the heartbeat too is not held against it.
 async fn subscriber(weak: std::sync::Weak<Cluster>, client: redis::Client, cache: Arc<Cache>) {
     let mut first = true;
     loop {
@@ -412,6 +432,7 @@ async fn subscriber(weak: std::sync::Weak<Cluster>, client: redis::Client, cache
         let id = c.id.clone();
         let timeout = c.settings.timeout;
         let retry = c.settings.heartbeat;
+        let check_every = c.settings.heartbeat * 2;
         drop(c);
         let pubsub = async {
             let mut ps = client.get_async_pubsub().await?;
@@ -422,15 +443,34 @@ async fn subscriber(weak: std::sync::Weak<Cluster>, client: redis::Client, cache
             tokio::time::sleep(retry).await;
             continue;
         };
-        if !first {
+        let dropped = cache.purge_local(&crate::cache::PurgeScope::default());
+        if !first || dropped > 0 {
             tracing::warn!(
-                "cluster: re-subscribed after a disconnect; dropping the local cache it cannot vouch for"
+                dropped,
+                "cluster: subscribed after a time without; dropping the local cache it cannot vouch for"
             );
-            cache.purge_local(&crate::cache::PurgeScope::default());
         }
         first = false;
+        set_subscribed(&weak, true);
         let mut messages = ps.into_on_message();
-        while let Some(msg) = messages.next().await {
+        let beats = || weak.upgrade().map_or(0, |c| c.beats.load(Ordering::SeqCst));
+        let mut beats_when_heard = beats();
+        loop {
+            let msg = match tokio::time::timeout(check_every, messages.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(_) if beats().saturating_sub(beats_when_heard) < 2 => continue,
+                Err(_) => {
+                    tracing::warn!(
+                        "cluster: the invalidation subscription went silent (this replica's own heartbeat did not come back); subscribing again"
+                    );
+                    metrics::counter!("rungen_gateway_redis_errors_total", "op" => "subscription_silent")
+                        .increment(1);
+                    break;
+                }
+            };
+            // Any message (a beat included) shows the subscription is alive.
+            beats_when_heard = beats();
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
@@ -443,9 +483,17 @@ async fn subscriber(weak: std::sync::Weak<Cluster>, client: redis::Client, cache
             cache.apply(&env.change);
             metrics::counter!("rungen_gateway_cluster_fanout_applied_total").increment(1);
         }
+        set_subscribed(&weak, false);
         if weak.strong_count() == 0 {
             return;
         }
         tokio::time::sleep(retry).await;
     }
+}
+
+fn set_subscribed(weak: &std::sync::Weak<Cluster>, up: bool) {
+    if let Some(c) = weak.upgrade() {
+        c.subscribed.store(up, Ordering::SeqCst);
+    }
+    metrics::gauge!("rungen_gateway_cluster_subscribed").set(if up { 1.0 } else { 0.0 });
 }

@@ -12,6 +12,8 @@ use rungen_gateway::mock_upstream::{self, MockHandle};
 use rungen_gateway::server::{self, Running};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 struct Redis {
@@ -54,6 +56,8 @@ impl Redis {
                 "",
                 "--appendonly",
                 "no",
+                "--enable-debug-command",
+                "local",
             ])
             .arg("--dir")
             .arg(dir.path())
@@ -183,6 +187,18 @@ struct Replicas {
 
 impl Replicas {
     async fn start(redis: &Redis, n: usize, sections: &str) -> Replicas {
+        let r = Self::start_unchecked(&vec![redis.url(); n], sections).await;
+        r.wait_until(|g| {
+            let c = g.state().cluster().unwrap();
+            c.is_connected() && c.replicas() == n as u32
+        })
+        .await;
+        r
+    }
+
+    /// One replica per Redis URL, without waiting for Redis. `sections` goes
+    /// into `[cluster]` (and may open tables after it).
+    async fn start_unchecked(redis_urls: &[String], sections: &str) -> Replicas {
         let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
@@ -193,23 +209,16 @@ impl Replicas {
         } else {
             "timeout = \"200ms\"\n"
         };
-        let cluster = format!(
-            "[cluster]\nredis_url = \"{}\"\n{timeout}heartbeat = \"200ms\"\n{sections}",
-            redis.url()
-        );
         let mut gateways = Vec::new();
-        for _ in 0..n {
+        for url in redis_urls {
+            let cluster = format!(
+                "[cluster]\nredis_url = \"{url}\"\n{timeout}heartbeat = \"200ms\"\n{sections}"
+            );
             let text = config_toml_with(&mock.base_url(), "", "", &cluster);
             let config = Config::from_toml(Path::new("cluster.toml"), &text).unwrap();
             gateways.push(server::start(config).await.unwrap());
         }
-        let r = Replicas { mock, gateways };
-        r.wait_until(|g| {
-            let c = g.state().cluster().unwrap();
-            c.is_connected() && c.replicas() == n as u32
-        })
-        .await;
-        r
+        Replicas { mock, gateways }
     }
 
     async fn wait_until(&self, cond: impl Fn(&Running) -> bool) {
@@ -695,6 +704,205 @@ async fn shared_fetch_waits_no_longer_than_shared_wait() {
     assert!(
         elapsed < Duration::from_millis(1300),
         "nobody queued behind the slow fetch: {elapsed:?}"
+    );
+    r.stop().await;
+}
+
+/// Creates an app named `name` through replica `i` (a write: its invalidation
+/// fans out to the other replicas).
+async fn create_app(r: &Replicas, c: &TestClient, i: usize, name: &str) {
+    let body = format!(
+        r#"{{"name":"{name}","configuration":{{"gpu_tier":"BASIC"}},"workflow":{{"model_url":"https://h/m"}}}}"#
+    );
+    let res = c
+        .send(
+            Method::POST,
+            &r.url(i, "/app"),
+            &[
+                ("authorization", &bearer(TOKEN_RW)),
+                ("content-type", "application/json"),
+            ],
+            Some(&body),
+        )
+        .await;
+    assert!(res.status.is_success(), "{}", res.status);
+}
+
+/// A long freshness for `/app`, so a test sees invalidations, not expiry.
+const LONG_TTL: &str = "[cache.routes.\"/app\"]\nttl = \"60s\"\n";
+
+/// Replicas are counted without walking the keyspace: a Redis shared with
+/// millions of other keys (another application's, or shared cache entries)
+/// must not make every heartbeat miss its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_counted_in_a_crowded_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEBUG")
+        .arg("POPULATE")
+        .arg(2_000_000)
+        .arg("otherapp")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut r = Replicas::start(&redis, 3, "").await;
+    // Still counted, heartbeat after heartbeat.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for g in &r.gateways {
+        let c = g.state().cluster().unwrap();
+        assert!(c.is_connected() && c.is_subscribed());
+        assert_eq!(c.replicas(), 3);
+    }
+    // A replica that stops is no longer counted once its heartbeat TTL passes.
+    r.gateways.pop().unwrap().stop().await;
+    r.wait_until(|g| g.state().cluster().unwrap().replicas() == 2)
+        .await;
+    let members: u64 = redis::cmd("ZCARD")
+        .arg("rungen-gateway:replicas")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, 2, "the stopped replica's entry was dropped");
+    r.stop().await;
+}
+
+/// A TCP proxy to Redis that, while frozen, silently stops forwarding on
+/// connections that subscribed (no FIN, no RST: a half-open connection, as
+/// after a NAT or load balancer dropped it). Other connections pass.
+async fn freezing_proxy(redis_port: u16) -> (u16, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let freeze = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = freeze.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                continue;
+            };
+            let subscribed = Arc::new(AtomicBool::new(false));
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let (freeze, sub) = (frozen.clone(), subscribed.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    if String::from_utf8_lossy(&buf[..n])
+                        .to_ascii_uppercase()
+                        .contains("SUBSCRIBE")
+                    {
+                        sub.store(true, Ordering::SeqCst);
+                    }
+                    while freeze.load(Ordering::SeqCst) && sub.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let freeze = frozen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                    // Frozen: what Redis sends is lost.
+                    if freeze.load(Ordering::SeqCst) && subscribed.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, freeze)
+}
+
+/// A subscription that silently stops delivering is noticed (the replica's
+/// own heartbeat does not come back), and once it is back the replica drops
+/// what it cached meanwhile: a write it never heard of is not hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
+    let Some(redis) = Redis::start() else { return };
+    let (proxy_port, freeze) = freezing_proxy(redis.port).await;
+    let r = Replicas::start_unchecked(
+        &[redis.url(), format!("redis://127.0.0.1:{proxy_port}")],
+        LONG_TTL,
+    )
+    .await;
+    r.wait_until(|g| {
+        let c = g.state().cluster().unwrap();
+        c.is_connected() && c.is_subscribed() && c.replicas() == 2
+    })
+    .await;
+    let c = TestClient::http1();
+    let hdr = [("authorization", bearer(TOKEN_RW))];
+    let hdr = [("authorization", hdr[0].1.as_str())];
+    c.get(&r.url(1, "/app"), &hdr).await;
+    assert_eq!(
+        status(&c.get(&r.url(1, "/app"), &hdr).await),
+        "rungen-gateway; hit"
+    );
+    freeze.store(true, Ordering::SeqCst);
+    let replica = r.gateways[1].state().cluster().unwrap();
+    let started = Instant::now();
+    while replica.is_subscribed() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a subscription silent for 5 s (25 heartbeats) still counts as up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replica 1 cannot hear this write's invalidation.
+    create_app(&r, &c, 0, "unheard").await;
+    freeze.store(false, Ordering::SeqCst);
+    r.wait_until(|g| g.state().cluster().unwrap().is_subscribed())
+        .await;
+    let res = c.get(&r.url(1, "/app"), &hdr).await;
+    assert!(
+        res.text().contains("unheard"),
+        "replica 1 serves the list from before the write it missed: {}",
+        status(&res)
+    );
+    r.stop().await;
+}
+
+/// What a replica cached while Redis was unreachable at start is dropped
+/// when it first subscribes: writes on other replicas meanwhile were never
+/// fanned out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_cached_before_the_first_subscription_is_dropped() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let r = Replicas::start_unchecked(&[url.clone(), url], LONG_TTL).await;
+    let c = TestClient::http1();
+    let hdr = [("authorization", bearer(TOKEN_RW))];
+    let hdr = [("authorization", hdr[0].1.as_str())];
+    c.get(&r.url(1, "/app"), &hdr).await;
+    assert_eq!(
+        status(&c.get(&r.url(1, "/app"), &hdr).await),
+        "rungen-gateway; hit"
+    );
+    create_app(&r, &c, 0, "before-redis").await;
+    let Some(_redis) = Redis::start_on(port) else {
+        return;
+    };
+    r.wait_until(|g| {
+        let c = g.state().cluster().unwrap();
+        c.is_connected() && c.is_subscribed()
+    })
+    .await;
+    let res = c.get(&r.url(1, "/app"), &hdr).await;
+    assert!(
+        res.text().contains("before-redis"),
+        "replica 1 serves the list from before a write made while Redis was down: {}",
+        status(&res)
     );
     r.stop().await;
 }
