@@ -436,8 +436,10 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         ))
     });
     if watch_cfg.watch && state.config().source.is_file() {
+        // The versions now, not when the task first runs: a change in between counts.
         tokio::spawn(watch_files(
             state.clone(),
+            watched_versions(&state),
             watch_cfg.poll_interval,
             stopped.clone(),
         ));
@@ -479,24 +481,47 @@ fn watched_versions(state: &State) -> Vec<Option<(SystemTime, u64)>> {
 }
 
 /// Polls the config file and the secret files; reloads when one changes
-/// (after a short debounce, so a half-written file is not read).
-async fn watch_files(state: Arc<State>, every: Duration, mut stopped: watch::Receiver<bool>) {
-    let mut last = watched_versions(&state);
+/// (after a short debounce, so a half-written file is not read). A refused
+/// reload is retried (backing off from the poll interval to
+/// [`MAX_RELOAD_RETRY`]) until one succeeds: a config may name a secret file
+/// that appears a moment later (a ConfigMap and a Secret are updated
+/// separately), and that file is not among the running config's.
+async fn watch_files(
+    state: Arc<State>,
+    mut last: Vec<Option<(SystemTime, u64)>>,
+    every: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         tokio::select! {
             _ = stopped.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(every) => {}
         }
         let now = watched_versions(&state);
-        if now == last {
+        let retry_due = retry.is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
+        if now != last {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            tracing::info!("config or secret file changed; reloading");
+        } else if retry_due {
+            tracing::info!("retrying the refused config reload");
+        } else {
             continue;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        tracing::info!("config or secret file changed; reloading");
-        let _ = state.reload().await;
+        retry = match state.reload().await {
+            Ok(_) => None,
+            Err(_) => {
+                let backoff =
+                    retry.map_or(every, |(_, b)| (b * 2).min(MAX_RELOAD_RETRY.max(every)));
+                Some((tokio::time::Instant::now() + backoff, backoff))
+            }
+        };
         last = watched_versions(&state);
     }
 }
+
+/// Longest wait between retries of a refused reload (the file watcher's).
+const MAX_RELOAD_RETRY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

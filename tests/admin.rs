@@ -588,3 +588,42 @@ async fn shutdown_turns_readiness_off_before_the_listener_closes() {
     );
     mock.shutdown();
 }
+
+/// A config that names a secret file which appears a moment later (a
+/// ConfigMap and a Secret updated separately) is refused at first, then
+/// applied by the watcher's retries once the file is there.
+#[tokio::test]
+async fn a_refused_reload_is_retried_until_its_secret_appears() {
+    let g = FileGateway::start(|t| t).await;
+    let beta_key = g.dir.path().join("beta.key");
+    g.rewrite(|text| {
+        format!(
+            "{text}\n[[teams]]\nname = \"beta\"\nteam_id = \"{OTHER_TEAM_ID}\"\napi_key = {{ file = \"{}\" }}\n",
+            beta_key.display()
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        g.gateway.state().generation(),
+        1,
+        "refused while the key file is missing"
+    );
+    write_atomically(&beta_key, &format!("{OTHER_UPSTREAM_KEY}\n"));
+    let started = std::time::Instant::now();
+    while g.gateway.state().generation() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the refused config was never applied once its secret file appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        g.gateway
+            .state()
+            .config()
+            .teams
+            .iter()
+            .any(|t| t.name == "beta")
+    );
+    g.stop().await;
+}
