@@ -227,6 +227,7 @@ pub struct Running {
     admin_addr: Option<SocketAddr>,
     state: Arc<State>,
     stop: watch::Sender<bool>,
+    admin_stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     admin_task: Option<JoinHandle<()>>,
 }
@@ -274,7 +275,7 @@ impl Running {
         if let Some(t) = self.plaintext_task {
             let _ = t.await;
         }
-        let _ = self.stop.send(true);
+        let _ = self.admin_stop.send(true);
         if let Some(admin) = self.admin_task {
             let _ = admin.await;
         }
@@ -420,6 +421,9 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
             None,
         ))
     });
+    // The admin listener outlives the drain (health and metrics stay
+    // readable while connections finish): `Running::wait` stops it.
+    let (admin_stop, admin_stopped) = watch::channel(false);
     let mut admin_addr = None;
     let admin_task = admin_listener.map(|(l, a)| {
         admin_addr = Some(a);
@@ -431,7 +435,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
             l,
             svc,
             admin_cfg,
-            until_stopped(stopped.clone()),
+            until_stopped(admin_stopped),
             None,
         ))
     });
@@ -460,6 +464,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         admin_addr,
         state,
         stop,
+        admin_stop,
         task,
         admin_task,
     })

@@ -627,3 +627,49 @@ async fn a_refused_reload_is_retried_until_its_secret_appears() {
     );
     g.stop().await;
 }
+
+/// Health, readiness and metrics stay readable on the admin listener while
+/// the public listener drains; the admin listener stops after the drain.
+#[tokio::test]
+async fn the_admin_listener_outlives_the_drain() {
+    let g = FileGateway::start(|t| t).await;
+    g.mock.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    let c = TestClient::http1();
+    let url = g.url("/app");
+    let c2 = c.clone();
+    let in_flight = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
+    let started = std::time::Instant::now();
+    while g.mock.stats().total == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (admin_addr, public_addr) = (g.gateway.admin_addr().unwrap(), g.gateway.local_addr());
+    let FileGateway { gateway, mock, .. } = g;
+    // drain_delay is 0: the public listener stops accepting at once.
+    let waited = tokio::spawn(gateway.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(public_addr).await.is_err(),
+        "the public listener is draining"
+    );
+    assert!(!in_flight.is_finished(), "still draining");
+    let admin = |p: &str| format!("http://{admin_addr}{p}");
+    assert_eq!(c.get(&admin("/healthz"), &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        c.get(&admin("/readyz"), &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let metrics = c.get(&admin("/metrics"), &[]).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(metrics.text().contains("rungen_gateway_connections_open"));
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    waited.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(admin_addr).await.is_err(),
+        "the admin listener stops after the drain"
+    );
+    mock.shutdown();
+}
