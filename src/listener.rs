@@ -70,7 +70,7 @@ pub async fn serve(
     service: Arc<ArcSwap<GatewayService>>,
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<crate::tls::Acceptor>>,
 ) {
     let builder = Arc::new(connection_builder(&cfg));
     // Shutdown: a change on this channel tells every connection to finish
@@ -117,7 +117,7 @@ pub async fn serve(
         let service = service.clone();
         let builder = builder.clone();
         let drain_rx = drain.subscribe();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|a| a.current());
         let handshake_timeout = cfg.header_read_timeout;
         let timeouts = ConnTimeouts {
             idle: cfg.header_read_timeout,

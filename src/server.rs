@@ -396,10 +396,9 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
     };
     let tls = match &tls_store {
         Some(store) => {
-            tls::spawn_reloader(store.clone(), stopped.clone());
-            Some(tokio_rustls::TlsAcceptor::from(
-                tls::server_config(store.clone()).map_err(StartError::Tls)?,
-            ))
+            let acceptor = tls::Acceptor::new(store.clone()).map_err(StartError::Tls)?;
+            tls::spawn_reloader(acceptor.clone(), stopped.clone());
+            Some(acceptor)
         }
         None => None,
     };

@@ -1,6 +1,6 @@
 //! TLS termination: rustls with safe defaults only (TLS 1.2 and 1.3, ECDHE
 //! with AEAD ciphers: the only suites rustls has), ALPN `h2` and `http/1.1`,
-//! certificate and key hot reload, and optional client certificates.
+//! certificate, key and client CA hot reload, and optional client certificates.
 //!
 //! Crypto provider: `ring`, the only one in the dependency tree (also used by
 //! the upstream client). Keys may be PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
@@ -200,8 +200,9 @@ impl ResolvesServerCert for CertStore {
 }
 
 /// The rustls server config: TLS 1.2 + 1.3, ALPN h2 and http/1.1, the
-/// reloading certificate, and client certificates if configured.
-pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, String> {
+/// reloading certificate, and client certificates if configured (the CA file
+/// as it reads now).
+fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = crate::upstream::crypto_provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -231,30 +232,100 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
     Ok(Arc::new(config))
 }
 
-/// Checks the cert and key files of `store` every `reload_interval` until `stopped`.
-pub fn spawn_reloader(store: Arc<CertStore>, mut stopped: tokio::sync::watch::Receiver<bool>) {
-    let every = store.settings.reload_interval;
+/// What the listener hands each new connection: the rustls config in use,
+/// rebuilt when the client CA file changes (the certificate and key swap
+/// inside it, through [`CertStore`]).
+#[derive(Debug)]
+pub struct Acceptor {
+    store: Arc<CertStore>,
+    config: ArcSwap<rustls::ServerConfig>,
+    ca_seen: Mutex<FileVersion>,
+}
+
+impl Acceptor {
+    pub fn new(store: Arc<CertStore>) -> Result<Arc<Self>, String> {
+        let ca_seen = store.settings.client_ca.as_deref().and_then(file_version);
+        let config = server_config(store.clone())?;
+        Ok(Arc::new(Self {
+            store,
+            config: ArcSwap::new(config),
+            ca_seen: Mutex::new(ca_seen),
+        }))
+    }
+
+    /// The acceptor for a new connection (existing ones keep theirs).
+    pub fn current(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+    }
+
+    fn ca_version(&self) -> FileVersion {
+        self.store
+            .settings
+            .client_ca
+            .as_deref()
+            .and_then(file_version)
+    }
+
+    fn ca_changed(&self) -> bool {
+        self.store.settings.client_ca.is_some()
+            && self.ca_version() != *self.ca_seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-reads the client CA file if it changed; a bad file is rejected and
+    /// the previous CAs keep verifying. Returns whether new CAs were installed.
+    pub fn reload_client_ca_if_changed(&self) -> bool {
+        if !self.ca_changed() {
+            return false;
+        }
+        // Remember the version first, so a broken file is logged once per change.
+        *self.ca_seen.lock().unwrap_or_else(|e| e.into_inner()) = self.ca_version();
+        match server_config(self.store.clone()) {
+            Ok(config) => {
+                self.config.store(config);
+                metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "success")
+                    .increment(1);
+                tracing::info!("TLS client CA file reloaded; new connections verify against it");
+                true
+            }
+            Err(e) => {
+                metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "error")
+                    .increment(1);
+                tracing::error!(error = %e, "new TLS client CA file rejected; the previous CAs keep verifying");
+                false
+            }
+        }
+    }
+}
+
+/// Checks the cert, key and client CA files every `reload_interval` until `stopped`.
+pub fn spawn_reloader(acceptor: Arc<Acceptor>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let every = acceptor.store.settings.reload_interval;
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stopped.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            // Debounce: a changed file is read again a moment later, once written.
-            let store2 = store.clone();
-            if tokio::task::spawn_blocking(move || {
-                let s = &store2;
-                (
-                    file_version(&s.settings.cert),
-                    file_version(&s.settings.key),
-                ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner())
+            let a = acceptor.clone();
+            let changed = tokio::task::spawn_blocking(move || {
+                let s = &a.store;
+                a.ca_changed()
+                    || (
+                        file_version(&s.settings.cert),
+                        file_version(&s.settings.key),
+                    ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner())
             })
             .await
-            .unwrap_or(false)
-            {
+            .unwrap_or(false);
+            if changed {
+                // Debounce: a changed file is read again a moment later, once written.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let store2 = store.clone();
-                let _ = tokio::task::spawn_blocking(move || store2.reload_if_changed()).await;
+                let a = acceptor.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    a.store.reload_if_changed();
+                    a.reload_client_ca_if_changed();
+                })
+                .await;
             }
         }
     });

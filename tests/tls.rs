@@ -581,3 +581,54 @@ fn rsa_and_ecdsa_keys_in_every_pem_form_load() {
     // And a mismatched pair is refused.
     assert!(rungen_gateway::tls::load_pair(&d.join("rsa.crt"), &d.join("ec1.pem")).is_err());
 }
+
+/// A rotated client CA file applies to new connections without a restart; a
+/// broken one is rejected and the CAs in use keep verifying.
+#[tokio::test]
+async fn a_rotated_client_ca_applies_to_new_connections() {
+    let old_ca = Ca::new("client CA 2026");
+    let new_ca = Ca::new("client CA 2027");
+    let old_cert = old_ca.leaf("svc-billing", &["billing.internal"]);
+    let new_cert = new_ca.leaf("svc-billing", &["billing.internal"]);
+    let client_ca_dir = tempfile::tempdir().unwrap();
+    let client_ca = client_ca_dir.path().join("clients-ca.crt");
+    std::fs::write(&client_ca, old_ca.pem()).unwrap();
+    let g = TlsGateway::start(
+        &format!("client_ca = \"{}\"", client_ca.display()),
+        |t| {
+            t.replace(
+                "[[clients]]\nname = \"misconfigured\"",
+                "[[clients]]\nname = \"billing\"\ncert_names = [\"billing.internal\"]\nteams = [\"acme\"]\n\n[[clients]]\nname = \"misconfigured\"",
+            )
+        },
+    )
+    .await;
+    let ca = g.ca.pem();
+    let served = |cert: &(String, String)| {
+        let c = https_client(&ca, Some(cert), false);
+        let url = g.url("/app");
+        async move { matches!(get(&c, &url, &[]).await, Ok((StatusCode::OK, _, _))) }
+    };
+    assert!(served(&old_cert).await);
+    assert!(!served(&new_cert).await, "not trusted yet");
+
+    // Rotate (a new file renamed in, as a Secret update does).
+    let staged = client_ca_dir.path().join("new.crt");
+    std::fs::write(&staged, new_ca.pem()).unwrap();
+    std::fs::rename(&staged, &client_ca).unwrap();
+    let started = std::time::Instant::now();
+    while !served(&new_cert).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new client CA was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!served(&old_cert).await, "the old CA no longer verifies");
+
+    // A broken file: rejected, the new CA keeps verifying.
+    std::fs::write(&client_ca, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(served(&new_cert).await);
+    g.stop().await;
+}
