@@ -343,56 +343,58 @@ async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
     }
 }
 
-/// Publishes queued cache changes. With shared fetch, the same script first
-/// bumps the shared-entry generations the change makes stale.
+/// Most changes published in one round trip.
+const MAX_FANOUT_BATCH: usize = 256;
+
+/// Publishes queued cache changes, everything queued in one script round
+/// trip (so a slow Redis delays the fan-out by a round trip, not by a round
+/// trip per queued change). With shared fetch, the same script first bumps
+/// the shared-entry generations the changes make stale.
 async fn publisher(weak: std::sync::Weak<Cluster>, mut inbox: mpsc::UnboundedReceiver<FanOut>) {
-    while let Some(change) = inbox.recv().await {
+    let mut batch = Vec::with_capacity(MAX_FANOUT_BATCH);
+    while inbox.recv_many(&mut batch, MAX_FANOUT_BATCH).await > 0 {
         let Some(c) = weak.upgrade() else { return };
-        let ok = publish(&c, change).await;
+        let n = batch.len() as u64;
+        let ok = publish(&c, std::mem::take(&mut batch)).await;
         if c.settings.shared_cache {
             if !ok {
                 c.needs_global_bump.store(true, Ordering::SeqCst);
             }
-            c.pending_changes.fetch_sub(1, Ordering::SeqCst);
+            c.pending_changes.fetch_sub(n, Ordering::SeqCst);
         }
     }
 }
 
-async fn publish(c: &Cluster, change: FanOut) -> bool {
+async fn publish(c: &Cluster, changes: Vec<FanOut>) -> bool {
+    let n = changes.len() as u64;
     let Some(mut conn) = c.connection().filter(|_| c.is_connected()) else {
-        metrics::counter!("rungen_gateway_cluster_fanout_dropped_total").increment(1);
+        metrics::counter!("rungen_gateway_cluster_fanout_dropped_total").increment(n);
         return false;
     };
-    let bumps = if c.settings.shared_cache {
-        c.bump_keys(&change)
-    } else {
-        Vec::new()
-    };
-    let Ok(payload) = serde_json::to_string(&Envelope {
-        from: c.id.clone(),
-        change,
-    }) else {
-        return false;
-    };
-    let channel = c.key(&["invalidate"]);
-    let sent = if bumps.is_empty() {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(&channel).arg(payload);
-        let publish = cmd.query_async::<i64>(&mut conn);
-        tokio::time::timeout(c.settings.timeout, publish).await
-    } else {
-        let mut inv = c.bump.prepare_invoke();
+    let mut inv = c.bump.prepare_invoke();
+    if c.settings.shared_cache {
+        let mut bumps: Vec<String> = changes.iter().flat_map(|ch| c.bump_keys(ch)).collect();
+        bumps.sort_unstable();
+        bumps.dedup();
         for k in &bumps {
             inv.key(k);
         }
-        inv.arg(&channel)
-            .arg(payload)
-            .arg(shared::GENERATION_LIFE.as_millis() as u64);
-        tokio::time::timeout(c.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await
-    };
+    }
+    inv.arg(c.key(&["invalidate"]))
+        .arg(shared::GENERATION_LIFE.as_millis() as u64);
+    for change in changes {
+        let envelope = Envelope {
+            from: c.id.clone(),
+            change,
+        };
+        if let Ok(payload) = serde_json::to_string(&envelope) {
+            inv.arg(payload);
+        }
+    }
+    let sent = tokio::time::timeout(c.settings.timeout, inv.invoke_async::<i64>(&mut conn)).await;
     match sent {
         Ok(Ok(_)) => {
-            metrics::counter!("rungen_gateway_cluster_fanout_sent_total").increment(1);
+            metrics::counter!("rungen_gateway_cluster_fanout_sent_total").increment(n);
             true
         }
         _ => {
@@ -407,8 +409,7 @@ async fn publish(c: &Cluster, change: FanOut) -> bool {
 async fn bump_global(c: &Cluster, conn: &mut ConnectionManager) {
     let mut inv = c.bump.prepare_invoke();
     inv.key(c.key(&["shared", "gen"]))
-        .arg("")
-        .arg("")
+        .arg(c.key(&["invalidate"]))
         .arg(shared::GENERATION_LIFE.as_millis() as u64);
     if let Ok(Ok(_)) = tokio::time::timeout(c.settings.timeout, inv.invoke_async::<i64>(conn)).await
     {

@@ -13,7 +13,7 @@ use rungen_gateway::server::{self, Running};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 struct Redis {
@@ -767,57 +767,80 @@ async fn replicas_are_counted_in_a_crowded_redis() {
     r.stop().await;
 }
 
-/// A TCP proxy to Redis that, while frozen, silently stops forwarding on
-/// connections that subscribed (no FIN, no RST: a half-open connection, as
-/// after a NAT or load balancer dropped it). Other connections pass.
-async fn freezing_proxy(redis_port: u16) -> (u16, Arc<AtomicBool>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let freeze = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let frozen = freeze.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                continue;
-            };
-            let subscribed = Arc::new(AtomicBool::new(false));
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            let (freeze, sub) = (frozen.clone(), subscribed.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n @ 1..) = cr.read(&mut buf).await {
-                    if String::from_utf8_lossy(&buf[..n])
-                        .to_ascii_uppercase()
-                        .contains("SUBSCRIBE")
-                    {
-                        sub.store(true, Ordering::SeqCst);
+/// A TCP proxy to Redis. While `freeze` is set it silently stops forwarding
+/// on connections that subscribed (no FIN, no RST: a half-open connection, as
+/// after a NAT or load balancer dropped it); other connections pass. Each
+/// chunk a client sends waits `delay_ms` first (a slow or distant Redis).
+struct RedisProxy {
+    port: u16,
+    freeze: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl RedisProxy {
+    async fn start(redis_port: u16) -> RedisProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let freeze = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, delay) = (freeze.clone(), delay_ms.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let subscribed = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (freeze, sub, delay) = (frozen.clone(), subscribed.clone(), delay.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        if String::from_utf8_lossy(&buf[..n])
+                            .to_ascii_uppercase()
+                            .contains("SUBSCRIBE")
+                        {
+                            sub.store(true, Ordering::SeqCst);
+                        }
+                        while freeze.load(Ordering::SeqCst) && sub.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        let ms = delay.load(Ordering::SeqCst);
+                        if ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
                     }
-                    while freeze.load(Ordering::SeqCst) && sub.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+                let freeze = frozen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                        // Frozen: what Redis sends is lost.
+                        if freeze.load(Ordering::SeqCst) && subscribed.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
                     }
-                    if sw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let freeze = frozen.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n @ 1..) = sr.read(&mut buf).await {
-                    // Frozen: what Redis sends is lost.
-                    if freeze.load(Ordering::SeqCst) && subscribed.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
+                });
+            }
+        });
+        RedisProxy {
+            port,
+            freeze,
+            delay_ms,
         }
-    });
-    (port, freeze)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
 }
 
 /// A subscription that silently stops delivering is noticed (the replica's
@@ -826,12 +849,8 @@ async fn freezing_proxy(redis_port: u16) -> (u16, Arc<AtomicBool>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
     let Some(redis) = Redis::start() else { return };
-    let (proxy_port, freeze) = freezing_proxy(redis.port).await;
-    let r = Replicas::start_unchecked(
-        &[redis.url(), format!("redis://127.0.0.1:{proxy_port}")],
-        LONG_TTL,
-    )
-    .await;
+    let proxy = RedisProxy::start(redis.port).await;
+    let r = Replicas::start_unchecked(&[redis.url(), proxy.url()], LONG_TTL).await;
     r.wait_until(|g| {
         let c = g.state().cluster().unwrap();
         c.is_connected() && c.is_subscribed() && c.replicas() == 2
@@ -845,7 +864,7 @@ async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
         status(&c.get(&r.url(1, "/app"), &hdr).await),
         "rungen-gateway; hit"
     );
-    freeze.store(true, Ordering::SeqCst);
+    proxy.freeze.store(true, Ordering::SeqCst);
     let replica = r.gateways[1].state().cluster().unwrap();
     let started = Instant::now();
     while replica.is_subscribed() {
@@ -857,7 +876,7 @@ async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
     }
     // Replica 1 cannot hear this write's invalidation.
     create_app(&r, &c, 0, "unheard").await;
-    freeze.store(false, Ordering::SeqCst);
+    proxy.freeze.store(false, Ordering::SeqCst);
     r.wait_until(|g| g.state().cluster().unwrap().is_subscribed())
         .await;
     let res = c.get(&r.url(1, "/app"), &hdr).await;
@@ -904,5 +923,55 @@ async fn what_was_cached_before_the_first_subscription_is_dropped() {
         "replica 1 serves the list from before a write made while Redis was down: {}",
         status(&res)
     );
+    r.stop().await;
+}
+
+/// With Redis slow to answer, a burst of changes is fanned out in a round trip
+/// or two, not one round trip per change: the last one reaches the other
+/// replicas about as soon as the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_through_a_slow_redis_fans_out_at_once() {
+    let Some(redis) = Redis::start() else { return };
+    let proxy = RedisProxy::start(redis.port).await;
+    let r = Replicas::start_unchecked(
+        &[proxy.url(), redis.url()],
+        &format!("timeout = \"2s\"\n{LONG_TTL}"),
+    )
+    .await;
+    r.wait_until(|g| {
+        let c = g.state().cluster().unwrap();
+        c.is_connected() && c.is_subscribed() && c.replicas() == 2
+    })
+    .await;
+    let c = TestClient::http1();
+    let hdr = [("authorization", bearer(TOKEN_RW))];
+    let hdr = [("authorization", hdr[0].1.as_str())];
+    c.get(&r.url(1, "/app"), &hdr).await;
+    assert_eq!(
+        status(&c.get(&r.url(1, "/app"), &hdr).await),
+        "rungen-gateway; hit"
+    );
+    // Every command from replica 0 now waits 100 ms on its way to Redis.
+    proxy.delay_ms.store(100, Ordering::SeqCst);
+    let cache = r.gateways[0].cache();
+    for i in 0..40 {
+        cache.purge(&rungen_gateway::cache::PurgeScope {
+            scope: Some("other".into()),
+            path_prefix: Some(format!("/app/unrelated-{i}")),
+        });
+    }
+    cache.purge(&rungen_gateway::cache::PurgeScope::default());
+    let started = Instant::now();
+    loop {
+        let res = c.get(&r.url(1, "/app"), &hdr).await;
+        if status(&res).contains("fwd=uri-miss") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the last of 41 changes took over 2 s to reach replica 1 (one round trip each?)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     r.stop().await;
 }

@@ -68,15 +68,16 @@ if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
 return stored
 "#;
 
-/// Increments the given generations, then publishes the fan-out message.
-/// KEYS: generations. ARGV: channel, payload, generation lifetime ms.
+/// Increments the given generations, then publishes the fan-out messages (in
+/// order; none when only the generations change).
+/// KEYS: generations. ARGV: channel, generation lifetime ms, payloads...
 pub(super) const BUMP_AND_PUBLISH: &str = r#"
 for i = 1, #KEYS do
   redis.call('INCR', KEYS[i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
 end
-if ARGV[1] ~= '' then return redis.call('PUBLISH', ARGV[1], ARGV[2]) end
-return 0
+for i = 3, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[i]) end
+return #ARGV - 2
 "#;
 
 /// Longest life of a shared entry; generations live [`GENERATION_LIFE`], so an
