@@ -1671,6 +1671,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         clients.push(client);
     }
 
+    if upstream.request_timeout > cache.coalesce_timeout {
+        warnings.push(format!(
+            "{}: upstream.request_timeout ({:?}) is longer than cache.coalesce_timeout ({:?}): callers waiting on a slow cache fill get 504 before the fill itself times out",
+            path.display(),
+            upstream.request_timeout,
+            cache.coalesce_timeout
+        ));
+    }
     if !p.errors.is_empty() {
         return Err(ConfigErrors(p.errors));
     }
@@ -1886,6 +1894,16 @@ teams = ["acme"]
         assert_eq!(c.clients[0].teams[0].name, "acme");
         // The inline key is accepted with a warning.
         assert!(c.warnings.iter().any(|w| w.contains("inline")));
+    }
+
+    #[test]
+    fn a_request_timeout_past_the_coalesce_timeout_is_warned_about() {
+        let warned = |c: &Config| c.warnings.iter().any(|w| w.contains("coalesce_timeout"));
+        let c = Config::from_toml(Path::new("t.toml"), &base("")).unwrap();
+        assert!(!warned(&c), "the defaults (15 s, 20 s) are consistent");
+        let slow = base("").replace("[upstream]\n", "[upstream]\nrequest_timeout = \"30s\"\n");
+        let c = Config::from_toml(Path::new("t.toml"), &slow).unwrap();
+        assert!(warned(&c), "{:?}", c.warnings);
     }
 
     #[test]
