@@ -540,3 +540,65 @@ async fn an_h2_client_with_a_zero_window_does_not_hold_its_slot_forever() {
     })
     .await;
 }
+
+/// The response stall close is about clients that stop reading, not about a
+/// slow upstream: an answer whose upstream sends a byte every 400 ms is passed
+/// on byte by byte while `body_read_timeout` is 300 ms, and the connection is
+/// not cut between bytes.
+#[tokio::test]
+async fn a_slow_upstream_body_is_not_taken_for_a_stalled_client() {
+    with_timeout(Duration::from_secs(40), async {
+        let h = Harness::start_with(
+            "body_read_timeout = \"300ms\"",
+            "body_timeout = \"5s\"",
+        )
+        .await;
+        h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+            trickle_ms: Some(400),
+            ..Default::default()
+        });
+        let stream = connect_from(LOCAL, h.addr).await;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        let body = r#"{"name":"trickled","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+        let req = http::Request::post("/app")
+            .header("host", h.addr.to_string())
+            .header("authorization", format!("Bearer {TOKEN_RW}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let res = tokio::time::timeout(IO_TIMEOUT, send.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+        let mut body = res.into_body();
+        let started = Instant::now();
+        let mut received = 0;
+        while received < 4 {
+            use http_body_util::BodyExt;
+            let frame = tokio::time::timeout(IO_TIMEOUT, body.frame())
+                .await
+                .expect("the next byte comes within 5 s")
+                .expect("the body ended early")
+                .unwrap_or_else(|e| {
+                    panic!("cut after {received} bytes, {:?}: {e}", started.elapsed())
+                });
+            if let Some(data) = frame.data_ref() {
+                received += data.len();
+            }
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(1000),
+            "the upstream did trickle ({:?} for {received} bytes)",
+            started.elapsed()
+        );
+        drop(body);
+        driver.abort();
+        h.stop().await;
+    })
+    .await;
+}
