@@ -236,6 +236,30 @@ impl Replicas {
         format!("http://{}{}", self.gateways[i].local_addr(), path)
     }
 
+    /// Waits until every replica is connected and subscribed.
+    async fn wait_subscribed(&self) {
+        self.wait_until(|g| {
+            let c = g.state().cluster().unwrap();
+            c.is_connected() && c.is_subscribed()
+        })
+        .await;
+    }
+
+    /// `GET /app` on replica `i` as the writer client.
+    async fn list_apps(&self, c: &TestClient, i: usize) -> Reply {
+        c.get(
+            &self.url(i, "/app"),
+            &[("authorization", &bearer(TOKEN_RW))],
+        )
+        .await
+    }
+
+    /// `GET /app` on replica `i` until it is a hit there.
+    async fn cache_app(&self, c: &TestClient, i: usize) {
+        self.list_apps(c, i).await;
+        assert_eq!(status(&self.list_apps(c, i).await), "rungen-gateway; hit");
+    }
+
     /// `GET /app` on replica `i` as `TOKEN_RW`, in its own task (for callers
     /// that must be in the air at once).
     fn spawn_get_app(&self, c: &TestClient, i: usize) -> tokio::task::JoinHandle<Reply> {
@@ -851,19 +875,11 @@ async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
     let Some(redis) = Redis::start() else { return };
     let proxy = RedisProxy::start(redis.port).await;
     let r = Replicas::start_unchecked(&[redis.url(), proxy.url()], LONG_TTL).await;
-    r.wait_until(|g| {
-        let c = g.state().cluster().unwrap();
-        c.is_connected() && c.is_subscribed() && c.replicas() == 2
-    })
-    .await;
+    r.wait_subscribed().await;
+    r.wait_until(|g| g.state().cluster().unwrap().replicas() == 2)
+        .await;
     let c = TestClient::http1();
-    let hdr = [("authorization", bearer(TOKEN_RW))];
-    let hdr = [("authorization", hdr[0].1.as_str())];
-    c.get(&r.url(1, "/app"), &hdr).await;
-    assert_eq!(
-        status(&c.get(&r.url(1, "/app"), &hdr).await),
-        "rungen-gateway; hit"
-    );
+    r.cache_app(&c, 1).await;
     proxy.freeze.store(true, Ordering::SeqCst);
     let replica = r.gateways[1].state().cluster().unwrap();
     let started = Instant::now();
@@ -879,7 +895,7 @@ async fn a_silent_subscription_is_noticed_and_its_cache_dropped() {
     proxy.freeze.store(false, Ordering::SeqCst);
     r.wait_until(|g| g.state().cluster().unwrap().is_subscribed())
         .await;
-    let res = c.get(&r.url(1, "/app"), &hdr).await;
+    let res = r.list_apps(&c, 1).await;
     assert!(
         res.text().contains("unheard"),
         "replica 1 serves the list from before the write it missed: {}",
@@ -901,23 +917,13 @@ async fn what_was_cached_before_the_first_subscription_is_dropped() {
     let url = format!("redis://127.0.0.1:{port}");
     let r = Replicas::start_unchecked(&[url.clone(), url], LONG_TTL).await;
     let c = TestClient::http1();
-    let hdr = [("authorization", bearer(TOKEN_RW))];
-    let hdr = [("authorization", hdr[0].1.as_str())];
-    c.get(&r.url(1, "/app"), &hdr).await;
-    assert_eq!(
-        status(&c.get(&r.url(1, "/app"), &hdr).await),
-        "rungen-gateway; hit"
-    );
+    r.cache_app(&c, 1).await;
     create_app(&r, &c, 0, "before-redis").await;
     let Some(_redis) = Redis::start_on(port) else {
         return;
     };
-    r.wait_until(|g| {
-        let c = g.state().cluster().unwrap();
-        c.is_connected() && c.is_subscribed()
-    })
-    .await;
-    let res = c.get(&r.url(1, "/app"), &hdr).await;
+    r.wait_subscribed().await;
+    let res = r.list_apps(&c, 1).await;
     assert!(
         res.text().contains("before-redis"),
         "replica 1 serves the list from before a write made while Redis was down: {}",
@@ -938,19 +944,11 @@ async fn a_burst_of_changes_through_a_slow_redis_fans_out_at_once() {
         &format!("timeout = \"2s\"\n{LONG_TTL}"),
     )
     .await;
-    r.wait_until(|g| {
-        let c = g.state().cluster().unwrap();
-        c.is_connected() && c.is_subscribed() && c.replicas() == 2
-    })
-    .await;
+    r.wait_subscribed().await;
+    r.wait_until(|g| g.state().cluster().unwrap().replicas() == 2)
+        .await;
     let c = TestClient::http1();
-    let hdr = [("authorization", bearer(TOKEN_RW))];
-    let hdr = [("authorization", hdr[0].1.as_str())];
-    c.get(&r.url(1, "/app"), &hdr).await;
-    assert_eq!(
-        status(&c.get(&r.url(1, "/app"), &hdr).await),
-        "rungen-gateway; hit"
-    );
+    r.cache_app(&c, 1).await;
     // Every command from replica 0 now waits 100 ms on its way to Redis.
     proxy.delay_ms.store(100, Ordering::SeqCst);
     let cache = r.gateways[0].cache();
@@ -963,7 +961,7 @@ async fn a_burst_of_changes_through_a_slow_redis_fans_out_at_once() {
     cache.purge(&rungen_gateway::cache::PurgeScope::default());
     let started = Instant::now();
     loop {
-        let res = c.get(&r.url(1, "/app"), &hdr).await;
+        let res = r.list_apps(&c, 1).await;
         if status(&res).contains("fwd=uri-miss") {
             break;
         }
