@@ -32,7 +32,13 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
 pub struct UpstreamInfo {
     pub status: u16,
     pub latency: Duration,
+    /// The upstream set a cookie (removed: a cookie issued to the holder of
+    /// the scope's key is not the caller's). Such an answer is not stored.
+    pub set_cookie: bool,
 }
+
+/// `Set-Cookie2` (obsolete, RFC 2965): removed with `Set-Cookie`.
+const SET_COOKIE2: http::HeaderName = http::HeaderName::from_static("set-cookie2");
 
 /// Reads a PEM file of CA certificates (at least one).
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -213,15 +219,20 @@ impl tower::Service<Request<Body>> for Upstream {
                     }
                 }
                 let res = outcome?;
-                let info = UpstreamInfo {
-                    status: res.status().as_u16(),
-                    latency: started.elapsed(),
-                };
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                // Nothing of our upstream credentials is ever echoed back to a caller.
+                // Nothing of our upstream credentials is ever echoed back to a
+                // caller: no echoed key, and no session the upstream opened
+                // for the holder of the scope's key.
                 parts.headers.remove(X_API_KEY);
                 parts.headers.remove(X_TEAM_ID);
+                let set_cookie = parts.headers.remove(http::header::SET_COOKIE).is_some()
+                    | parts.headers.remove(SET_COOKIE2).is_some();
+                let info = UpstreamInfo {
+                    status: parts.status.as_u16(),
+                    latency: started.elapsed(),
+                    set_cookie,
+                };
                 parts.extensions.insert(info);
                 // An upstream that stops sending mid-body must not hold the request forever.
                 let body = IdleTimeout::wrap(

@@ -330,6 +330,9 @@ async fn upstream_directives_no_store_private_set_cookie_and_vary() {
                 cache_status(&r)
             );
             assert!(!cache_status(&r).contains("stored"));
+            // A cookie the upstream issued to the holder of the scope's key
+            // is nobody's to keep.
+            assert!(r.headers.get("set-cookie").is_none(), "{headers:?}");
         }
         assert_eq!(
             h.upstream_count("GET /app"),
