@@ -10,6 +10,7 @@ use http::{Method, StatusCode};
 use rungen_gateway::clock::ManualClock;
 use rungen_gateway::mock_upstream::Faults;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 async fn start(sections: &str) -> (Harness, ManualClock) {
@@ -1008,4 +1009,107 @@ async fn an_unconditional_get_never_gets_a_304() {
         assert_eq!(again.headers["cache-control"], "private");
     }
     g.stop().await;
+}
+
+/// An upstream whose `GET /app` answers 400 ms late with a body naming the
+/// request's `Accept-Language`, `Vary: Accept-Language` and
+/// `Cache-Control: no-store`; counts the requests it gets.
+async fn language_upstream(hits: Arc<AtomicU64>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let hits = hits.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let lang = req
+                        .headers()
+                        .get("accept-language")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_string();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .header("vary", "Accept-Language")
+                            .header("cache-control", "no-store")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                                "{{\"data\":[],\"lang\":\"{lang}\"}}"
+                            ))))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Concurrent reads are coalesced before the gateway can know the answer
+/// varies; when that answer is not stored (so the Vary index never learns
+/// it varies), a collapsed caller whose varying header differs from the
+/// leader's fetches its own instead of getting the leader's variant. Callers
+/// that agree with the leader still share its fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collapsed_callers_never_get_an_unstored_answer_of_another_variant() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let base = language_upstream(hits.clone()).await;
+    let config = rungen_gateway::config::Config::from_toml(
+        std::path::Path::new("t.toml"),
+        &config_toml(&base, "", "retries = 0"),
+    )
+    .unwrap();
+    let g = rungen_gateway::server::start(config).await.unwrap();
+    let url = format!("http://{}/app", g.local_addr());
+    let c = TestClient::http1();
+    let ask = |lang: &'static str| {
+        let (c, url, auth) = (c.clone(), url.clone(), rw());
+        tokio::spawn(async move {
+            c.get(&url, &[("authorization", &auth), ("accept-language", lang)])
+                .await
+        })
+    };
+    let de = ask("de");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (fr, de2) = (ask("fr"), ask("de"));
+    let (de, fr, de2) = (de.await.unwrap(), fr.await.unwrap(), de2.await.unwrap());
+    g.stop().await;
+    assert_eq!(de.json()["lang"], "de");
+    assert_eq!(
+        fr.json()["lang"],
+        "fr",
+        "the French caller got another variant ({})",
+        cache_status(&fr)
+    );
+    assert_eq!(de2.json()["lang"], "de");
+    assert!(
+        cache_status(&de2).contains("collapsed"),
+        "{}",
+        cache_status(&de2)
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2, "de shared, fr alone");
+}
+
+/// A cache fill asks for the whole representation: its answer is shared
+/// with collapsed callers and stored, so a caller's `Range` is not sent.
+#[tokio::test]
+async fn a_fill_never_forwards_the_callers_range() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &rw()), ("range", "bytes=0-9")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let sent = h.mock.requests().last().unwrap().clone();
+    assert_eq!(sent.path_and_query, "/app");
+    assert_eq!(sent.header("range"), None);
+    h.stop().await;
 }

@@ -92,6 +92,18 @@ struct Buffered {
     headers: HeaderMap,
     body: Bytes,
     extensions: http::Extensions,
+    /// The headers of the request that fetched it (the flight's leader).
+    fetched_with: HeaderMap,
+}
+
+impl Buffered {
+    /// Whether this answer is also the answer to a request with `headers`:
+    /// the same values of every header its `Vary` names (`Vary: *`: never).
+    fn answers(&self, headers: &HeaderMap) -> bool {
+        let names = key::vary_names(&self.headers);
+        !names.iter().any(|n| n.as_str() == "*")
+            && key::variant(&names, &self.fetched_with) == key::variant(&names, headers)
+    }
 }
 
 type Flight = Shared<BoxFuture<'static, FetchResult>>;
@@ -580,6 +592,8 @@ impl Fill {
         for name in &CONDITIONAL {
             req.headers_mut().remove(name);
         }
+        // The whole representation: the answer is shared and maybe stored.
+        req.headers_mut().remove(header::RANGE);
         req.headers_mut().remove(header::CONTENT_LENGTH);
         if let Some(stale) = &stale {
             if let Some(etag) = &stale.upstream_etag {
@@ -649,6 +663,7 @@ impl Fill {
                                 headers,
                                 body: stale.body.clone(),
                                 extensions: res.into_parts().0.extensions,
+                                fetched_with: request_headers,
                             }),
                             reason,
                         };
@@ -745,6 +760,7 @@ impl Fill {
                             headers: entry.headers.to_map(0),
                             body: entry.body.clone(),
                             extensions: parts.extensions,
+                            fetched_with: request_headers,
                         }),
                         reason: NoStoreReason::Invalidated,
                     };
@@ -773,6 +789,7 @@ impl Fill {
                     headers: parts.headers,
                     body,
                     extensions: parts.extensions,
+                    fetched_with: request_headers,
                 }),
                 reason,
             },
@@ -993,6 +1010,14 @@ impl CacheService {
                     if let Some(res) = serve_stale(Some(response.status.as_u16())) {
                         return Ok(res);
                     }
+                }
+                if collapsed && !response.answers(req.headers()) {
+                    // The leader's answer varies on a header this request
+                    // sends differently (and was not stored, so the Vary
+                    // index could not tell): fetch our own, uncoalesced.
+                    count(route_label, &scope, "bypass");
+                    let res = call_inner(self.inner.clone(), req).await?;
+                    return Ok(finish(res, CacheStatus::Bypass(reason)));
                 }
                 count(
                     route_label,
