@@ -1221,7 +1221,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         pool_idle_timeout,
         pool_max_idle_per_host: u.pool_max_idle_per_host,
         body_timeout: parse_duration(&mut p, "upstream.body_timeout", &u.body_timeout),
-        retries: u.retries,
+        retries: if u.retries > MAX_RETRIES {
+            p.push(
+                "upstream.retries",
+                format!("at most {MAX_RETRIES} (all retries share request_timeout)"),
+            );
+            MAX_RETRIES
+        } else {
+            u.retries
+        },
         retry_backoff: parse_duration_or_zero(&mut p, "upstream.retry_backoff", &u.retry_backoff),
         breaker_failures: u.breaker_failures,
         breaker_cooldown: parse_duration(&mut p, "upstream.breaker_cooldown", &u.breaker_cooldown),
@@ -1700,6 +1708,9 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     })
 }
 
+/// Most retries of one upstream read (`upstream.retries`).
+pub const MAX_RETRIES: u32 = 10;
+
 /// An exact origin, lower-cased: `scheme://host[:port]`.
 fn valid_origin(o: &str) -> Option<String> {
     let lower = o.trim().to_ascii_lowercase();
@@ -1894,6 +1905,19 @@ teams = ["acme"]
         assert_eq!(c.clients[0].teams[0].name, "acme");
         // The inline key is accepted with a warning.
         assert!(c.warnings.iter().any(|w| w.contains("inline")));
+    }
+
+    #[test]
+    fn retries_are_bounded() {
+        let with =
+            |n: u32| base("").replace("[upstream]\n", &format!("[upstream]\nretries = {n}\n"));
+        assert!(Config::from_toml(Path::new("t.toml"), &with(MAX_RETRIES)).is_ok());
+        let errs = errors(&with(40));
+        assert!(
+            errs.iter()
+                .any(|e| e.to_string().contains("upstream.retries")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -208,7 +208,11 @@ impl tower::Service<Request<Body>> for Upstream {
                 };
                 if worth_retrying && attempt < this.retries {
                     if let Some(template) = &template {
-                        let backoff = jittered(this.retry_backoff * 2u32.pow(attempt));
+                        let backoff = jittered(
+                            this.retry_backoff
+                                .saturating_mul(2u32.saturating_pow(attempt))
+                                .min(MAX_BACKOFF),
+                        );
                         if Instant::now() + backoff < deadline && this.retry_budget.withdraw() {
                             metrics::counter!("rungen_gateway_upstream_retries_total").increment(1);
                             tokio::time::sleep(backoff).await;
@@ -273,6 +277,9 @@ fn rebuild(head: &Head) -> Request<Body> {
 }
 
 /// `base` scaled by a random factor in [0.5, 1.5).
+/// Longest wait before one retry (the deadline ends them sooner anyway).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 fn jittered(base: Duration) -> Duration {
     use rand::Rng;
     base.mul_f64(rand::rng().random_range(0.5..1.5))

@@ -812,6 +812,28 @@ impl StreamBody {
     }
 }
 
+/// A flight's place in the flight table, given up when its fill task ends,
+/// however it ends: a fill that panicked must not leave later readers of the
+/// key joining its failure.
+struct FlightSlot {
+    cache: Arc<Cache>,
+    key: CacheKey,
+    epoch: u64,
+}
+
+impl Drop for FlightSlot {
+    fn drop(&mut self) {
+        let mut flights = self.cache.flights.lock().unwrap_or_else(|e| e.into_inner());
+        // Unless a newer fetch of the key has taken the slot.
+        if flights
+            .get(&self.key)
+            .is_some_and(|(e, _)| *e == self.epoch)
+        {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 impl CacheService {
     /// Joins the flight for `key`, starting it if none is in the air.
     /// Returns the flight and whether this call started it.
@@ -831,16 +853,15 @@ impl CacheService {
         let key2 = key.clone();
         let deadline = cache.settings.coalesce_timeout;
         let task = tokio::spawn(async move {
+            let _slot = FlightSlot {
+                cache: cache2,
+                key: key2,
+                epoch,
+            };
             // A trickling upstream cannot hold a fill (and its waiters) forever.
-            let result = tokio::time::timeout(deadline, fill.run_shared())
+            tokio::time::timeout(deadline, fill.run_shared())
                 .await
-                .unwrap_or(FetchResult::Failed(GatewayError::UpstreamTimeout));
-            let mut flights = cache2.flights.lock().unwrap_or_else(|e| e.into_inner());
-            // Unless a newer fetch of the key has taken the slot.
-            if flights.get(&key2).is_some_and(|(e, _)| *e == epoch) {
-                flights.remove(&key2);
-            }
-            result
+                .unwrap_or(FetchResult::Failed(GatewayError::UpstreamTimeout))
         });
         let flight: Flight = async move {
             task.await
@@ -1216,6 +1237,42 @@ impl tower::Service<Request<Body>> for CacheService {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flight_slot_is_given_up_even_when_its_fill_panics() {
+        let cache = Cache::new(
+            CacheSettings::default(),
+            Arc::new(crate::clock::SystemClock),
+        );
+        let scope: Arc<str> = Arc::from("acme");
+        let key = key::KeyRef::new("acme", "/app", None).to_key(&scope);
+        let failed: Flight = async { FetchResult::Failed(GatewayError::Internal) }
+            .boxed()
+            .shared();
+        let slots = |c: &Cache| c.flights.lock().unwrap().len();
+        // A newer fetch's slot (epoch 1) is not the old fill's to give up.
+        cache
+            .flights
+            .lock()
+            .unwrap()
+            .insert(key.clone(), (1, failed.clone()));
+        drop(FlightSlot {
+            cache: cache.clone(),
+            key: key.clone(),
+            epoch: 0,
+        });
+        assert_eq!(slots(&cache), 1);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _slot = FlightSlot {
+                cache: cache.clone(),
+                key: key.clone(),
+                epoch: 1,
+            };
+            panic!("a fill panicked");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(slots(&cache), 0, "the panicked fill's slot is free");
+    }
 
     #[test]
     fn age_values_are_the_decimal_seconds_shared_or_not() {
