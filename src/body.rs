@@ -75,6 +75,90 @@ impl http_body::Body for IdleTimeout {
     }
 }
 
+/// Where an upstream-bound request body stands (see [`ToUpstream`]).
+#[derive(Debug, Default)]
+pub struct Upload(std::sync::atomic::AtomicU8);
+
+const UPLOAD_WITH_UPSTREAM: u8 = 0;
+const UPLOAD_WAITING_ON_CALLER: u8 = 1;
+const UPLOAD_DONE: u8 = 2;
+
+impl Upload {
+    /// The last read of the body waited for the caller to send more (the
+    /// upstream is not the one being slow).
+    pub fn waiting_on_caller(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) == UPLOAD_WAITING_ON_CALLER
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+pin_project! {
+    /// A caller's request body on its way upstream: data frames only (a
+    /// caller's trailers are not forwarded: they could carry anything the
+    /// header rules strip), and whether it waits on the caller, so that a
+    /// slow upload is not taken for a slow upstream.
+    pub struct ToUpstream {
+        #[pin]
+        inner: Body,
+        upload: std::sync::Arc<Upload>,
+    }
+}
+
+impl ToUpstream {
+    pub fn wrap(inner: Body) -> (Body, std::sync::Arc<Upload>) {
+        let upload = std::sync::Arc::new(Upload::default());
+        let body = Self {
+            inner,
+            upload: upload.clone(),
+        };
+        (body.boxed_unsync(), upload)
+    }
+}
+
+impl http_body::Body for ToUpstream {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        loop {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => {
+                    this.upload.set(UPLOAD_WAITING_ON_CALLER);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
+                Poll::Ready(None) => {
+                    this.upload.set(UPLOAD_DONE);
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(frame) => {
+                    this.upload.set(if this.inner.is_end_stream() {
+                        UPLOAD_DONE
+                    } else {
+                        UPLOAD_WITH_UPSTREAM
+                    });
+                    return Poll::Ready(frame);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether an error (or anything in its source chain) is of type `T`.
 pub fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -110,6 +194,39 @@ mod tests {
         .boxed_unsync();
         let body = IdleTimeout::wrap(steady, Duration::from_secs(5));
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
+    }
+
+    #[tokio::test]
+    async fn an_upload_says_whether_it_waits_on_the_caller_and_drops_trailers() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BodyError>>(4);
+        let caller = StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
+        let (mut body, upload) = ToUpstream::wrap(caller);
+        assert!(!upload.waiting_on_caller(), "nothing asked yet");
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "a");
+        assert!(
+            !upload.waiting_on_caller(),
+            "the upstream has the last frame"
+        );
+        // Nothing more from the caller yet.
+        let next = tokio::time::timeout(Duration::from_millis(20), body.frame()).await;
+        assert!(next.is_err());
+        assert!(upload.waiting_on_caller());
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-team-id", http::HeaderValue::from_static("other"));
+        tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+        drop(tx);
+        assert!(body.frame().await.is_none(), "trailers are not forwarded");
+        assert!(!upload.waiting_on_caller());
+    }
+
+    fn tokio_stream_from<T>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[tokio::test]

@@ -178,6 +178,12 @@ impl tower::Service<Request<Body>> for Upstream {
         // (POST /app and run_async are not idempotent and cost money).
         let retryable =
             matches!(*req.method(), Method::GET | Method::HEAD) && req.body().is_end_stream();
+        let upload = (!req.body().is_end_stream()).then(|| {
+            let body = std::mem::replace(req.body_mut(), crate::error::empty_body());
+            let (body, upload) = crate::body::ToUpstream::wrap(body);
+            *req.body_mut() = body;
+            upload
+        });
         let this = self.clone();
         this.retry_budget.deposit();
         async move {
@@ -193,6 +199,11 @@ impl tower::Service<Request<Body>> for Upstream {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 let outcome = match tokio::time::timeout(remaining, this.client.request(req)).await
                 {
+                    // Still waiting on the caller's upload: the caller's
+                    // timeout, not the upstream's (no circuit breaker count).
+                    Err(_) if upload.as_ref().is_some_and(|u| u.waiting_on_caller()) => {
+                        return Err(GatewayError::RequestTimeout);
+                    }
                     Err(_) => return Err(GatewayError::UpstreamTimeout),
                     Ok(Err(e)) => {
                         let mapped = classify_error(&e);

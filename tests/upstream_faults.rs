@@ -298,3 +298,73 @@ async fn a_client_that_stalls_mid_body_gets_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     h.stop().await;
 }
+
+/// Sends `POST /app` with its body uploaded slowly (8 bytes every `gap`,
+/// each gap far below `body_read_timeout`); returns the status line.
+async fn slow_post(addr: std::net::SocketAddr, gap: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"name":"slow","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /app HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN_RW}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for chunk in body.as_bytes().chunks(8) {
+        if s.write_all(chunk).await.is_err() {
+            break;
+        }
+        // An early answer ends the upload.
+        if let Ok(Ok(n)) = tokio::time::timeout(gap, s.read(&mut buf)).await {
+            return String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+        }
+    }
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A caller uploading slowly (longer in total than `request_timeout`, 2 s
+/// here) gets 408, its own timeout, not "the upstream did not answer" (504);
+/// and it is not counted against the scope's circuit, which a slow client
+/// could otherwise open for every caller of the scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_the_callers_timeout_not_the_upstreams() {
+    let h = Harness::start_with(
+        "",
+        "retries = 0\nbreaker_failures = 2\nbreaker_cooldown = \"60s\"",
+    )
+    .await;
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        lines.push(slow_post(h.addr, Duration::from_millis(250)).await);
+    }
+    let r = TestClient::http1()
+        .get(
+            &h.url("/app/not-there"),
+            &[("authorization", &bearer(TOKEN_RW))],
+        )
+        .await;
+    h.stop().await;
+    assert!(
+        lines.iter().all(|l| l.contains(" 408 ")),
+        "slow uploads answered {lines:?}"
+    );
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "the upstream's own answer, not an open circuit: {}",
+        r.text()
+    );
+}
