@@ -14,7 +14,7 @@ use std::sync::Arc;
 pub struct CacheKey {
     pub scope: Arc<str>,
     pub path: Arc<str>,
-    /// The query with empty pairs dropped and pairs sorted ("" for none).
+    /// The query with empty pairs dropped and pairs sorted by name ("" for none).
     pub query: Arc<str>,
     /// Hash of the request's values of the upstream's `Vary` headers (0: none).
     pub variant: u64,
@@ -124,11 +124,13 @@ impl KeyParts for KeyRef<'_> {
     }
 }
 
-/// Sorts the query's pairs and drops empty ones, so `b=2&a=1&` and
-/// `a=1&b=2` share an entry. Encoding is kept as sent (no decoding).
+/// Sorts the query's pairs by name and drops empty ones, so `b=2&a=1&` and
+/// `a=1&b=2` share an entry. Pairs of one name keep their order (`s=1&s=2`
+/// may mean something else than `s=2&s=1`). Encoding is kept as sent (no
+/// decoding).
 pub fn normalize_query(query: &str) -> String {
     let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    pairs.sort_unstable();
+    pairs.sort_by_key(|p| p.split('=').next().unwrap_or(p));
     pairs.join("&")
 }
 
@@ -183,6 +185,9 @@ mod tests {
     #[test]
     fn query_order_and_empty_pairs_do_not_matter() {
         assert_eq!(normalize_query("b=2&a=1&"), "a=1&b=2");
+        // Repeated names keep their order.
+        assert_eq!(normalize_query("s=2&a=1&s=1"), "a=1&s=2&s=1");
+        assert_ne!(normalize_query("s=1&s=2"), normalize_query("s=2&s=1"));
         assert_eq!(normalize_query(""), "");
         let s: Arc<str> = Arc::from("acme");
         assert_eq!(
