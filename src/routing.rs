@@ -89,13 +89,18 @@ pub fn classify(path: &str, prefixes: &[Prefix]) -> Option<Route> {
 }
 
 /// Rejects paths that could mean something else upstream than here:
-/// dot segments, empty segments, encoded separators or dots, backslashes.
+/// dot segments, empty segments, encoded separators or dots, backslashes,
+/// `;` (path parameters: `/app/..;/x` is `/x` to some servers, and
+/// `/app/x;v=1` another cache key for `/app/x`).
 pub fn check_path(path: &str) -> Result<(), GatewayError> {
     if !path.starts_with('/') {
         return Err(GatewayError::BadRequest("the path must start with '/'"));
     }
     if path.contains('\\') {
         return Err(GatewayError::BadRequest("backslash in path"));
+    }
+    if path.contains(';') {
+        return Err(GatewayError::BadRequest("';' in path"));
     }
     // %2f, %5c, %2e, %00 in any case (no copy of the path: this runs per request).
     let encoded_separator = path.as_bytes().windows(3).any(|w| {
@@ -321,6 +326,9 @@ mod tests {
             "/app%2Fx",
             "/app/x\\y",
             "/app/",
+            "/app/..;/admin",
+            "/app/.;/x",
+            "/app/x;v=1",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }

@@ -20,7 +20,19 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Removes caller-supplied credentials, proxy hints and hop-by-hop headers.
+/// Headers some server stacks take as the "real" method or URL: a caller
+/// must not get past the method and path checks with them.
+pub const OVERRIDES: [HeaderName; 6] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-method"),
+];
+
+/// Removes caller-supplied credentials, proxy hints, method and URL
+/// overrides and hop-by-hop headers.
 pub fn strip_caller_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     for name in [
@@ -31,7 +43,10 @@ pub fn strip_caller_headers(headers: &mut HeaderMap) {
         header::HOST,
         header::FORWARDED,
         X_REAL_IP,
-    ] {
+    ]
+    .into_iter()
+    .chain(OVERRIDES)
+    {
         headers.remove(name);
     }
     let forwarded: Vec<HeaderName> = headers

@@ -244,6 +244,13 @@ async fn refusals_have_their_status_and_json_and_reach_nothing_upstream() {
             vec![("authorization", rw.as_str())],
             StatusCode::BAD_REQUEST,
         ),
+        // `..;` is `..` to some upstream stacks (Tomcat, Spring).
+        (
+            Method::GET,
+            "/app/..;/admin",
+            vec![("authorization", rw.as_str())],
+            StatusCode::BAD_REQUEST,
+        ),
         (
             Method::TRACE,
             "/app",
@@ -536,5 +543,32 @@ async fn graceful_shutdown_finishes_the_in_flight_request() {
     gateway.wait().await;
     // After the drain, the listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    h.stop().await;
+}
+
+/// Headers some upstream stacks take as the real method or URL never reach
+/// the upstream: a read-only caller cannot turn its GET into a DELETE, nor
+/// point it outside the forwarded prefix, with the gateway's key attached.
+#[tokio::test]
+async fn method_and_url_overrides_never_reach_the_upstream() {
+    let h = Harness::start().await;
+    let c = TestClient::http1();
+    let overrides = [
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-method", "DELETE"),
+        ("x-original-url", "/admin/keys"),
+        ("x-rewrite-url", "/admin/keys"),
+    ];
+    let ro = bearer(TOKEN_RO);
+    let mut headers = vec![("authorization", ro.as_str())];
+    headers.extend(overrides);
+    let r = c.get(&h.url("/app"), &headers).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let sent = h.mock.requests().last().unwrap().clone();
+    for (name, _) in overrides {
+        assert_eq!(sent.header(name), None, "{name} reached the upstream");
+    }
     h.stop().await;
 }

@@ -2,10 +2,13 @@
 //!
 //! * `strip_caller_headers`: afterwards no caller credential (`x-api-key`,
 //!   `x-team-id`, `authorization`, `cookie`), no routing hint (`host`,
-//!   `forwarded`, `x-forwarded-*`, `x-real-ip`), no hop-by-hop header and no
-//!   header named in `Connection` remains; every other header is kept as is.
+//!   `forwarded`, `x-forwarded-*`, `x-real-ip`), no method or URL override
+//!   (`x-http-method-override`, `x-original-url`, ...), no hop-by-hop header
+//!   and no header named in `Connection` remains; every other header is kept
+//!   as is.
 //! * `check_path`: an accepted path starts with `/` and has no dot segment,
-//!   no empty segment (`//`), no backslash and no encoded `.`, `/`, `\` or NUL;
+//!   no empty segment (`//`), no backslash, no `;` and no encoded `.`, `/`,
+//!   `\` or NUL;
 //!   `classify` of an accepted path stays under the prefix it matched.
 //! * `extract_token`: a token is never empty nor padded with whitespace.
 //! * `valid_traceparent`: only the exact W3C version-00 shape is accepted.
@@ -26,7 +29,13 @@ use rungen_gateway::telemetry::valid_traceparent;
 use rungen_gateway::upstream_credentials::strip_caller_headers;
 use std::net::IpAddr;
 
-const ALWAYS_STRIPPED: [&str; 16] = [
+const ALWAYS_STRIPPED: [&str; 22] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
     "x-api-key",
     "x-team-id",
     "authorization",
@@ -92,6 +101,7 @@ fn check_routing(path: &str) {
     );
     assert!(!path.contains("//"), "accepted an empty segment: {path:?}");
     assert!(!path.contains('\\'), "accepted a backslash: {path:?}");
+    assert!(!path.contains(';'), "accepted a path parameter: {path:?}");
     for bad in ["%2e", "%2f", "%5c", "%00"] {
         assert!(!lower.contains(bad), "accepted {bad}: {path:?}");
     }
