@@ -349,6 +349,15 @@ class Checker:
                     self.fail("the helm test pod's container is not locked down")
             if not (t["spec"].get("securityContext") or {}).get("runAsNonRoot"):
                 self.fail("the helm test pod does not run as non-root")
+            # Not one of the gateway's pods: else the gateway's NetworkPolicy
+            # (egress to the upstream only) would block its call to /readyz.
+            selectors = [dep["spec"]["selector"].get("matchLabels") or {}]
+            selectors += [n["spec"]["podSelector"].get("matchLabels") or {} for n in by_kind.get("NetworkPolicy", [])]
+            selectors += [b["spec"]["selector"].get("matchLabels") or {} for b in by_kind.get("PodDisruptionBudget", [])]
+            tl = t["metadata"].get("labels") or {}
+            for sel in selectors:
+                if sel and all(tl.get(k) == v for k, v in sel.items()):
+                    self.fail(f"the helm test pod matches the gateway's selector {sel}")
         # NetworkPolicy: ingress and egress, DNS included
         for np_ in by_kind.get("NetworkPolicy", []):
             types = set(np_["spec"].get("policyTypes", []))
