@@ -161,6 +161,24 @@ impl Drop for Report {
     }
 }
 
+/// What an outcome says of the upstream: healthy (`Some(true)`), failing
+/// (`Some(false)`), or nothing, when the upstream was never asked or the
+/// caller was at fault (our budget's refusal, a slow or broken request body):
+/// such an outcome must not close a half-open circuit it never tested.
+fn upstream_verdict(res: &Result<Response<Body>, GatewayError>) -> Option<bool> {
+    match res {
+        Ok(r) => Some(!r.status().is_server_error()),
+        Err(
+            GatewayError::UpstreamConnect
+            | GatewayError::UpstreamTimeout
+            | GatewayError::UpstreamProtocol,
+        ) => Some(false),
+        // The upstream answered (401/403 to the scope's key).
+        Err(GatewayError::UpstreamCredentialRejected { .. }) => Some(true),
+        Err(_) => None,
+    }
+}
+
 #[derive(Clone)]
 pub struct CircuitBreakerLayer {
     breakers: Arc<Breakers>,
@@ -230,17 +248,11 @@ where
         self.inner
             .call(req)
             .map(move |res| {
-                let success = match &res {
-                    Ok(r) => !r.status().is_server_error(),
-                    // Refusals of ours (budget, bad request body) say nothing of the upstream.
-                    Err(e) => !matches!(
-                        e,
-                        GatewayError::UpstreamConnect
-                            | GatewayError::UpstreamTimeout
-                            | GatewayError::UpstreamProtocol
-                    ),
-                };
-                report.finish(success);
+                match upstream_verdict(&res) {
+                    Some(success) => report.finish(success),
+                    // Dropped unreported: a probe lets the next request probe.
+                    None => drop(report),
+                }
                 res
             })
             .boxed()
@@ -248,6 +260,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
@@ -308,6 +321,39 @@ mod tests {
         // Abandoning outside a probe changes nothing.
         b.probe_abandoned("acme");
         assert_eq!(b.admit("acme"), Ok(Admission::Pass));
+    }
+
+    #[test]
+    fn only_what_the_upstream_did_counts() {
+        let answer = |status: u16| {
+            Ok(Response::builder()
+                .status(status)
+                .body(crate::error::empty_body())
+                .unwrap())
+        };
+        assert_eq!(upstream_verdict(&answer(200)), Some(true));
+        assert_eq!(upstream_verdict(&answer(404)), Some(true));
+        assert_eq!(upstream_verdict(&answer(503)), Some(false));
+        assert_eq!(
+            upstream_verdict(&Err(GatewayError::UpstreamTimeout)),
+            Some(false)
+        );
+        assert_eq!(
+            upstream_verdict(&Err(GatewayError::UpstreamCredentialRejected {
+                scope: "acme".into()
+            })),
+            Some(true)
+        );
+        for ours in [
+            GatewayError::RateLimited {
+                policy: "upstream",
+                retry_after: Duration::from_secs(1),
+            },
+            GatewayError::RequestTimeout,
+            GatewayError::RequestBody,
+        ] {
+            assert_eq!(upstream_verdict(&Err(ours)), None);
+        }
     }
 
     #[test]
