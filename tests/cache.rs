@@ -1113,3 +1113,54 @@ async fn a_fill_never_forwards_the_callers_range() {
     assert_eq!(sent.header("range"), None);
     h.stop().await;
 }
+
+/// A write whose fate is unknown (no answer in time, a 5xx) drops what it
+/// would change, as a successful one does: the upstream may have committed
+/// it. A write the upstream refused (4xx) leaves the cache as it is.
+#[tokio::test]
+async fn a_write_of_unknown_fate_drops_what_it_would_change() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let hdr = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let create = r#"{"name":"maybe","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let cached = async || {
+        let r = c.get(&h.url("/app"), &hdr[..1]).await;
+        cache_status(&r) == "rungen-gateway; hit"
+    };
+    let faults = [
+        // request_timeout is 2 s in the test config: 504.
+        Faults {
+            latency_ms: 2500,
+            ..Faults::default()
+        },
+        Faults {
+            fail_status: Some(503),
+            ..Faults::default()
+        },
+    ];
+    for fault in faults {
+        c.get(&h.url("/app"), &hdr[..1]).await;
+        assert!(cached().await);
+        h.mock.set_faults(fault.clone());
+        let w = c
+            .send(Method::POST, &h.url("/app"), &hdr, Some(create))
+            .await;
+        assert!(w.status.is_server_error(), "{fault:?}: {}", w.status);
+        h.mock.set_faults(Faults::default());
+        assert!(
+            !cached().await,
+            "{fault:?}: the list survived a write that may have happened"
+        );
+    }
+    // Refused by the upstream: nothing changed there.
+    c.get(&h.url("/app"), &hdr[..1]).await;
+    assert!(cached().await);
+    let w = c.send(Method::POST, &h.url("/app"), &hdr, Some("{}")).await;
+    assert!(w.status.is_client_error(), "{}", w.status);
+    assert!(cached().await, "a refused write dropped the list");
+    h.stop().await;
+}

@@ -812,6 +812,20 @@ impl StreamBody {
     }
 }
 
+/// Whether a write may have changed the upstream: it succeeded, or its fate
+/// is unknown (a 5xx, no answer in time, a connection lost mid-answer: the
+/// upstream may have committed it). Only a 4xx, or a request that never
+/// reached the upstream, leaves the cache as it is.
+fn may_have_written(res: &Result<Response<Body>, GatewayError>) -> bool {
+    match res {
+        Ok(r) => r.status().is_success() || r.status().is_server_error(),
+        Err(e) => matches!(
+            e,
+            GatewayError::UpstreamTimeout | GatewayError::UpstreamProtocol
+        ),
+    }
+}
+
 /// A flight's place in the flight table, given up when its fill task ends,
 /// however it ends: a fill that panicked must not leave later readers of the
 /// key joining its failure.
@@ -1215,13 +1229,14 @@ impl tower::Service<Request<Body>> for CacheService {
                 let cache = self.layer.cache.clone();
                 let fut = self.inner.call(req);
                 StepFuture::wait(async move {
-                    let res = fut.await?;
+                    let res = fut.await;
                     if let Some((scopes, exact, prefixes)) = invalidate {
-                        if res.status().is_success() {
+                        if may_have_written(&res) {
                             cache.invalidate(&scopes, &exact, &prefixes);
                             metrics::counter!("rungen_gateway_cache_invalidations_total", "route" => route.as_str().to_string()).increment(1);
                         }
                     }
+                    let res = res?;
                     Ok(if mark {
                         finish(res, CacheStatus::Bypass(reason))
                     } else {
