@@ -110,23 +110,32 @@ pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> Header
 
 /// The source IP of a request: the peer, or, only when the peer is a trusted
 /// proxy, the first untrusted hop of `X-Forwarded-For` counted from the right
-/// (so a caller cannot choose its own bucket).
-pub fn client_ip(peer: IpAddr, forwarded_for: Option<&HeaderValue>, trusted: &[IpNet]) -> IpAddr {
+/// (so a caller cannot choose its own bucket). Every `X-Forwarded-For` line
+/// counts, in order (a proxy may add its own line rather than append to the
+/// caller's), and IPv4-mapped IPv6 addresses (a dual-stack listener's IPv4
+/// peers) are their IPv4 selves.
+pub fn client_ip(
+    peer: IpAddr,
+    forwarded_for: http::header::GetAll<'_, HeaderValue>,
+    trusted: &[IpNet],
+) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let Some(xff) = forwarded_for.and_then(|v| v.to_str().ok()) else {
-        return peer;
-    };
-    let hops: Vec<IpAddr> = match xff
-        .split(',')
-        .map(|h| h.trim().parse::<IpAddr>())
-        .collect::<Result<_, _>>()
-    {
-        Ok(h) => h,
-        Err(_) => return peer,
-    };
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for line in forwarded_for {
+        let Ok(line) = line.to_str() else {
+            return peer;
+        };
+        for hop in line.split(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => hops.push(ip.to_canonical()),
+                Err(_) => return peer,
+            }
+        }
+    }
     hops.iter()
         .rev()
         .find(|ip| !is_trusted(ip))
@@ -436,7 +445,7 @@ impl Limits {
         let peer = RequestContext::of(req.extensions()).peer?.ip();
         Some(client_ip(
             peer,
-            req.headers().get(X_FORWARDED_FOR),
+            req.headers().get_all(X_FORWARDED_FOR),
             &self.settings().trusted_proxies,
         ))
     }
@@ -626,6 +635,11 @@ enum CallerCheck {
 #[derive(Clone)]
 struct LeaseDecision(Option<(Quota, Decision)>);
 
+/// A public client's per-IP decision, taken before its request waited for a
+/// lease (not taken twice).
+#[derive(Clone, Copy)]
+struct IpChecked((Quota, Decision));
+
 impl<S> CallerLimit<S>
 where
     S: Step + Clone + Send + 'static,
@@ -662,7 +676,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let (Some(caller), true) = (
             RequestContext::of(req.extensions()).caller.as_ref(),
             self.limits.settings.load().enabled,
@@ -670,30 +684,42 @@ where
             return self.inner.call(req);
         };
         let (client, scope) = (caller.client.name.as_str(), caller.scope.name.as_str());
-        let (mut quota, mut decision, mut name) = match self
-            .limits
-            .check_caller(&caller.client, req.extensions().get())
-        {
-            CallerCheck::Now(q, d) => (q, d, "caller"),
-            CallerCheck::Lease(q, lease) => return self.after_lease(req, q, lease),
+        // A public client is limited per source IP as well as in total. The
+        // IP's limit goes first: a refused IP does not spend the total that
+        // every other IP shares. The tighter of the two is what the headers
+        // describe.
+        let ip_check = match (caller.client.public, req.extensions().get::<IpChecked>()) {
+            (false, _) => None,
+            (true, Some(checked)) => Some(checked.0),
+            (true, None) => self
+                .limits
+                .source_ip(&req)
+                .map(|ip| self.limits.check_public_ip(client, ip)),
         };
-        // A public client is limited per source IP as well as in total; the
-        // tighter of the two is what the headers describe.
-        if caller.client.public {
-            if let Some(ip) = self.limits.source_ip(&req) {
-                let (ip_quota, ip_decision) = self.limits.check_public_ip(client, ip);
-                let tighter = match (decision, ip_decision) {
-                    (Decision::Allowed { .. }, Decision::Limited { .. }) => true,
-                    (Decision::Allowed { remaining: a }, Decision::Allowed { remaining: b }) => {
-                        b < a
+        let (quota, decision, name) = match ip_check {
+            Some((q, d @ Decision::Limited { .. })) => (q, d, "caller-ip"),
+            _ => {
+                let (q, d) = match self
+                    .limits
+                    .check_caller(&caller.client, req.extensions().get())
+                {
+                    CallerCheck::Now(q, d) => (q, d),
+                    CallerCheck::Lease(q, lease) => {
+                        if let Some(checked) = ip_check {
+                            req.extensions_mut().insert(IpChecked(checked));
+                        }
+                        return self.after_lease(req, q, lease);
                     }
-                    _ => false,
                 };
-                if tighter {
-                    (quota, decision, name) = (ip_quota, ip_decision, "caller-ip");
+                match (d, ip_check) {
+                    (
+                        Decision::Allowed { remaining: a },
+                        Some((ip_q, ip_d @ Decision::Allowed { remaining: b })),
+                    ) if b < a => (ip_q, ip_d, "caller-ip"),
+                    _ => (q, d, "caller"),
                 }
             }
-        }
+        };
         let policy = policy_header(name, &quota);
         let state = ratelimit_header(name, &quota, decision);
         let outcome = if matches!(decision, Decision::Allowed { .. }) {
@@ -955,22 +981,35 @@ mod tests {
     #[test]
     fn forwarded_for_is_trusted_only_from_trusted_proxies() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let xff = HeaderValue::from_static("1.2.3.4, 198.51.100.7, 10.0.0.5");
-        let peer: IpAddr = "10.0.0.9".parse().unwrap();
-        assert_eq!(
-            client_ip(peer, Some(&xff), &trusted),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = |lines: &[&'static str]| {
+            let mut h = http::HeaderMap::new();
+            for l in lines {
+                h.append(X_FORWARDED_FOR, HeaderValue::from_static(l));
+            }
+            h
+        };
+        let of = |peer: &str, lines: &[&'static str]| {
+            client_ip(ip(peer), xff(lines).get_all(X_FORWARDED_FOR), &trusted)
+        };
+        let chain = ["1.2.3.4, 198.51.100.7, 10.0.0.5"];
+        assert_eq!(of("10.0.0.9", &chain), ip("198.51.100.7"));
         // An untrusted peer's header is ignored: it cannot pick its bucket.
-        let outsider: IpAddr = "203.0.113.1".parse().unwrap();
-        assert_eq!(client_ip(outsider, Some(&xff), &trusted), outsider);
-        assert_eq!(client_ip(peer, None, &trusted), peer);
-        let junk = HeaderValue::from_static("not-an-ip");
-        assert_eq!(client_ip(peer, Some(&junk), &trusted), peer);
-        let all_trusted = HeaderValue::from_static("10.1.1.1, 10.2.2.2");
+        assert_eq!(of("203.0.113.1", &chain), ip("203.0.113.1"));
+        assert_eq!(of("10.0.0.9", &[]), ip("10.0.0.9"));
+        assert_eq!(of("10.0.0.9", &["not-an-ip"]), ip("10.0.0.9"));
+        assert_eq!(of("10.0.0.9", &["10.1.1.1, 10.2.2.2"]), ip("10.1.1.1"));
+        // A proxy that adds its own line: the caller's line cannot pick.
         assert_eq!(
-            client_ip(peer, Some(&all_trusted), &trusted),
-            "10.1.1.1".parse::<IpAddr>().unwrap()
+            of("10.0.0.9", &["6.6.6.6", "198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+        // A dual-stack listener's IPv4 peer is trusted as IPv4.
+        assert_eq!(of("::ffff:10.0.0.9", &chain), ip("198.51.100.7"));
+        assert_eq!(
+            of("::ffff:203.0.113.1", &chain),
+            ip("203.0.113.1"),
+            "and counted as its IPv4 self"
         );
     }
 

@@ -295,6 +295,73 @@ async fn failed_auth_is_limited_per_ip_and_a_spoofed_forwarded_for_is_ignored() 
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
+    // A proxy that adds its own X-Forwarded-For line (HAProxy's `option
+    // forwardfor`) after the caller's: the caller's line cannot pick.
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let xff = format!("192.0.2.{i}");
+        let r = c
+            .get(
+                &h.url("/app"),
+                &[
+                    ("authorization", "Bearer guess"),
+                    ("x-forwarded-for", &xff),
+                    ("x-forwarded-for", "203.0.113.9"),
+                ],
+            )
+            .await;
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(
+        statuses,
+        vec![401, 401, 401, 429, 429],
+        "203.0.113.9's bucket"
+    );
+    h.stop().await;
+}
+
+/// A public client's per-IP limit stops one source IP from starving the
+/// others: refused by its own limit, an IP spends nothing of the total.
+#[tokio::test]
+async fn a_public_clients_refused_ip_does_not_spend_the_total() {
+    const PAGE: &str = "http://127.0.0.1:4321";
+    let (h, _clock) = start(&format!(
+        r#"
+[rate_limit]
+trusted_proxies = ["127.0.0.1/32"]
+
+[[clients]]
+name = "dashboard"
+public = true
+allowed_origins = ["{PAGE}"]
+teams = ["acme"]
+rate_limit = {{ per_minute = 6, burst = 6 }}
+ip_rate_limit = {{ per_minute = 2, burst = 2 }}
+"#
+    ))
+    .await;
+    let c = TestClient::http1();
+    let from = async |ip: &str| {
+        c.get(&h.url("/app"), &[("origin", PAGE), ("x-forwarded-for", ip)])
+            .await
+    };
+    let mut abuser = Vec::new();
+    for _ in 0..10 {
+        abuser.push(from("198.51.100.66").await.status.as_u16());
+    }
+    assert_eq!(abuser, [200, 200, 429, 429, 429, 429, 429, 429, 429, 429]);
+    // The total (6) had two taken: two more visitors get their two each.
+    for ip in ["198.51.100.77", "198.51.100.78"] {
+        for _ in 0..2 {
+            let r = from(ip).await;
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{ip}: {}",
+                header(&r, "ratelimit")
+            );
+        }
+    }
     h.stop().await;
 }
 

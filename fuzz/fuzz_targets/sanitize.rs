@@ -160,8 +160,8 @@ fn check_client_ip(peer: IpAddr, headers: &HeaderMap) {
         "10.0.0.0/8".parse().expect("net"),
         "::1/128".parse().expect("net"),
     ];
-    let xff = headers.get("x-forwarded-for");
-    let ip = client_ip(peer, xff, &trusted);
+    let ip = client_ip(peer, headers.get_all("x-forwarded-for"), &trusted);
+    let peer = peer.to_canonical();
     if !trusted.iter().any(|n| n.contains(&peer)) {
         assert_eq!(ip, peer, "an untrusted peer chose its own bucket");
         return;
@@ -169,10 +169,14 @@ fn check_client_ip(peer: IpAddr, headers: &HeaderMap) {
     if ip == peer {
         return;
     }
-    let hops: Vec<IpAddr> = xff
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(',').filter_map(|h| h.trim().parse().ok()).collect())
-        .unwrap_or_default();
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+        .map(|h| h.to_canonical())
+        .collect();
     assert!(
         hops.contains(&ip),
         "{ip} is neither the peer nor a hop of {xff:?}"
