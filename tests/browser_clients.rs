@@ -532,3 +532,51 @@ async fn a_reload_keeps_the_keys_fetched_from_a_jwks_url() {
         "after a reload, a JWKS client whose keys were fine is refused until the next refresh (1h)"
     );
 }
+
+/// CORS is the gateway's to answer: the upstream's own `Access-Control-*`
+/// headers (here a wildcard with credentials) never reach a caller, cached or
+/// not, so an origin no client allows gets no `Access-Control-Allow-Origin`.
+#[tokio::test]
+async fn the_upstreams_cors_headers_never_reach_callers() {
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(""),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+        extra_response_headers: vec![
+            ("access-control-allow-origin".into(), "*".into()),
+            ("access-control-allow-credentials".into(), "true".into()),
+            ("access-control-expose-headers".into(), "x-secret".into()),
+        ],
+        ..Default::default()
+    });
+    let c = TestClient::http1();
+    let auth = bearer(TOKEN_RO);
+    for _ in 0..2 {
+        // A miss, then a hit.
+        let r = c
+            .get(
+                &h.url("/app"),
+                &[("authorization", &auth), ("origin", "https://evil.example")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        for name in [
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+            "access-control-expose-headers",
+        ] {
+            assert_eq!(header(&r, name), "", "{name} for a disallowed origin");
+        }
+    }
+    // The public dashboard client's page: the gateway's own answer.
+    let r = c.get(&h.url("/app"), &[("origin", PAGE)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(header(&r, "access-control-allow-origin"), PAGE);
+    assert_eq!(header(&r, "access-control-allow-credentials"), "");
+    assert!(!header(&r, "access-control-expose-headers").contains("x-secret"));
+    h.stop().await;
+}
