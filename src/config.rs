@@ -1524,9 +1524,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         ));
     }
     let mut clients = Vec::new();
-    let mut jwt_clients = Vec::new();
+    let mut jwt_clients: Vec<(Arc<Client>, crate::jwt::JwtSettings)> = Vec::new();
     let mut names = HashSet::new();
     let mut digests: HashMap<[u8; 32], String> = HashMap::new();
+    // Certificate names and public origins pick a client: each names one.
+    let mut cert_owner: HashMap<String, String> = HashMap::new();
+    let mut origin_owner: HashMap<String, String> = HashMap::new();
     for (i, c) in raw.clients.iter().enumerate() {
         let field = |f: &str| format!("clients[{i}].{f}");
         if !valid_name(&c.name) {
@@ -1584,6 +1587,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         for (j, n) in c.cert_names.iter().enumerate() {
             if n.trim().is_empty() {
                 p.push(format!("clients[{i}].cert_names[{j}]"), "is empty");
+            } else if let Some(other) = cert_owner.insert(n.clone(), c.name.clone()) {
+                p.push(
+                    format!("clients[{i}].cert_names[{j}]"),
+                    format!("`{n}` already identifies client `{other}` (a certificate name picks one client)"),
+                );
             }
         }
         if !c.cert_names.is_empty() && s.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
@@ -1593,6 +1601,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             );
         }
         if let Some(digest) = token_sha256 {
+            if Some(digest) == admin.token_sha256 {
+                p.push(
+                    field("token_sha256"),
+                    "is the admin token's hash: a client's token must not also open the admin API",
+                );
+            }
             if let Some(other) = digests.insert(digest, c.name.clone()) {
                 p.push(
                     field("token_sha256"),
@@ -1648,6 +1662,16 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
                 ),
             }
         }
+        if c.public {
+            for (j, o) in origins.iter().enumerate() {
+                if let Some(other) = origin_owner.insert(o.clone(), c.name.clone()) {
+                    p.push(
+                        format!("clients[{i}].allowed_origins[{j}]"),
+                        format!("`{o}` already picks public client `{other}` (an origin picks one public client)"),
+                    );
+                }
+            }
+        }
         if c.public && origins.is_empty() {
             p.push(
                 field("allowed_origins"),
@@ -1673,6 +1697,18 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             if let Some(settings) =
                 validate_jwt(&mut p, i, j, path, &mut warnings, &mut secret_files)
             {
+                let same = jwt_clients
+                    .iter()
+                    .find(|(_, s)| s.issuer == settings.issuer && s.audience == settings.audience);
+                if let Some((other, _)) = same {
+                    p.push(
+                        field("jwt.audience"),
+                        format!(
+                            "client `{}` already takes tokens of issuer `{}` for audience `{}` (issuer and audience pick one client)",
+                            other.name, settings.issuer, settings.audience
+                        ),
+                    );
+                }
                 jwt_clients.push((client.clone(), settings));
             }
         }
@@ -1966,6 +2002,40 @@ teams = ["acme"]
         let e = errors(&text);
         assert_eq!(e[0].field, "upstream.connect_timeout");
         assert!(e[0].reason.contains("2 parsecs"));
+    }
+
+    #[test]
+    fn what_picks_a_client_picks_one() {
+        let reason = |extra: &str, field: &str| {
+            errors(&base(extra))
+                .into_iter()
+                .find(|e| e.field == field)
+                .map(|e| e.reason)
+                .unwrap_or_default()
+        };
+        let certs = "[[clients]]\nname = \"a\"\ncert_names = [\"svc.internal\"]\nteams = [\"acme\"]\n\n[[clients]]\nname = \"b\"\ncert_names = [\"svc.internal\"]\nteams = [\"acme\"]\nmethods = [\"GET\", \"POST\"]\n";
+        assert!(
+            reason(certs, "clients[2].cert_names[0]").contains("already identifies client `a`")
+        );
+        let origins = "[[clients]]\nname = \"a\"\npublic = true\nallowed_origins = [\"https://app.example\"]\nteams = [\"acme\"]\n\n[[clients]]\nname = \"b\"\npublic = true\nallowed_origins = [\"https://APP.example\"]\nteams = [\"acme\"]\n";
+        assert!(
+            reason(origins, "clients[2].allowed_origins[0]")
+                .contains("already picks public client `a`")
+        );
+        let admin = format!("[admin]\ntoken_sha256 = \"{TOKEN_HASH}\"\n");
+        assert!(reason(&admin, "clients[0].token_sha256").contains("admin token"));
+        let jwt = |name: &str, aud: &str| {
+            format!(
+                "[[clients]]\nname = \"{name}\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://idp\", audience = \"{aud}\", hmac_secret = {{ value = \"0123456789abcdef0123456789abcdef\" }} }}\n"
+            )
+        };
+        let twice = format!("{}{}", jwt("a", "x"), jwt("b", "x"));
+        assert!(
+            reason(&twice, "clients[2].jwt.audience").contains("client `a` already takes tokens")
+        );
+        // One issuer, two audiences: two clients.
+        let two = format!("{}{}", jwt("a", "x"), jwt("b", "y"));
+        assert!(Config::from_toml(Path::new("t.toml"), &base(&two)).is_ok());
     }
 
     #[test]

@@ -253,20 +253,23 @@ fn into_keys(keys: Vec<KeyInfo>) -> Vec<Arc<Key>> {
         .collect()
 }
 
-/// Every JWT client, by issuer.
+/// Every JWT client, by issuer (one identity provider may serve several
+/// clients, told apart by audience).
 #[derive(Debug, Default)]
 pub struct Verifiers {
-    by_issuer: HashMap<String, Arc<Verifier>>,
+    by_issuer: HashMap<String, Vec<Arc<Verifier>>>,
 }
 
 impl Verifiers {
     pub fn new(verifiers: Vec<Arc<Verifier>>) -> Self {
-        Self {
-            by_issuer: verifiers
-                .into_iter()
-                .map(|v| (v.settings.issuer.clone(), v))
-                .collect(),
+        let mut by_issuer: HashMap<String, Vec<Arc<Verifier>>> = HashMap::new();
+        for v in verifiers {
+            by_issuer
+                .entry(v.settings.issuer.clone())
+                .or_default()
+                .push(v);
         }
+        Self { by_issuer }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -274,10 +277,11 @@ impl Verifiers {
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<Verifier>> {
-        self.by_issuer.values()
+        self.by_issuer.values().flatten()
     }
 
-    /// Verifies a compact JWT; the issuer claim picks the client.
+    /// Verifies a compact JWT; the issuer claim (and, when one issuer serves
+    /// several clients, the audience claim) picks the client.
     pub fn verify(&self, token: &str) -> Result<Grant, JwtError> {
         let mut parts = token.split('.');
         let (Some(_), Some(payload), Some(_), None) =
@@ -295,7 +299,21 @@ impl Verifiers {
             .get("iss")
             .and_then(|i| i.as_str())
             .ok_or(JwtError::UnknownIssuer)?;
-        let verifier = self.by_issuer.get(issuer).ok_or(JwtError::UnknownIssuer)?;
+        let verifier = match self.by_issuer.get(issuer).map(Vec::as_slice) {
+            None | Some([]) => return Err(JwtError::UnknownIssuer),
+            Some([only]) => only,
+            Some(several) => {
+                let names = |a: &str| several.iter().find(|v| v.settings.audience == a);
+                match claims.get("aud") {
+                    Some(serde_json::Value::String(a)) => names(a),
+                    Some(serde_json::Value::Array(all)) => {
+                        all.iter().filter_map(|a| a.as_str()).find_map(names)
+                    }
+                    _ => None,
+                }
+                .ok_or(JwtError::UnknownIssuer)?
+            }
+        };
         verifier.verify(token, &header)
     }
 }

@@ -580,3 +580,55 @@ async fn the_upstreams_cors_headers_never_reach_callers() {
     assert!(!header(&r, "access-control-expose-headers").contains("x-secret"));
     h.stop().await;
 }
+
+/// One identity provider, two clients told apart by audience: each token
+/// reaches its own client (with that client's teams), a token for neither
+/// audience none.
+#[tokio::test]
+async fn two_clients_of_one_issuer_are_told_apart_by_audience() {
+    let ops = format!(
+        r#"
+[[clients]]
+name = "ops-app"
+teams = ["personal"]
+jwt = {{ issuer = "https://auth.test", audience = "ops", hmac_secret = {{ value = "{JWT_SECRET}" }} }}
+"#
+    );
+    let h = Harness::start_full(
+        "",
+        "",
+        &sections(&ops),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await;
+    let c = TestClient::http1();
+    let with_aud = |aud: &str| {
+        let mut cl = claims(300);
+        cl["aud"] = serde_json::json!(aud);
+        hs256(cl, JWT_SECRET)
+    };
+    for (aud, team) in [("rungen-gateway", Some(TEAM_ID)), ("ops", None)] {
+        let r = c
+            .get(
+                &h.url("/app"),
+                &[("authorization", &bearer(&with_aud(aud)))],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "aud {aud}: {}", r.text());
+        // web-users' token asks for acme (team id sent); ops-app's default
+        // scope is personal (no team id).
+        assert_eq!(
+            h.mock.requests().last().unwrap().header("x-team-id"),
+            team,
+            "aud {aud}"
+        );
+    }
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &bearer(&with_aud("nobody")))],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    h.stop().await;
+}
