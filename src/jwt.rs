@@ -83,9 +83,24 @@ pub enum JwtError {
 }
 
 /// Parses a JWKS document into keys with the algorithms each may verify.
+/// Keys this gateway cannot use (an algorithm or curve it does not know,
+/// encryption keys, symmetric keys) are skipped one by one: an identity
+/// provider that also publishes such a key must not lose the others.
 pub fn parse_jwks(text: &str) -> Result<Vec<KeyInfo>, String> {
-    let set: JwkSet =
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let raw: RawSet =
         serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let set = JwkSet {
+        keys: raw
+            .keys
+            .into_iter()
+            .filter(|k| k.get("use").is_none_or(|u| u == "sig"))
+            .filter_map(|k| serde_json::from_value(k).ok())
+            .collect(),
+    };
     let mut keys = Vec::new();
     for jwk in &set.keys {
         let algorithms: Vec<Algorithm> = match (&jwk.algorithm, jwk.common.key_algorithm) {
@@ -116,7 +131,9 @@ pub fn parse_jwks(text: &str) -> Result<Vec<KeyInfo>, String> {
         {
             continue;
         }
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
         keys.push(KeyInfo {
             kid: jwk.common.key_id.clone(),
             algorithms,
@@ -494,6 +511,30 @@ mod tests {
         let v = verifiers(None);
         let claims = serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": now() - 2});
         assert!(v.verify(&token(claims, SECRET)).is_ok());
+    }
+
+    #[test]
+    fn a_jwks_keeps_its_usable_keys_beside_ones_it_cannot_use() {
+        let good = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": "ok", "alg": "ES256", "use": "sig",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+        });
+        // P-521 / ES512: not an algorithm jsonwebtoken knows.
+        let es512 = serde_json::json!({
+            "kty": "EC", "crv": "P-521", "kid": "p521", "alg": "ES512", "use": "sig",
+            "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+            "y": "ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2",
+        });
+        let mut encryption = good.clone();
+        encryption["use"] = "enc".into();
+        encryption["kid"] = "enc".into();
+        let set = serde_json::json!({"keys": [es512, good, encryption, {"kty": "XYZ"}]});
+        let keys = parse_jwks(&set.to_string()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("ok"));
+        let none = serde_json::json!({"keys": [{"kty": "XYZ"}]});
+        assert!(parse_jwks(&none.to_string()).is_err());
     }
 
     #[test]
