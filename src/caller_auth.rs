@@ -118,7 +118,7 @@ pub fn choose_scope_within(
                 *s == t.name
                     || t.team_id
                         .as_ref()
-                        .is_some_and(|id| id.as_bytes() == s.as_bytes())
+                        .is_some_and(|id| id.as_bytes().eq_ignore_ascii_case(s.as_bytes()))
             })
         })
     };
@@ -131,7 +131,12 @@ pub fn choose_scope_within(
         Some(wanted) => client
             .teams
             .iter()
-            .find(|t| t.team_id.as_ref().is_some_and(|id| id.as_bytes() == wanted))
+            // Team ids are UUIDs: any letter case names the same team.
+            .find(|t| {
+                t.team_id
+                    .as_ref()
+                    .is_some_and(|id| id.as_bytes().eq_ignore_ascii_case(wanted))
+            })
             .or_else(|| client.teams.iter().find(|t| t.name.as_bytes() == wanted))
             .filter(|t| permitted(t))
             .cloned(),

@@ -515,8 +515,13 @@ impl SecretSource {
         if value.is_empty() {
             return Err("the secret is empty".to_string());
         }
-        if HeaderValue::from_str(&value).is_err() || value.contains(char::is_whitespace) {
-            return Err("the secret contains characters not allowed in a header".to_string());
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            // A byte-order mark or any non-ASCII byte would pass as a header
+            // value and fail every upstream request of the scope instead.
+            return Err(
+                "the secret may hold visible ASCII characters only (no spaces, no byte-order mark)"
+                    .to_string(),
+            );
         }
         Ok((Secret::new(value), inline))
     }
@@ -1060,6 +1065,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     if s.max_connections == 0 {
         p.push("server.max_connections", "must be at least 1");
     }
+    if s.max_connections_per_ip == 0 {
+        p.push(
+            "server.max_connections_per_ip",
+            "must be at least 1 (no per-IP limit: set it to max_connections)",
+        );
+    }
     if s.h2_max_concurrent_streams == 0 {
         p.push("server.h2_max_concurrent_streams", "must be at least 1");
     }
@@ -1138,7 +1149,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         plaintext_listen,
         tls,
         body_read_timeout: parse_duration(&mut p, "server.body_read_timeout", &s.body_read_timeout),
-        max_connections_per_ip: s.max_connections_per_ip.max(1),
+        max_connections_per_ip: s.max_connections_per_ip,
         max_requests_per_connection: s.max_requests_per_connection,
         allow_chunked_requests: s.allow_chunked_requests,
         worker_threads: s.worker_threads,
@@ -1156,6 +1167,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             if uri.query().is_some() {
                 p.push("upstream.base_url", "must not have a query string");
             }
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                // Never used (the scope's key authenticates), and it would be
+                // shown wherever the upstream is (logs, GET /config).
+                p.push(
+                    "upstream.base_url",
+                    "must not hold a user or password (user@host): the upstream is authenticated by each scope's api_key",
+                );
+            }
             match (scheme, uri.authority().cloned()) {
                 (Some(s), Some(a)) if ok_scheme => {
                     (s, a, uri.path().trim_end_matches('/').to_string())
@@ -1171,10 +1190,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
         Err(e) => {
-            p.push(
-                "upstream.base_url",
-                format!("`{}` is not a URL: {e}", u.base_url),
-            );
+            // Not echoed: a malformed URL may still hold a password.
+            p.push("upstream.base_url", format!("is not a URL: {e}"));
             (
                 http::uri::Scheme::HTTP,
                 http::uri::Authority::from_static("invalid"),
@@ -2002,6 +2019,36 @@ teams = ["acme"]
         let e = errors(&text);
         assert_eq!(e[0].field, "upstream.connect_timeout");
         assert!(e[0].reason.contains("2 parsecs"));
+    }
+
+    #[test]
+    fn odd_values_that_would_only_fail_later_fail_now() {
+        let reason = |text: &str, field: &str| {
+            errors(text)
+                .into_iter()
+                .find(|e| e.field == field)
+                .map(|e| e.reason)
+                .unwrap_or_default()
+        };
+        // A password in the upstream URL: refused, and never echoed.
+        let url = base("").replace(
+            "https://api.rungen.ai",
+            "https://ops:hunter2-canary@api.rungen.ai",
+        );
+        let why = reason(&url, "upstream.base_url");
+        assert!(why.contains("user or password"), "{why}");
+        let all: Vec<String> = errors(&url).iter().map(|e| e.to_string()).collect();
+        assert!(!all.join(" ").contains("hunter2-canary"), "{all:?}");
+        let broken = base("").replace("https://api.rungen.ai", "https://ops:hunter2-canary@[::1");
+        let all: Vec<String> = errors(&broken).iter().map(|e| e.to_string()).collect();
+        assert!(!all.join(" ").contains("hunter2-canary"), "{all:?}");
+        // A key with a byte-order mark would pass as a header value and fail
+        // every request of its scope.
+        let bom = base("").replace("{ value = \"k1\" }", "{ value = \"\u{feff}k1\" }");
+        assert!(reason(&bom, "teams[0].api_key").contains("visible ASCII"));
+        // 0 connections per IP is not "no limit".
+        let zero = format!("[server]\nmax_connections_per_ip = 0\n{}", base(""));
+        assert!(reason(&zero, "server.max_connections_per_ip").contains("at least 1"));
     }
 
     #[test]

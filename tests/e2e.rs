@@ -572,3 +572,25 @@ async fn method_and_url_overrides_never_reach_the_upstream() {
     }
     h.stop().await;
 }
+
+/// Team ids are UUIDs: the caller's `x-team-id` picks its team in any letter
+/// case, and the upstream gets the id as configured.
+#[tokio::test]
+async fn a_team_id_in_capitals_picks_the_same_team() {
+    let h = Harness::start().await;
+    let c = TestClient::http1();
+    let upper = TEAM_ID.to_ascii_uppercase();
+    assert_ne!(upper, TEAM_ID);
+    let r = c
+        .get(
+            &h.url("/app"),
+            &[("authorization", &bearer(TOKEN_RO)), ("x-team-id", &upper)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        h.mock.requests().last().unwrap().header("x-team-id"),
+        Some(TEAM_ID)
+    );
+    h.stop().await;
+}
