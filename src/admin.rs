@@ -72,7 +72,7 @@ fn refusal(state: &State, req: &Request<Body>) -> Option<Response<Body>> {
 async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    if method == Method::GET
+    if matches!(method, Method::GET | Method::HEAD)
         && matches!(path.as_str(), "/metrics" | "/config")
         && state.config().admin.protect_reads
     {
@@ -94,7 +94,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
                 )
             }
         }
-        (Method::GET, "/metrics") => {
+        (Method::GET | Method::HEAD, "/metrics") => {
             let cache = state.cache();
             metrics::gauge!("rungen_gateway_cache_entries").set(cache.entry_count() as f64);
             metrics::gauge!("rungen_gateway_cache_bytes").set(cache.weighted_size() as f64);
@@ -109,7 +109,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             );
             res
         }
-        (Method::GET, "/config") => json(StatusCode::OK, effective_config(&state)),
+        (Method::GET | Method::HEAD, "/config") => json(StatusCode::OK, effective_config(&state)),
         (Method::POST, "/reload") => {
             if let Some(res) = refusal(&state, &req) {
                 return res;
@@ -132,7 +132,15 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             purge(&state, req).await
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/reload" | "/cache/purge") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            let allow = if matches!(path.as_str(), "/reload" | "/cache/purge") {
+                "POST"
+            } else {
+                "GET, HEAD"
+            };
+            let mut res = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            res
         }
         _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }

@@ -175,6 +175,20 @@ async fn reads_can_require_the_admin_token() {
     for path in ["/metrics", "/config"] {
         let r = c.get(&format!("http://{admin}{path}"), &[]).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        // HEAD is a read like GET: answered, and protected alike.
+        let r = c
+            .send(Method::HEAD, &format!("http://{admin}{path}"), &[], None)
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "HEAD {path}");
+        let r = c
+            .send(
+                Method::HEAD,
+                &format!("http://{admin}{path}"),
+                &[("authorization", &admin_auth())],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "HEAD {path}");
         let r = c
             .get(
                 &format!("http://{admin}{path}"),
@@ -275,6 +289,12 @@ async fn purge_over_http_needs_the_admin_token() {
 
     let r = c.get(&admin_url(&h, "/cache/purge"), &[]).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "POST");
+    let r = c
+        .send(Method::DELETE, &admin_url(&h, "/metrics"), &[], None)
+        .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "GET, HEAD");
     h.stop().await;
 }
 
