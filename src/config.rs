@@ -1012,6 +1012,23 @@ fn validate_cache(p: &mut Problems<'_>, raw: &RawCache) -> crate::cache::CacheSe
 /// and would overflow time arithmetic.
 const MAX_CONFIG_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
 
+/// Shortest period of a background poll (file watchers, heartbeats, JWKS
+/// fetches): anything shorter is a busy loop, not a setting.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
+
+/// A duration that sets how often something polls: at least [`MIN_PERIOD`].
+fn parse_period(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
+    let d = parse_duration(p, field, value);
+    if d < MIN_PERIOD {
+        p.push(
+            field,
+            "must be at least 100ms (it sets how often a background task runs)",
+        );
+        return MIN_PERIOD;
+    }
+    d
+}
+
 fn parse_duration(p: &mut Problems<'_>, field: &str, value: &str) -> Duration {
     match humantime::parse_duration(value) {
         Ok(d) if d > MAX_CONFIG_DURATION => {
@@ -1100,7 +1117,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         };
         let reload_interval =
-            parse_duration(&mut p, "server.tls.reload_interval", &t.reload_interval);
+            parse_period(&mut p, "server.tls.reload_interval", &t.reload_interval);
         if let Err(e) = crate::tls::load_pair(&t.cert, &t.key) {
             p.push("server.tls.cert", e);
             return None;
@@ -1132,8 +1149,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU)"),
         );
     }
-    if plaintext_listen.is_some() && plaintext_listen == Some(listen) && listen.port() != 0 {
-        p.push("server.plaintext_listen", "must differ from server.listen");
+    if plaintext_listen.is_some_and(|a| same_port(a, listen)) {
+        p.push(
+            "server.plaintext_listen",
+            "must not overlap server.listen (same port on the same or a wildcard address)",
+        );
     }
     let server = ServerConfig {
         listen,
@@ -1402,7 +1422,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
         Some(crate::cluster::ClusterSettings {
             redis_url: url,
             timeout: parse_duration(&mut p, "cluster.timeout", &c.timeout),
-            heartbeat: parse_duration(&mut p, "cluster.heartbeat", &c.heartbeat),
+            heartbeat: parse_period(&mut p, "cluster.heartbeat", &c.heartbeat),
             key_prefix: c.key_prefix.clone(),
             shared_cache: c.shared_cache,
             shared_lock,
@@ -1428,11 +1448,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
             }
         }
     };
-    if admin_listen.is_some() && admin_listen == Some(listen) && listen.port() != 0 {
-        p.push(
-            "admin.listen",
-            "must differ from server.listen: the admin API never shares the public port",
-        );
+    let public = [Some(listen), server.plaintext_listen];
+    if let Some(admin) = admin_listen {
+        if public.into_iter().flatten().any(|a| same_port(admin, a)) {
+            p.push(
+                "admin.listen",
+                "must not overlap server.listen or server.plaintext_listen (same port on the same or a wildcard address): the admin API never shares a public port",
+            );
+        }
     }
     let admin_token = match &raw.admin.token_sha256 {
         None => None,
@@ -1461,7 +1484,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     };
     let reload = ReloadConfig {
         watch: raw.reload.watch,
-        poll_interval: parse_duration(&mut p, "reload.poll_interval", &raw.reload.poll_interval),
+        poll_interval: parse_period(&mut p, "reload.poll_interval", &raw.reload.poll_interval),
     };
 
     // [[teams]]
@@ -1761,6 +1784,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     })
 }
 
+/// Whether two listen addresses would fight over one port: the same port on
+/// the same address, or with a wildcard address covering the other (`[::]`
+/// covers IPv4 too on a dual-stack host). Port 0 never clashes.
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 /// Most retries of one upstream read (`upstream.retries`).
 pub const MAX_RETRIES: u32 = 10;
 
@@ -1865,7 +1897,7 @@ fn validate_jwt(
             "at most 5m: the leeway is for clock skew only",
         );
     }
-    let jwks_refresh = parse_duration(p, &field("jwks_refresh"), &j.jwks_refresh);
+    let jwks_refresh = parse_period(p, &field("jwks_refresh"), &j.jwks_refresh);
     if p.errors.len() > before {
         return None;
     }
@@ -2046,9 +2078,35 @@ teams = ["acme"]
         // every request of its scope.
         let bom = base("").replace("{ value = \"k1\" }", "{ value = \"\u{feff}k1\" }");
         assert!(reason(&bom, "teams[0].api_key").contains("visible ASCII"));
+        // A poll every nanosecond is a busy loop.
+        let busy = base("[reload]\npoll_interval = \"1ns\"\n");
+        assert!(reason(&busy, "reload.poll_interval").contains("at least 100ms"));
         // 0 connections per IP is not "no limit".
         let zero = format!("[server]\nmax_connections_per_ip = 0\n{}", base(""));
         assert!(reason(&zero, "server.max_connections_per_ip").contains("at least 1"));
+    }
+
+    #[test]
+    fn listeners_that_would_fight_over_a_port_are_refused() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(same_port(a("0.0.0.0:8080"), a("127.0.0.1:8080")));
+        assert!(same_port(a("127.0.0.1:8080"), a("[::]:8080")));
+        assert!(same_port(a("[::1]:8080"), a("[::1]:8080")));
+        assert!(!same_port(a("0.0.0.0:8080"), a("[::1]:8080")));
+        assert!(!same_port(a("127.0.0.1:8080"), a("127.0.0.2:8080")));
+        assert!(!same_port(a("0.0.0.0:8080"), a("0.0.0.0:9090")));
+        assert!(!same_port(a("0.0.0.0:0"), a("127.0.0.1:0")));
+        let fields = |server: &str, admin: &str| {
+            let text = format!("[server]\n{server}\n[admin]\n{admin}\n{}", base(""));
+            errors(&text)
+                .into_iter()
+                .map(|e| e.field)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            fields("listen = \"0.0.0.0:8080\"", "listen = \"127.0.0.1:8080\"")
+                .contains(&"admin.listen".to_string())
+        );
     }
 
     #[test]
