@@ -35,6 +35,17 @@ jwt = {{ issuer = "https://auth.test", audience = "rungen-gateway", hmac_secret 
     )
 }
 
+/// The gateway with the browser clients (`sections(extra_jwt)`), real time.
+async fn start(extra_jwt: &str) -> Harness {
+    Harness::start_full(
+        "",
+        "",
+        &sections(extra_jwt),
+        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
+    )
+    .await
+}
+
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -70,13 +81,7 @@ fn header(r: &Reply, name: &str) -> String {
 
 #[tokio::test]
 async fn preflight_is_answered_before_auth_for_allowed_origins_only() {
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(""),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start("").await;
     let c = TestClient::http1();
     let r = c
         .send(
@@ -124,13 +129,7 @@ async fn preflight_is_answered_before_auth_for_allowed_origins_only() {
 
 #[tokio::test]
 async fn public_client_is_matched_by_origin_read_only_and_gets_cors_headers() {
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(""),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start("").await;
     let c = TestClient::http1();
     let r = c.get(&h.url("/app"), &[("origin", PAGE)]).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -184,13 +183,7 @@ async fn public_client_is_matched_by_origin_read_only_and_gets_cors_headers() {
 
 #[tokio::test]
 async fn signed_tokens_are_verified_and_narrow_the_scopes() {
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(""),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start("").await;
     let c = TestClient::http1();
     let fresh = hs256(claims(60), JWT_SECRET);
     let r = c
@@ -426,13 +419,7 @@ async fn sso_gateway(jwks_url: &str, refresh: &str) -> (Harness, String) {
     let extra = format!(
         "\n[[clients]]\nname = \"sso-web\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://sso.test\", audience = \"rungen-gateway\", jwks_url = \"{jwks_url}\", jwks_refresh = \"{refresh}\" }}\n"
     );
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(&extra),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start(&extra).await;
     (h, extra)
 }
 
@@ -538,13 +525,7 @@ async fn a_reload_keeps_the_keys_fetched_from_a_jwks_url() {
 /// not, so an origin no client allows gets no `Access-Control-Allow-Origin`.
 #[tokio::test]
 async fn the_upstreams_cors_headers_never_reach_callers() {
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(""),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start("").await;
     h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
         extra_response_headers: vec![
             ("access-control-allow-origin".into(), "*".into()),
@@ -594,13 +575,7 @@ teams = ["personal"]
 jwt = {{ issuer = "https://auth.test", audience = "ops", hmac_secret = {{ value = "{JWT_SECRET}" }} }}
 "#
     );
-    let h = Harness::start_full(
-        "",
-        "",
-        &sections(&ops),
-        std::sync::Arc::new(rungen_gateway::clock::SystemClock),
-    )
-    .await;
+    let h = start(&ops).await;
     let c = TestClient::http1();
     let with_aud = |aud: &str| {
         let mut cl = claims(300);
