@@ -179,7 +179,7 @@ fn check_client_ip(peer: IpAddr, headers: &HeaderMap) {
         .collect();
     assert!(
         hops.contains(&ip),
-        "{ip} is neither the peer nor a hop of {xff:?}"
+        "{ip} is neither the peer nor a hop of {hops:?}"
     );
 }
 
