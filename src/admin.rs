@@ -159,6 +159,12 @@ async fn purge(state: &State, req: Request<Body>) -> Response<Body> {
         .await
     {
         Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is over 16 KiB",
+            );
+        }
         Err(_) => {
             return error(
                 StatusCode::BAD_REQUEST,

@@ -260,6 +260,21 @@ async fn purge_over_http_needs_the_admin_token() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = purge(vec![("authorization", admin_auth())], "not json").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let huge: &'static str =
+        Box::leak(format!("{{\"scope\": \"{}\"}}", "a".repeat(20_000)).into_boxed_str());
+    let r = purge(vec![("authorization", admin_auth())], huge).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // The admin token may also come as x-api-key (as a client's may).
+    let r = purge(
+        vec![("x-api-key", ADMIN_TOKEN.to_string())],
+        "{\"scope\": \"nope\"}",
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "authenticated, then: no such scope"
+    );
     let r = purge(
         vec![("authorization", admin_auth())],
         "{\"path_prefix\": \"/app\"}",
