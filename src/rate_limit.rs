@@ -688,13 +688,17 @@ where
         // IP's limit goes first: a refused IP does not spend the total that
         // every other IP shares. The tighter of the two is what the headers
         // describe.
-        let ip_check = match (caller.client.public, req.extensions().get::<IpChecked>()) {
-            (false, _) => None,
-            (true, Some(checked)) => Some(checked.0),
-            (true, None) => self
-                .limits
-                .source_ip(&req)
-                .map(|ip| self.limits.check_public_ip(client, ip)),
+        // (No extensions lookup for other clients: this runs on every hit.)
+        let ip_check = if caller.client.public {
+            match req.extensions().get::<IpChecked>() {
+                Some(checked) => Some(checked.0),
+                None => self
+                    .limits
+                    .source_ip(&req)
+                    .map(|ip| self.limits.check_public_ip(client, ip)),
+            }
+        } else {
+            None
         };
         let (quota, decision, name) = match ip_check {
             Some((q, d @ Decision::Limited { .. })) => (q, d, "caller-ip"),
