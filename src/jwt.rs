@@ -10,7 +10,7 @@
 use crate::config::Client;
 use arc_swap::ArcSwap;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -93,16 +93,14 @@ pub fn parse_jwks(text: &str) -> Result<Vec<KeyInfo>, String> {
     }
     let raw: RawSet =
         serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
-    let set = JwkSet {
-        keys: raw
-            .keys
-            .into_iter()
-            .filter(|k| k.get("use").is_none_or(|u| u == "sig"))
-            .filter_map(|k| serde_json::from_value(k).ok())
-            .collect(),
-    };
+    let jwks: Vec<Jwk> = raw
+        .keys
+        .into_iter()
+        .filter(|k| k.get("use").is_none_or(|u| u == "sig"))
+        .filter_map(|k| serde_json::from_value(k).ok())
+        .collect();
     let mut keys = Vec::new();
-    for jwk in &set.keys {
+    for jwk in &jwks {
         let algorithms: Vec<Algorithm> = match (&jwk.algorithm, jwk.common.key_algorithm) {
             (_, Some(alg)) => match alg.to_string().parse::<Algorithm>() {
                 Ok(a) => vec![a],
@@ -170,32 +168,30 @@ pub struct KeyInfo {
 impl Verifier {
     pub fn new(client: Arc<Client>, settings: JwtSettings) -> Result<Arc<Self>, String> {
         let keys = match &settings.keys {
-            KeySource::Hmac(secret) => vec![Arc::new(Key {
+            KeySource::Hmac(secret) => Arc::new(vec![Arc::new(Key {
                 kid: None,
                 algorithms: vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
                 key: DecodingKey::from_secret(secret.expose().as_bytes()),
-            })],
+            })]),
             KeySource::JwksFile(path) => {
                 let text = crate::config::read_limited(path, crate::config::MAX_JWKS_FILE_BYTES)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                into_keys(parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+                Arc::new(into_keys(
+                    parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+                ))
             }
             // Fetched after start (see `spawn_jwks_refresh`): until then the
             // keys last fetched from that URL, if any (a reload makes new
             // verifiers), else nothing verifies.
-            KeySource::JwksUrl(url) => {
-                let fetched = lock_fetched().get(&url.to_string()).cloned();
-                return Ok(Arc::new(Self {
-                    client,
-                    keys: ArcSwap::new(fetched.unwrap_or_default()),
-                    settings,
-                }));
-            }
+            KeySource::JwksUrl(url) => lock_fetched()
+                .get(&url.to_string())
+                .cloned()
+                .unwrap_or_default(),
         };
         Ok(Arc::new(Self {
             client,
             settings,
-            keys: ArcSwap::from_pointee(keys),
+            keys: ArcSwap::new(keys),
         }))
     }
 
