@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// `[cluster]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
     pub redis_url: Secret,
     /// Every Redis call's deadline.

@@ -1921,7 +1921,7 @@ fn valid_name(name: &str) -> bool {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const TOKEN_HASH: &str = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
@@ -1951,7 +1951,8 @@ mod tests {
         assert!(Methods::ALLOWED.iter().all(|m| all.contains(m)));
     }
 
-    fn base(extra: &str) -> String {
+    /// A minimal valid config with `extra` appended (tables after the clients).
+    pub(crate) fn base(extra: &str) -> String {
         format!(
             r#"
 [upstream]
