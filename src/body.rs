@@ -75,23 +75,19 @@ impl http_body::Body for IdleTimeout {
     }
 }
 
-/// Where an upstream-bound request body stands (see [`ToUpstream`]).
+/// Whether an upstream-bound request body waits on its caller (see [`ToUpstream`]).
 #[derive(Debug, Default)]
-pub struct Upload(std::sync::atomic::AtomicU8);
-
-const UPLOAD_WITH_UPSTREAM: u8 = 0;
-const UPLOAD_WAITING_ON_CALLER: u8 = 1;
-const UPLOAD_DONE: u8 = 2;
+pub struct Upload(std::sync::atomic::AtomicBool);
 
 impl Upload {
     /// The last read of the body waited for the caller to send more (the
     /// upstream is not the one being slow).
     pub fn waiting_on_caller(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst) == UPLOAD_WAITING_ON_CALLER
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn set(&self, state: u8) {
-        self.0.store(state, std::sync::atomic::Ordering::SeqCst);
+    fn set_waiting_on_caller(&self, waiting: bool) {
+        self.0.store(waiting, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -128,24 +124,11 @@ impl http_body::Body for ToUpstream {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let mut this = self.project();
         loop {
-            match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => {
-                    this.upload.set(UPLOAD_WAITING_ON_CALLER);
-                    return Poll::Pending;
-                }
+            let frame = this.inner.as_mut().poll_frame(cx);
+            this.upload.set_waiting_on_caller(frame.is_pending());
+            match frame {
                 Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
-                Poll::Ready(None) => {
-                    this.upload.set(UPLOAD_DONE);
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(frame) => {
-                    this.upload.set(if this.inner.is_end_stream() {
-                        UPLOAD_DONE
-                    } else {
-                        UPLOAD_WITH_UPSTREAM
-                    });
-                    return Poll::Ready(frame);
-                }
+                frame => return frame,
             }
         }
     }
