@@ -158,18 +158,24 @@ impl CertStore {
         }
     }
 
+    fn pair_version(&self) -> PairVersion {
+        (
+            file_version(&self.settings.cert),
+            file_version(&self.settings.key),
+        )
+    }
+
+    /// Whether the cert or key file differs from the version last read.
+    fn pair_changed(&self) -> bool {
+        self.pair_version() != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Re-reads the files if they changed; a bad new pair is rejected and the
     /// old one keeps serving. Returns whether a new pair was installed.
     pub fn reload_if_changed(&self) -> bool {
-        let now = (
-            file_version(&self.settings.cert),
-            file_version(&self.settings.key),
-        );
-        {
-            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if *seen == now {
-                return false;
-            }
+        let now = self.pair_version();
+        if *self.seen.lock().unwrap_or_else(|e| e.into_inner()) == now {
+            return false;
         }
         match load_pair(&self.settings.cert, &self.settings.key) {
             Ok(pair) => {
@@ -307,16 +313,10 @@ pub fn spawn_reloader(acceptor: Arc<Acceptor>, mut stopped: tokio::sync::watch::
                 _ = tokio::time::sleep(every) => {}
             }
             let a = acceptor.clone();
-            let changed = tokio::task::spawn_blocking(move || {
-                let s = &a.store;
-                a.ca_changed()
-                    || (
-                        file_version(&s.settings.cert),
-                        file_version(&s.settings.key),
-                    ) != *s.seen.lock().unwrap_or_else(|e| e.into_inner())
-            })
-            .await
-            .unwrap_or(false);
+            let changed =
+                tokio::task::spawn_blocking(move || a.store.pair_changed() || a.ca_changed())
+                    .await
+                    .unwrap_or(false);
             if changed {
                 // Debounce: a changed file is read again a moment later, once written.
                 tokio::time::sleep(Duration::from_millis(200)).await;
