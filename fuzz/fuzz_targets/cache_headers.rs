@@ -129,11 +129,13 @@ fuzz_target!(|data: &[u8]| {
                 StatusCode::NOT_FOUND,
                 StatusCode::INTERNAL_SERVER_ERROR,
             ] {
-                for at in [now, UNIX_EPOCH] {
-                    let r = response_freshness(policy, route, status, &headers, body, at);
+                for (at, set_cookie) in [(now, false), (UNIX_EPOCH, false), (now, true)] {
+                    let r =
+                        response_freshness(policy, route, status, &headers, set_cookie, body, at);
                     match r {
                         Ok(f) => {
                             assert!(!cc.no_store, "no-store response stored");
+                            assert!(!set_cookie, "a response that set a cookie stored");
                             // What the store does with every entry it keeps.
                             let _ = f.lifetime();
                             let _ = f.ttl + f.stale_while_revalidate;

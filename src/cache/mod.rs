@@ -615,8 +615,6 @@ impl Fill {
         };
         let status = res.status();
         let upstream = res.extensions().get::<UpstreamInfo>().copied();
-        // The upstream's Set-Cookie was removed on the way (upstream.rs); the
-        // answer still counts as personal: not stored.
         let set_cookie = upstream.is_some_and(|u| u.set_cookie);
         let now = cache.clock.now();
         let wall = cache.clock.wall();
@@ -639,18 +637,15 @@ impl Fill {
                 if let Some(etag) = &stale.upstream_etag {
                     headers.insert(header::ETAG, etag.clone());
                 }
-                let refreshed = if set_cookie {
-                    Err(NoStoreReason::SetCookie)
-                } else {
-                    policy::response_freshness(
-                        &policy,
-                        &route,
-                        stale.status,
-                        &headers,
-                        &stale.body,
-                        wall,
-                    )
-                };
+                let refreshed = policy::response_freshness(
+                    &policy,
+                    &route,
+                    stale.status,
+                    &headers,
+                    set_cookie,
+                    &stale.body,
+                    wall,
+                );
                 let freshness = match refreshed {
                     Ok(freshness) => freshness,
                     // Not storable now (`private`, `no-store`, ...), yet the
@@ -735,11 +730,15 @@ impl Fill {
             }
         }
         let body = buf.freeze();
-        let verdict = if set_cookie {
-            Err(NoStoreReason::SetCookie)
-        } else {
-            policy::response_freshness(&policy, &route, status, &parts.headers, &body, wall)
-        };
+        let verdict = policy::response_freshness(
+            &policy,
+            &route,
+            status,
+            &parts.headers,
+            set_cookie,
+            &body,
+            wall,
+        );
         match verdict {
             Ok(freshness) => {
                 let names = key::vary_names(&parts.headers);

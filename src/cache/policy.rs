@@ -257,12 +257,15 @@ const JOB_TERMINAL: [&str; 6] = [
     "TIMEOUT",
 ];
 
-/// Decides whether a response is stored, and for how long.
+/// Decides whether a response is stored, and for how long. `set_cookie`: the
+/// upstream set a cookie (the header itself is removed on the way, see
+/// `upstream.rs`: it never reaches a caller).
 pub fn response_freshness(
     policy: &RoutePolicy,
     route: &Route,
     status: StatusCode,
     headers: &HeaderMap,
+    set_cookie: bool,
     body: &[u8],
     now: SystemTime,
 ) -> Result<Freshness, NoStoreReason> {
@@ -273,7 +276,7 @@ pub fn response_freshness(
     if cc.private {
         return Err(NoStoreReason::Private);
     }
-    if headers.contains_key(header::SET_COOKIE) {
+    if set_cookie {
         return Err(NoStoreReason::SetCookie);
     }
     if headers.get_all(header::VARY).iter().any(|v| {
@@ -557,6 +560,7 @@ mod tests {
             &Route::AppList,
             StatusCode::OK,
             &HeaderMap::new(),
+            false,
             b"{}",
             now(),
         )
@@ -571,7 +575,7 @@ mod tests {
         let p = RoutePolicy::app_default();
         let r = Route::AppList;
         let f = |h: &[(&str, &str)]| {
-            response_freshness(&p, &r, StatusCode::OK, &headers(h), b"{}", now())
+            response_freshness(&p, &r, StatusCode::OK, &headers(h), false, b"{}", now())
         };
         assert_eq!(
             f(&[("cache-control", "no-store")]),
@@ -581,7 +585,18 @@ mod tests {
             f(&[("cache-control", "private, max-age=60")]),
             Err(NoStoreReason::Private)
         );
-        assert_eq!(f(&[("set-cookie", "a=b")]), Err(NoStoreReason::SetCookie));
+        assert_eq!(
+            response_freshness(
+                &p,
+                &r,
+                StatusCode::OK,
+                &HeaderMap::new(),
+                true,
+                b"{}",
+                now()
+            ),
+            Err(NoStoreReason::SetCookie)
+        );
         assert_eq!(f(&[("vary", "accept, *")]), Err(NoStoreReason::VaryStar));
         assert_eq!(
             f(&[("cache-control", "max-age=2")]).unwrap().ttl,
@@ -644,6 +659,7 @@ mod tests {
             &Route::AppList,
             StatusCode::OK,
             &headers(&[("cache-control", "max-age=60")]),
+            false,
             b"{}",
             now(),
         )
@@ -655,7 +671,7 @@ mod tests {
     fn only_200_and_configured_404_are_stored() {
         let mut p = RoutePolicy::app_default();
         let f = |p: &RoutePolicy, s| {
-            response_freshness(p, &Route::AppList, s, &HeaderMap::new(), b"", now())
+            response_freshness(p, &Route::AppList, s, &HeaderMap::new(), false, b"", now())
         };
         assert_eq!(f(&p, StatusCode::NOT_FOUND), Err(NoStoreReason::Status));
         assert_eq!(
@@ -697,6 +713,7 @@ mod tests {
             &job(),
             StatusCode::OK,
             &HeaderMap::new(),
+            false,
             &job_body("IN_PROGRESS", &[]),
             now(),
         )
@@ -707,6 +724,7 @@ mod tests {
             &job(),
             StatusCode::OK,
             &HeaderMap::new(),
+            false,
             &job_body("FAILED", &[]),
             now(),
         )
@@ -717,6 +735,7 @@ mod tests {
             &job(),
             StatusCode::OK,
             &HeaderMap::new(),
+            false,
             &job_body("COMPLETED", &[&url("20250122T152228Z", 604_800)]),
             now(),
         )
@@ -735,8 +754,16 @@ mod tests {
                 &url("20250122T150000Z", 2348),
             ],
         );
-        let f = response_freshness(&p, &job(), StatusCode::OK, &HeaderMap::new(), &body, now())
-            .unwrap();
+        let f = response_freshness(
+            &p,
+            &job(),
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            &body,
+            now(),
+        )
+        .unwrap();
         assert_eq!(f.ttl, Duration::from_secs(400));
         assert_eq!(
             f.lifetime(),
@@ -746,7 +773,15 @@ mod tests {
         // Within the margin already: not stored.
         let body = job_body("COMPLETED", &[&url("20250122T152228Z", 300)]);
         assert_eq!(
-            response_freshness(&p, &job(), StatusCode::OK, &HeaderMap::new(), &body, now()),
+            response_freshness(
+                &p,
+                &job(),
+                StatusCode::OK,
+                &HeaderMap::new(),
+                false,
+                &body,
+                now()
+            ),
             Err(NoStoreReason::UrlExpiring)
         );
         // A signed URL we cannot read: no longer than a pending job.
@@ -754,8 +789,16 @@ mod tests {
             "COMPLETED",
             &["https://x/y.png?X-Amz-Date=garbage&X-Amz-Expires=1"],
         );
-        let f = response_freshness(&p, &job(), StatusCode::OK, &HeaderMap::new(), &body, now())
-            .unwrap();
+        let f = response_freshness(
+            &p,
+            &job(),
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            &body,
+            now(),
+        )
+        .unwrap();
         assert_eq!(f.lifetime(), Duration::from_secs(1));
     }
 
