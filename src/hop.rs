@@ -32,6 +32,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// Removes every header whose (lower-case) name starts with `prefix`.
+pub fn strip_prefixed(headers: &mut HeaderMap, prefix: &str) {
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(prefix))
+        .cloned()
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -245,7 +245,7 @@ impl tower::Service<Request<Body>> for Upstream {
                     | parts.headers.remove(SET_COOKIE2).is_some();
                 // CORS is this gateway's to answer (its allowed origins), never
                 // the upstream's: its `Access-Control-*` would let any origin in.
-                strip_cors(&mut parts.headers);
+                crate::hop::strip_prefixed(&mut parts.headers, "access-control-");
                 let info = UpstreamInfo {
                     status: parts.status.as_u16(),
                     latency: started.elapsed(),
@@ -291,18 +291,6 @@ fn rebuild(head: &Head) -> Request<Body> {
 }
 
 /// `base` scaled by a random factor in [0.5, 1.5).
-/// Removes every `Access-Control-*` response header.
-fn strip_cors(headers: &mut http::HeaderMap) {
-    let cors: Vec<http::HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for name in cors {
-        headers.remove(name);
-    }
-}
-
 /// Longest wait before one retry (the deadline ends them sooner anyway).
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 

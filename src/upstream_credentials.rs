@@ -49,14 +49,7 @@ pub fn strip_caller_headers(headers: &mut HeaderMap) {
     {
         headers.remove(name);
     }
-    let forwarded: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for name in forwarded {
-        headers.remove(name);
-    }
+    crate::hop::strip_prefixed(headers, "x-forwarded-");
 }
 
 /// Sets the scope's upstream credential headers.
