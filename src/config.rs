@@ -1972,6 +1972,15 @@ teams = ["acme"]
         )
     }
 
+    /// The reason given for `field` ("" when the config has no error there).
+    fn reason(text: &str, field: &str) -> String {
+        errors(text)
+            .into_iter()
+            .find(|e| e.field == field)
+            .map(|e| e.reason)
+            .unwrap_or_default()
+    }
+
     fn errors(text: &str) -> Vec<ConfigError> {
         Config::from_toml(Path::new("test.toml"), text)
             .unwrap_err()
@@ -1998,12 +2007,7 @@ teams = ["acme"]
         let with =
             |n: u32| base("").replace("[upstream]\n", &format!("[upstream]\nretries = {n}\n"));
         assert!(Config::from_toml(Path::new("t.toml"), &with(MAX_RETRIES)).is_ok());
-        let errs = errors(&with(40));
-        assert!(
-            errs.iter()
-                .any(|e| e.to_string().contains("upstream.retries")),
-            "{errs:?}"
-        );
+        assert!(reason(&with(40), "upstream.retries").contains("at most 10"));
     }
 
     #[test]
@@ -2056,13 +2060,6 @@ teams = ["acme"]
 
     #[test]
     fn odd_values_that_would_only_fail_later_fail_now() {
-        let reason = |text: &str, field: &str| {
-            errors(text)
-                .into_iter()
-                .find(|e| e.field == field)
-                .map(|e| e.reason)
-                .unwrap_or_default()
-        };
         // A password in the upstream URL: refused, and never echoed.
         let url = base("").replace(
             "https://api.rungen.ai",
@@ -2112,13 +2109,7 @@ teams = ["acme"]
 
     #[test]
     fn what_picks_a_client_picks_one() {
-        let reason = |extra: &str, field: &str| {
-            errors(&base(extra))
-                .into_iter()
-                .find(|e| e.field == field)
-                .map(|e| e.reason)
-                .unwrap_or_default()
-        };
+        let reason = |extra: &str, field: &str| reason(&base(extra), field);
         let certs = "[[clients]]\nname = \"a\"\ncert_names = [\"svc.internal\"]\nteams = [\"acme\"]\n\n[[clients]]\nname = \"b\"\ncert_names = [\"svc.internal\"]\nteams = [\"acme\"]\nmethods = [\"GET\", \"POST\"]\n";
         assert!(
             reason(certs, "clients[2].cert_names[0]").contains("already identifies client `a`")
