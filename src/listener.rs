@@ -344,27 +344,25 @@ impl RequestCounter {
     /// Resolves once a response body is being sent and no frame of any
     /// body, and no request start or end, has happened for a whole `timeout`.
     async fn stalled_for(&self, timeout: Duration) {
-        loop {
-            let seen = self.activity.load(Ordering::SeqCst);
-            tokio::time::sleep(timeout).await;
-            if self.sending.load(Ordering::SeqCst) > 0
-                && self.activity.load(Ordering::SeqCst) == seen
-            {
-                return;
-            }
-        }
+        self.quiet_for(timeout, |c| c.sending.load(Ordering::SeqCst) > 0)
+            .await
     }
 
     /// Resolves once the connection has had no request in flight, and no
     /// request start or response end, for a whole `timeout` (so an idle
     /// connection is noticed between one and two timeouts after it went quiet).
     async fn idle_for(&self, timeout: Duration) {
+        self.quiet_for(timeout, |c| c.in_flight.load(Ordering::SeqCst) == 0)
+            .await
+    }
+
+    /// Resolves once `holds` is true at the end of a whole `timeout` without
+    /// activity (checked every `timeout`).
+    async fn quiet_for(&self, timeout: Duration, holds: impl Fn(&Self) -> bool) {
         loop {
             let seen = self.activity.load(Ordering::SeqCst);
             tokio::time::sleep(timeout).await;
-            if self.in_flight.load(Ordering::SeqCst) == 0
-                && self.activity.load(Ordering::SeqCst) == seen
-            {
+            if holds(self) && self.activity.load(Ordering::SeqCst) == seen {
                 return;
             }
         }
