@@ -486,6 +486,19 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A 200 of `route` with no headers, no cookie, now.
+    fn plain(p: &RoutePolicy, route: &Route, body: &[u8]) -> Result<Freshness, NoStoreReason> {
+        response_freshness(
+            p,
+            route,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            false,
+            body,
+            now(),
+        )
+    }
     use http::HeaderValue;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -555,16 +568,7 @@ mod tests {
     #[test]
     fn plain_200_gets_the_route_ttl_and_windows() {
         let p = RoutePolicy::app_default();
-        let f = response_freshness(
-            &p,
-            &Route::AppList,
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
-            b"{}",
-            now(),
-        )
-        .unwrap();
+        let f = plain(&p, &Route::AppList, b"{}").unwrap();
         assert_eq!(f.ttl, Duration::from_secs(5));
         assert_eq!(f.stale_while_revalidate, Duration::from_secs(5));
         assert_eq!(f.stale_if_error, Duration::from_secs(60));
@@ -708,36 +712,14 @@ mod tests {
     #[test]
     fn pending_job_gets_the_short_ttl_terminal_the_long_one() {
         let p = RoutePolicy::job_default();
-        let pending = response_freshness(
-            &p,
-            &job(),
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
-            &job_body("IN_PROGRESS", &[]),
-            now(),
-        )
-        .unwrap();
+        let pending = plain(&p, &job(), &job_body("IN_PROGRESS", &[])).unwrap();
         assert_eq!(pending.ttl, Duration::from_secs(1));
-        let failed = response_freshness(
-            &p,
-            &job(),
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
-            &job_body("FAILED", &[]),
-            now(),
-        )
-        .unwrap();
+        let failed = plain(&p, &job(), &job_body("FAILED", &[])).unwrap();
         assert_eq!(failed.ttl, Duration::from_secs(3600));
-        let done = response_freshness(
+        let done = plain(
             &p,
             &job(),
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
             &job_body("COMPLETED", &[&url("20250122T152228Z", 604_800)]),
-            now(),
         )
         .unwrap();
         assert_eq!(done.ttl, Duration::from_secs(3600));
@@ -754,16 +736,7 @@ mod tests {
                 &url("20250122T150000Z", 2348),
             ],
         );
-        let f = response_freshness(
-            &p,
-            &job(),
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
-            &body,
-            now(),
-        )
-        .unwrap();
+        let f = plain(&p, &job(), &body).unwrap();
         assert_eq!(f.ttl, Duration::from_secs(400));
         assert_eq!(
             f.lifetime(),
@@ -772,33 +745,13 @@ mod tests {
         );
         // Within the margin already: not stored.
         let body = job_body("COMPLETED", &[&url("20250122T152228Z", 300)]);
-        assert_eq!(
-            response_freshness(
-                &p,
-                &job(),
-                StatusCode::OK,
-                &HeaderMap::new(),
-                false,
-                &body,
-                now()
-            ),
-            Err(NoStoreReason::UrlExpiring)
-        );
+        assert_eq!(plain(&p, &job(), &body), Err(NoStoreReason::UrlExpiring));
         // A signed URL we cannot read: no longer than a pending job.
         let body = job_body(
             "COMPLETED",
             &["https://x/y.png?X-Amz-Date=garbage&X-Amz-Expires=1"],
         );
-        let f = response_freshness(
-            &p,
-            &job(),
-            StatusCode::OK,
-            &HeaderMap::new(),
-            false,
-            &body,
-            now(),
-        )
-        .unwrap();
+        let f = plain(&p, &job(), &body).unwrap();
         assert_eq!(f.lifetime(), Duration::from_secs(1));
     }
 
