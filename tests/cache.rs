@@ -858,59 +858,25 @@ async fn reads_with_a_body_bypass_the_cache() {
     h.stop().await;
 }
 
-/// An upstream whose `GET /app/a1` reads a version when the request arrives
-/// and answers 800 ms later, and whose `PUT /app/a1` bumps the version at once.
-async fn versioned_upstream(version: Arc<std::sync::atomic::AtomicU64>) -> String {
-    use std::sync::atomic::Ordering;
+/// A hand-written upstream on 127.0.0.1 answering every request with
+/// `answer`; returns its base URL.
+async fn upstream_fn<F, Fut>(answer: F) -> String
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let version = version.clone();
+            let answer = answer.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let answered = answer(req);
+                async move { Ok::<_, std::convert::Infallible>(answered.await) }
+            });
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let version = version.clone();
-                        async move {
-                            let (status, v) = match (req.method(), req.uri().path()) {
-                                (&Method::GET, "/app/a1") => {
-                                    let v = version.load(Ordering::SeqCst);
-                                    tokio::time::sleep(Duration::from_millis(800)).await;
-                                    (200, v)
-                                }
-                                (&Method::PUT, "/app/a1") => {
-                                    (200, version.fetch_add(1, Ordering::SeqCst) + 1)
-                                }
-                                (&Method::GET, "/app/b1") => {
-                                    let conditional = req.headers().contains_key("if-none-match");
-                                    let res = http::Response::builder().header("etag", "\"b1\"");
-                                    let res = if conditional {
-                                        res.status(304).header("cache-control", "private")
-                                    } else {
-                                        res.header("cache-control", "max-age=1")
-                                            .header("content-type", "application/json")
-                                    };
-                                    let body = if conditional {
-                                        ""
-                                    } else {
-                                        r#"{"data":{"id":"b1"}}"#
-                                    };
-                                    return Ok(res
-                                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                                        .unwrap());
-                                }
-                                _ => (404, 0),
-                            };
-                            let body = format!("{{\"data\":{{\"id\":\"a1\",\"v\":{v}}}}}");
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -920,20 +886,75 @@ async fn versioned_upstream(version: Arc<std::sync::atomic::AtomicU64>) -> Strin
     format!("http://{addr}")
 }
 
+/// A gateway in front of `base` (the common test config, `upstream_extra`
+/// in `[upstream]`), on `clock`.
+async fn gateway_before(
+    base: &str,
+    upstream_extra: &str,
+    clock: rungen_gateway::clock::SharedClock,
+) -> rungen_gateway::server::Running {
+    let config = rungen_gateway::config::Config::from_toml(
+        std::path::Path::new("t.toml"),
+        &config_toml(base, "", upstream_extra),
+    )
+    .unwrap();
+    rungen_gateway::server::start_with(config, clock)
+        .await
+        .unwrap()
+}
+
+/// An upstream whose `GET /app/a1` reads a version when the request arrives
+/// and answers 800 ms later, and whose `PUT /app/a1` bumps the version at
+/// once; `GET /app/b1` answers `max-age=1` with an ETag, and a `private`
+/// 304 to a conditional request.
+async fn versioned_upstream(version: Arc<AtomicU64>) -> String {
+    upstream_fn(move |req| {
+        let version = version.clone();
+        async move {
+            let res = http::Response::builder();
+            let (res, body) = match (req.method(), req.uri().path()) {
+                (&Method::GET, "/app/a1") => {
+                    let v = version.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    (res, format!("{{\"data\":{{\"id\":\"a1\",\"v\":{v}}}}}"))
+                }
+                (&Method::PUT, "/app/a1") => {
+                    let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+                    (res, format!("{{\"data\":{{\"id\":\"a1\",\"v\":{v}}}}}"))
+                }
+                (&Method::GET, "/app/b1") if req.headers().contains_key("if-none-match") => (
+                    res.status(304)
+                        .header("etag", "\"b1\"")
+                        .header("cache-control", "private"),
+                    String::new(),
+                ),
+                (&Method::GET, "/app/b1") => (
+                    res.header("etag", "\"b1\"")
+                        .header("cache-control", "max-age=1"),
+                    r#"{"data":{"id":"b1"}}"#.to_string(),
+                ),
+                _ => (res.status(404), r#"{"error":"not found"}"#.to_string()),
+            };
+            let res = if body.is_empty() {
+                res
+            } else {
+                res.header("content-type", "application/json")
+            };
+            res.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap()
+        }
+    })
+    .await
+}
+
 /// Read-your-writes: a read that starts after a write's 200 does not join a
 /// fetch of the same key that started before the write (and would answer
 /// with the pre-write body); it fetches again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let version = Arc::new(AtomicU64::new(1));
     let base = versioned_upstream(version.clone()).await;
-    let config = rungen_gateway::config::Config::from_toml(
-        std::path::Path::new("t.toml"),
-        &config_toml(&base, "", ""),
-    )
-    .unwrap();
-    let g = rungen_gateway::server::start(config).await.unwrap();
+    let g = gateway_before(&base, "", Arc::new(rungen_gateway::clock::SystemClock)).await;
     let url = format!("http://{}/app/a1", g.local_addr());
     let auth = bearer(TOKEN_RW);
     let c = TestClient::http1();
@@ -978,16 +999,9 @@ async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
 /// the stale body is still the answer, served but not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconditional_get_never_gets_a_304() {
-    let base = versioned_upstream(Arc::new(std::sync::atomic::AtomicU64::new(1))).await;
+    let base = versioned_upstream(Arc::new(AtomicU64::new(1))).await;
     let clock = ManualClock::new();
-    let config = rungen_gateway::config::Config::from_toml(
-        std::path::Path::new("t.toml"),
-        &config_toml(&base, "", ""),
-    )
-    .unwrap();
-    let g = rungen_gateway::server::start_with(config, Arc::new(clock.clone()))
-        .await
-        .unwrap();
+    let g = gateway_before(&base, "", Arc::new(clock.clone())).await;
     let url = format!("http://{}/app/b1", g.local_addr());
     let auth = bearer(TOKEN_RW);
     let c = TestClient::http1();
@@ -1015,39 +1029,27 @@ async fn an_unconditional_get_never_gets_a_304() {
 /// request's `Accept-Language`, `Vary: Accept-Language` and
 /// `Cache-Control: no-store`; counts the requests it gets.
 async fn language_upstream(hits: Arc<AtomicU64>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let hits = hits.clone();
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    let lang = req
-                        .headers()
-                        .get("accept-language")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("none")
-                        .to_string();
-                    async move {
-                        tokio::time::sleep(Duration::from_millis(400)).await;
-                        http::Response::builder()
-                            .header("content-type", "application/json")
-                            .header("vary", "Accept-Language")
-                            .header("cache-control", "no-store")
-                            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
-                                "{{\"data\":[],\"lang\":\"{lang}\"}}"
-                            ))))
-                    }
-                });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    upstream_fn(move |req| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let lang = req
+            .headers()
+            .get("accept-language")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .header("vary", "Accept-Language")
+                .header("cache-control", "no-store")
+                .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                    "{{\"data\":[],\"lang\":\"{lang}\"}}"
+                ))))
+                .unwrap()
         }
-    });
-    format!("http://{addr}")
+    })
+    .await
 }
 
 /// Concurrent reads are coalesced before the gateway can know the answer
@@ -1059,12 +1061,12 @@ async fn language_upstream(hits: Arc<AtomicU64>) -> String {
 async fn collapsed_callers_never_get_an_unstored_answer_of_another_variant() {
     let hits = Arc::new(AtomicU64::new(0));
     let base = language_upstream(hits.clone()).await;
-    let config = rungen_gateway::config::Config::from_toml(
-        std::path::Path::new("t.toml"),
-        &config_toml(&base, "", "retries = 0"),
+    let g = gateway_before(
+        &base,
+        "retries = 0",
+        Arc::new(rungen_gateway::clock::SystemClock),
     )
-    .unwrap();
-    let g = rungen_gateway::server::start(config).await.unwrap();
+    .await;
     let url = format!("http://{}/app", g.local_addr());
     let c = TestClient::http1();
     let ask = |lang: &'static str| {
