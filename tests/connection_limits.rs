@@ -476,21 +476,29 @@ async fn a_client_that_stops_reading_does_not_hold_its_slot_forever() {
         // Read a little (the head), then never again.
         let mut some = [0u8; 1024];
         let _ = tokio::time::timeout(IO_TIMEOUT, stalled.read(&mut some)).await;
-        // Five idle (and stall) timeouts.
-        tokio::time::sleep(Duration::from_secs(5)).await;
         h.mock
             .set_faults(rungen_gateway::mock_upstream::Faults::default());
-        let served = served_from(LOCAL, h.addr).await;
-        drop(stalled);
-        let control = served_from(LOCAL, h.addr).await;
-        assert!(control, "served once the stalled client closed");
-        h.stop().await;
         assert!(
-            served,
+            served_while_held(h, move || drop(stalled)).await,
             "a connection whose client stopped reading still holds 127.0.0.1's only slot after 5 s"
         );
     })
     .await;
+}
+
+/// After five stall (and idle) timeouts of 1 s: whether a new connection from
+/// 127.0.0.1 (allowed one) is served while a stalled one is still open. Then
+/// `release` closes the stalled one and a new connection must be served.
+async fn served_while_held(h: Harness, release: impl FnOnce()) -> bool {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let served = served_from(LOCAL, h.addr).await;
+    release();
+    assert!(
+        served_from(LOCAL, h.addr).await,
+        "served once the stalled client closed"
+    );
+    h.stop().await;
+    served
 }
 
 /// HTTP/2: an h2 client that grants no flow-control window
@@ -525,16 +533,13 @@ async fn an_h2_client_with_a_zero_window_does_not_hold_its_slot_forever() {
             .unwrap()
             .unwrap();
         assert_eq!(res.status(), 200);
-        // Hold the response, never read its body. Five stall timeouts.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let served = served_from(LOCAL, h.addr).await;
-        drop(res);
-        driver.abort();
-        let control = served_from(LOCAL, h.addr).await;
-        assert!(control, "served once the h2 client closed");
-        h.stop().await;
+        // Hold the response, never read its body.
+        let release = move || {
+            drop(res);
+            driver.abort();
+        };
         assert!(
-            served,
+            served_while_held(h, release).await,
             "an h2 connection that granted no window still holds 127.0.0.1's only slot after 5 s"
         );
     })
