@@ -364,6 +364,30 @@ impl FileGateway {
         .await
     }
 
+    /// A `GET /app` that the upstream answers `latency_ms` late, started
+    /// and, once this returns, in the air at the upstream.
+    async fn request_in_flight(
+        &self,
+        c: &TestClient,
+        latency_ms: u64,
+    ) -> tokio::task::JoinHandle<Reply> {
+        self.mock.set_faults(Faults {
+            latency_ms,
+            ..Faults::default()
+        });
+        let (c, url) = (c.clone(), self.url("/app"));
+        let in_flight = tokio::spawn(async move { c.get(&url, &[("x-api-key", TOKEN_RO)]).await });
+        let started = std::time::Instant::now();
+        while self.mock.stats().total == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the request never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        in_flight
+    }
+
     fn rewrite(&self, f: impl Fn(String) -> String) {
         let text = std::fs::read_to_string(&self.path).unwrap();
         write_atomically(&self.path, &f(text));
@@ -554,20 +578,8 @@ async fn a_rotated_secret_file_is_picked_up_and_its_scope_cache_dropped() {
 #[tokio::test]
 async fn an_in_flight_request_survives_a_reload() {
     let g = FileGateway::start(|t| t.replace("poll_interval = \"200ms\"", "watch = false")).await;
-    g.mock.set_faults(Faults {
-        latency_ms: 600,
-        ..Faults::default()
-    });
     let c = TestClient::http1();
-    let url = g.url("/app");
-    let c2 = c.clone();
-    let slow = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
-    for _ in 0..100 {
-        if g.mock.stats().total > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let slow = g.request_in_flight(&c, 600).await;
     g.rewrite(without_reader);
     let r = g.reload(&c).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -587,20 +599,8 @@ async fn an_in_flight_request_survives_a_reload() {
 async fn shutdown_turns_readiness_off_before_the_listener_closes() {
     let g =
         FileGateway::start(|t| t.replace("drain_delay = \"0s\"", "drain_delay = \"700ms\"")).await;
-    g.mock.set_faults(Faults {
-        latency_ms: 900,
-        ..Faults::default()
-    });
     let c = TestClient::http1();
-    let url = g.url("/app");
-    let c2 = c.clone();
-    let in_flight = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
-    for _ in 0..100 {
-        if g.mock.stats().total > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let in_flight = g.request_in_flight(&c, 900).await;
     let addr = g.gateway.local_addr();
     let admin = g.admin("/readyz");
     g.gateway.shutdown();
@@ -668,19 +668,8 @@ async fn a_refused_reload_is_retried_until_its_secret_appears() {
 #[tokio::test]
 async fn the_admin_listener_outlives_the_drain() {
     let g = FileGateway::start(|t| t).await;
-    g.mock.set_faults(Faults {
-        latency_ms: 1500,
-        ..Faults::default()
-    });
     let c = TestClient::http1();
-    let url = g.url("/app");
-    let c2 = c.clone();
-    let in_flight = tokio::spawn(async move { c2.get(&url, &[("x-api-key", TOKEN_RO)]).await });
-    let started = std::time::Instant::now();
-    while g.mock.stats().total == 0 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let in_flight = g.request_in_flight(&c, 1500).await;
     let (admin_addr, public_addr) = (g.gateway.admin_addr().unwrap(), g.gateway.local_addr());
     let FileGateway { gateway, mock, .. } = g;
     // drain_delay is 0: the public listener stops accepting at once.
