@@ -583,7 +583,8 @@ fn rsa_and_ecdsa_keys_in_every_pem_form_load() {
 }
 
 /// A rotated client CA file applies to new connections without a restart; a
-/// broken one is rejected and the CAs in use keep verifying.
+/// broken one is rejected (counted) and the CAs in use keep verifying; the
+/// next good one applies.
 #[tokio::test]
 async fn a_rotated_client_ca_applies_to_new_connections() {
     let old_ca = Ca::new("client CA 2026");
@@ -626,9 +627,37 @@ async fn a_rotated_client_ca_applies_to_new_connections() {
     }
     assert!(!served(&old_cert).await, "the old CA no longer verifies");
 
-    // A broken file: rejected, the new CA keeps verifying.
+    // A broken file: rejected (counted), the new CA keeps verifying.
+    let refused = || {
+        rungen_gateway::telemetry::metrics()
+            .render()
+            .lines()
+            .find(|l| l.starts_with("rungen_gateway_tls_reloads_total{outcome=\"error\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = refused();
     std::fs::write(&client_ca, "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = std::time::Instant::now();
+    while refused() <= before {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the broken CA file was never looked at"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(served(&new_cert).await);
+    assert!(!served(&old_cert).await);
+    // And the next good file applies again.
+    std::fs::write(&staged, old_ca.pem()).unwrap();
+    std::fs::rename(&staged, &client_ca).unwrap();
+    let started = std::time::Instant::now();
+    while !served(&old_cert).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a good CA file after a broken one was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     g.stop().await;
 }
