@@ -201,6 +201,17 @@ where
             Some(t) => match self.credentials.lookup(t) {
                 Some(c) => Some(c.clone()),
                 None if !self.credentials.jwt.is_empty() && looks_like_jwt(t) => {
+                    // An IP past its failed-auth limit buys no signature checks.
+                    if let Some(wait) = self
+                        .limits
+                        .source_ip(&req)
+                        .and_then(|ip| self.limits.refused_ip_wait(ip))
+                    {
+                        return StepFuture::ok(error_response(&GatewayError::RateLimited {
+                            policy: "unauthenticated",
+                            retry_after: wait,
+                        }));
+                    }
                     match std::str::from_utf8(t).map(|t| self.credentials.jwt.verify(t)) {
                         Ok(Ok(grant)) => {
                             granted = grant.scopes;

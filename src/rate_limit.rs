@@ -257,6 +257,11 @@ pub struct Limits {
     /// ([`LocalLimiter`]) taken at this generation is the one `callers` holds.
     callers_generation: AtomicU64,
     unauthenticated: RwLock<Arc<Keyed<IpAddr>>>,
+    /// Source IPs the unauthenticated limit refused, and until when: a signed
+    /// token from one is refused without its signature being checked (see
+    /// [`Limits::refused_ip_wait`]). Pruned with the limiters, at most
+    /// [`REFUSED_IPS_MAX`] entries.
+    refused_ips: Mutex<HashMap<IpAddr, Instant, foldhash::fast::RandomState>>,
     /// Public clients: per (client, source IP).
     public_ips: RwLock<ByName<Arc<IpLimiter>>>,
     scopes: RwLock<ByName<Arc<ScopeState>>>,
@@ -276,6 +281,19 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// At most this many source IPs are remembered as refused (see
+/// `Limits::refused_ips`); past it, a refused IP's signed tokens are checked
+/// as before.
+const REFUSED_IPS_MAX: usize = 100_000;
+
+fn count_unauthenticated_limited() {
+    metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "unauthenticated", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
+}
+
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
@@ -292,6 +310,7 @@ impl Limits {
             callers: RwLock::new(ByName::default()),
             callers_generation: AtomicU64::new(next_generation()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
+            refused_ips: Mutex::new(HashMap::default()),
             public_ips: RwLock::new(ByName::default()),
             scopes: RwLock::new(ByName::default()),
             in_flight: AtomicUsize::new(0),
@@ -337,6 +356,7 @@ impl Limits {
         if old != settings.unauthenticated_quota {
             *write(&self.unauthenticated) =
                 Arc::new(RateLimiter::keyed(settings.unauthenticated_quota).with_middleware());
+            lock(&self.refused_ips).clear();
         }
         self.settings.store(Arc::new(settings));
     }
@@ -434,10 +454,38 @@ impl Limits {
         match limiter.check_key(&ip) {
             Ok(_) => Ok(()),
             Err(nu) => {
-                metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "unauthenticated", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
-                Err(nu.wait_time_from(limiter.clock().now()))
+                let wait = nu.wait_time_from(limiter.clock().now());
+                let mut refused = lock(&self.refused_ips);
+                if refused.len() < REFUSED_IPS_MAX || refused.contains_key(&ip) {
+                    refused.insert(ip, Instant::now() + wait);
+                }
+                drop(refused);
+                count_unauthenticated_limited();
+                Err(wait)
             }
         }
+    }
+
+    /// How long the source IP stays refused by the unauthenticated limit, if
+    /// it is refused now. Asked before a signed token's signature is checked
+    /// (a public-key verification costs tens of microseconds): an IP past its
+    /// failed-auth limit gets 429 for such a token without spending that CPU,
+    /// valid or not. Spends nothing.
+    pub fn refused_ip_wait(&self, ip: IpAddr) -> Option<Duration> {
+        if !self.settings.load().enabled {
+            return None;
+        }
+        let mut refused = lock(&self.refused_ips);
+        let until = *refused.get(&ip)?;
+        let wait = until.checked_duration_since(Instant::now());
+        if wait.is_none() {
+            refused.remove(&ip);
+        }
+        drop(refused);
+        if wait.is_some() {
+            count_unauthenticated_limited();
+        }
+        wait
     }
 
     /// The source IP of a request (see [`client_ip`]), if it came over a socket.
@@ -455,6 +503,11 @@ impl Limits {
         let l = read(&self.unauthenticated).clone();
         l.retain_recent();
         l.shrink_to_fit();
+        let now = Instant::now();
+        let mut refused = lock(&self.refused_ips);
+        refused.retain(|_, until| *until > now);
+        refused.shrink_to_fit();
+        drop(refused);
         let public: Vec<_> = read(&self.public_ips).values().cloned().collect();
         for l in public {
             l.1.retain_recent();
@@ -874,7 +927,7 @@ where
                 }
             };
             let now = limits.clock.now();
-            let paused = *state.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+            let paused = *lock(&state.paused_until);
             if let Some(until) = paused.filter(|u| *u > now) {
                 return Err(limited("upstream-paused", until - now));
             }
@@ -901,7 +954,7 @@ where
             let res = res?;
             if res.status() == StatusCode::TOO_MANY_REQUESTS {
                 let wait = retry_after_secs(&res).unwrap_or(Duration::from_secs(1));
-                *state.paused_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                *lock(&state.paused_until) =
                     Some(limits.clock.now() + wait);
                 tracing::warn!(scope = %scope, pause = ?wait, "upstream answered 429; pausing this scope's upstream calls");
             }
@@ -1060,6 +1113,37 @@ mod tests {
         assert!(!allowed(&other));
         assert!(allowed(&limits), "the first keeps its own state");
         assert!(!allowed(&limits));
+    }
+
+    #[test]
+    fn an_ip_is_remembered_as_refused_until_its_wait_is_over() {
+        let one = |per: Duration| RateLimitSettings {
+            unauthenticated_quota: quota(1, per, 1),
+            ..RateLimitSettings::default()
+        };
+        let limits = Limits::new(one(Duration::from_secs(3600)));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert_eq!(limits.refused_ip_wait(ip), None);
+        assert!(limits.check_unauthenticated(ip).is_ok());
+        assert_eq!(limits.refused_ip_wait(ip), None, "spent, not refused");
+        let wait = limits.check_unauthenticated(ip).unwrap_err();
+        let left = limits.refused_ip_wait(ip).unwrap();
+        assert!(left <= wait && left > wait - Duration::from_secs(60));
+        assert_eq!(limits.refused_ip_wait(other), None);
+        limits.prune();
+        assert!(limits.refused_ip_wait(ip).is_some(), "not over yet");
+        // A new unauthenticated quota is a new limiter: nobody is refused by it yet.
+        limits.configure(one(Duration::from_secs(1800)));
+        assert_eq!(limits.refused_ip_wait(ip), None);
+        // A refusal whose wait is over is forgotten.
+        let limits = Limits::new(one(Duration::from_millis(20)));
+        assert!(limits.check_unauthenticated(ip).is_ok());
+        assert!(limits.check_unauthenticated(ip).is_err());
+        std::thread::sleep(Duration::from_millis(40));
+        limits.prune();
+        assert_eq!(lock(&limits.refused_ips).len(), 0);
+        assert_eq!(limits.refused_ip_wait(ip), None);
     }
 
     #[test]

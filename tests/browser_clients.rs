@@ -264,6 +264,42 @@ async fn signed_tokens_are_verified_and_narrow_the_scopes() {
     h.stop().await;
 }
 
+/// Past its failed-auth limit, a source IP's signed tokens are refused before
+/// their signature is checked: even a valid one gets 429 (a public-key check
+/// costs tens of microseconds; a flood of forged tokens must not buy them).
+/// Opaque tokens, a cheap lookup, are still served.
+#[tokio::test]
+async fn an_ip_past_its_failed_auth_limit_buys_no_signature_checks() {
+    let h = start("\n[rate_limit]\nunauthenticated = { per_minute = 3, burst = 3 }\n").await;
+    let c = TestClient::http1();
+    let get = async |token: &str| {
+        c.get(
+            &h.url("/app"),
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await
+    };
+    let valid = hs256(claims(60), JWT_SECRET);
+    assert_eq!(get(&valid).await.status, StatusCode::OK);
+    let forged = hs256(claims(60), "another-secret-another-secret-xx");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(get(&forged).await.status.as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 429]);
+    let r = get(&valid).await;
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "refused without a signature check, so even a valid token is"
+    );
+    let wait: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    assert!(r.error_message().contains("rate"), "{}", r.error_message());
+    assert_eq!(get(TOKEN_RW).await.status, StatusCode::OK);
+    h.stop().await;
+}
+
 /// An ES256 key pair from rcgen, as a signing key and a JWK.
 fn ec_key(kid: &str) -> (EncodingKey, serde_json::Value) {
     let kp = rcgen::KeyPair::generate().unwrap();
