@@ -149,8 +149,16 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
+    #[serde(default, deserialize_with = "a_string")]
     scope: Option<String>,
+    #[serde(default, deserialize_with = "a_string")]
     path_prefix: Option<String>,
+}
+
+/// A field that, when present, is a string: `{"scope": null}` (a template
+/// that lost its value) is an error, not "every scope".
+fn a_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    <String as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 async fn purge(state: &State, req: Request<Body>) -> Response<Body> {

@@ -281,6 +281,16 @@ async fn purge_over_http_needs_the_admin_token() {
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "a prefix needs a scope");
+    // A scope that is there but null (a template that lost its value) is not
+    // "everything": nothing is purged.
+    for body in [
+        "{\"scope\": null}",
+        "{\"scope\": \"acme\", \"path_prefix\": null}",
+    ] {
+        let r = purge(vec![("authorization", admin_auth())], body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(r.error_message().contains("expected a string"), "{r:?}");
+    }
 
     let r = purge(
         vec![("authorization", admin_auth())],
