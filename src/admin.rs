@@ -5,7 +5,7 @@
 //! | GET | `/healthz` | - | the process is alive |
 //! | GET | `/readyz` | - | 200 when serving; 503 with a JSON reason while draining |
 //! | GET | `/metrics` | - | Prometheus text format |
-//! | GET | `/config` | - | the effective config, every secret as a fingerprint |
+//! | GET | `/config` | - | the effective config, every secret as a fingerprint (token hashes: with the admin token only) |
 //! | POST | `/reload` | admin token | re-read the config file and secrets |
 //! | POST | `/cache/purge` | admin token | drop cache entries: all, `{"scope": "acme"}`, or `{"scope": "acme", "path_prefix": "/app/x"}` |
 //!
@@ -109,7 +109,10 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
             );
             res
         }
-        (Method::GET | Method::HEAD, "/config") => json(StatusCode::OK, effective_config(&state)),
+        (Method::GET | Method::HEAD, "/config") => {
+            let authenticated = refusal(&state, &req).is_none();
+            json(StatusCode::OK, effective_config(&state, authenticated))
+        }
         (Method::POST, "/reload") => {
             if let Some(res) = refusal(&state, &req) {
                 return res;
@@ -222,9 +225,22 @@ async fn purge(state: &State, req: Request<Body>) -> Response<Body> {
     )
 }
 
-/// The config in use, with every secret shown as a fingerprint only.
-fn effective_config(state: &State) -> serde_json::Value {
+/// The config in use, with every secret shown as a fingerprint only. The
+/// fingerprints of caller and admin token hashes (32 bits of the token's
+/// SHA-256: enough to test guesses of a weak token offline) only to a reader
+/// with the admin token; to others, `"set"`. Upstream API keys (random keys
+/// issued by RunGen) always show theirs, to check which key a replica holds.
+fn effective_config(state: &State, authenticated: bool) -> serde_json::Value {
     let c = state.config();
+    let token = |d: &Option<[u8; 32]>| {
+        d.map(|d| {
+            if authenticated {
+                format!("sha256:{}", &hex::encode(d)[..8])
+            } else {
+                "set".to_string()
+            }
+        })
+    };
     let secs = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let policy = |p: &crate::cache::policy::RoutePolicy| {
         serde_json::json!({
@@ -274,7 +290,7 @@ fn effective_config(state: &State) -> serde_json::Value {
         },
         "admin": {
             "listen": c.admin.listen.map(|a| a.to_string()),
-            "token_sha256": c.admin.token_sha256.map(|d| format!("sha256:{}", &hex::encode(d)[..8])),
+            "token_sha256": token(&c.admin.token_sha256),
         },
         "teams": c.teams.iter().map(|t| serde_json::json!({
             "name": t.name,
@@ -283,7 +299,7 @@ fn effective_config(state: &State) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "clients": c.clients.iter().map(|cl| serde_json::json!({
             "name": cl.name,
-            "token_sha256": cl.token_sha256.map(|d| format!("sha256:{}", &hex::encode(d)[..8])),
+            "token_sha256": token(&cl.token_sha256),
             "cert_names": cl.cert_names,
             "teams": cl.teams.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
             "methods": cl.methods.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>(),

@@ -215,16 +215,36 @@ async fn effective_config_shows_fingerprints_only() {
     assert_eq!(teams.len(), 4);
     assert!(teams[0]["api_key"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(v["clients"][0]["name"], "writer");
+    // Token hashes: 32 bits of a token's SHA-256 would let a reader test
+    // guesses of a weak token offline; only the admin token shows them.
+    let fingerprint = |d: &str| format!("sha256:{}", &d[..8]);
+    let rw = fingerprint(&sha256_hex(TOKEN_RW));
+    let admin = fingerprint(&sha256_hex(ADMIN_TOKEN));
+    assert_eq!(v["clients"][0]["token_sha256"], "set");
+    assert_eq!(v["admin"]["token_sha256"], "set");
+    let authed = c
+        .get(
+            &admin_url(&h, "/config"),
+            &[("authorization", &admin_auth())],
+        )
+        .await;
+    let w = authed.json();
+    assert_eq!(w["clients"][0]["token_sha256"], rw.as_str());
+    assert_eq!(w["admin"]["token_sha256"], admin.as_str());
+    assert_eq!(w["teams"], v["teams"], "key fingerprints for every reader");
     let text = r.text();
-    for canary in [
-        UPSTREAM_KEY,
-        WRONG_UPSTREAM_KEY,
-        OTHER_UPSTREAM_KEY,
-        TOKEN_RW,
-        ADMIN_TOKEN,
-        &sha256_hex(TOKEN_RW),
-    ] {
-        assert!(!text.contains(canary), "{canary} in /config");
+    assert!(!text.contains(&rw[7..]) && !text.contains(&admin[7..]));
+    for text in [text, authed.text()] {
+        for canary in [
+            UPSTREAM_KEY,
+            WRONG_UPSTREAM_KEY,
+            OTHER_UPSTREAM_KEY,
+            TOKEN_RW,
+            ADMIN_TOKEN,
+            &sha256_hex(TOKEN_RW),
+        ] {
+            assert!(!text.contains(canary), "{canary} in /config");
+        }
     }
     h.stop().await;
 }
