@@ -1015,11 +1015,17 @@ impl CacheService {
                 upstream,
                 shared,
             } => {
-                if entry.variant != key.variant && entry.variant != 0 && collapsed {
-                    // Another variant filled this flight: fetch our own, uncoalesced.
+                // A caller that joined before the Vary index knew the
+                // upstream varies (a cold key) shares the answer only if its
+                // own headers pick the same variant; otherwise it fetches its
+                // own, uncoalesced.
+                if collapsed && key::variant(&entry.vary, req.headers()) != entry.variant {
                     count(route_label, &scope, "bypass");
                     let res = call_inner(self.inner.clone(), req).await?;
-                    return Ok(finish(res, CacheStatus::Bypass(NoStoreReason::Status)));
+                    return Ok(finish(
+                        res,
+                        CacheStatus::Bypass(NoStoreReason::OtherVariant),
+                    ));
                 }
                 let status = if shared {
                     CacheStatus::Shared { collapsed }

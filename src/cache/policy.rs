@@ -136,6 +136,9 @@ pub enum NoStoreReason {
     Invalidated,
     /// The upstream failed (no response to store).
     UpstreamError,
+    /// A collapsed caller whose varying headers pick another variant than
+    /// the one the shared fetch got: it fetched its own.
+    OtherVariant,
 }
 
 impl NoStoreReason {
@@ -154,6 +157,7 @@ impl NoStoreReason {
             NoStoreReason::UrlExpiring => "url-expiring",
             NoStoreReason::Invalidated => "invalidated",
             NoStoreReason::UpstreamError => "upstream-error",
+            NoStoreReason::OtherVariant => "other-variant",
         }
     }
 }
