@@ -774,6 +774,21 @@ async fn negative_caching_of_404_is_configurable() {
         assert_eq!(r.status, StatusCode::NOT_FOUND);
     }
     assert_eq!(h.upstream_count("GET /app/{id}"), 1);
+    // Preconditions apply only to a 2xx (RFC 9110 13.2.1): a cached 404 has
+    // no ETag to match, and `If-None-Match: *` (or a tag the caller held from
+    // before the app was deleted) gets the 404, never "not modified".
+    for inm in ["*", "\"85159d3f1a57a8cf774aa2dfd18e9405\""] {
+        let r = c
+            .get(
+                &h.url("/app/no-such-app"),
+                &[("authorization", &auth), ("if-none-match", inm)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "If-None-Match: {inm}");
+        assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+        assert_eq!(r.headers.get("etag"), None);
+    }
+    assert_eq!(h.upstream_count("GET /app/{id}"), 1);
     clock.advance(Duration::from_secs(3));
     c.get(&h.url("/app/no-such-app"), &[("authorization", &auth)])
         .await;

@@ -55,7 +55,9 @@ impl CachedResponse {
         let strong = upstream_etag
             .as_ref()
             .is_some_and(|e| !e.as_bytes().starts_with(b"W/"));
-        if !strong {
+        // Only a 2xx gets a computed tag: preconditions apply to nothing else
+        // (RFC 9110 13.2.1), and a tag on a cached 404 invites a 304 for it.
+        if !strong && status.is_success() {
             headers.insert(header::ETAG, computed_etag(&body));
         }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -130,7 +132,12 @@ impl CachedResponse {
     }
 
     /// Whether `If-None-Match` matches this entry (weak comparison, RFC 9110 §13.1.2).
+    /// Only a 2xx answer can be "not modified" (RFC 9110 13.2.1: a cached
+    /// 404 answers as a 404 whatever the caller's `If-None-Match`).
     pub fn matches_if_none_match(&self, inm: &HeaderValue) -> bool {
+        if !self.status.is_success() {
+            return false;
+        }
         let Ok(list) = inm.to_str() else { return false };
         let ours = strip_weak(self.etag.as_bytes());
         list.split(',')
