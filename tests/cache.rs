@@ -443,6 +443,58 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     h.stop().await;
 }
 
+/// A background refresh whose answer cannot be stored still replaces the
+/// stale entry: an app deleted at the upstream behind the gateway's back is
+/// a 404 from the first caller after the refresh, not a stale 200 for the
+/// rest of the window (with a refresh per caller).
+#[tokio::test]
+async fn a_refresh_that_is_not_stored_ends_the_stale_entry() {
+    let (h, clock) = start("").await; // /app/{id}: ttl 5 s, swr 5 s, no negative caching
+    let c = TestClient::http1();
+    let auth = rw();
+    let list = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let id = list.json()["data"][0]["id"].as_str().unwrap().to_string();
+    let app = h.url(&format!("/app/{id}"));
+    let get = async || c.get(&app, &[("authorization", &auth)]).await;
+    assert_eq!(get().await.status, StatusCode::OK);
+    // Deleted at the upstream directly (another tool, the RunGen dashboard).
+    let d = TestClient::http1()
+        .send(
+            Method::DELETE,
+            &format!("{}/app/{id}", h.mock.base_url()),
+            &[("x-api-key", UPSTREAM_KEY)],
+            None,
+        )
+        .await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    clock.advance(Duration::from_secs(6));
+    let stale = get().await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert!(cache_status(&stale).contains("stale-while-revalidate"));
+    wait_for("the background refresh", || {
+        h.upstream_count("GET /app/{id}") == 2
+    })
+    .await;
+    // The refresh's 404 is not stored (no negative caching): the stale 200
+    // is gone, so this read goes upstream and gets the 404.
+    let mut gone = get().await;
+    for _ in 0..50 {
+        if gone.status == StatusCode::NOT_FOUND {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        gone = get().await;
+    }
+    assert_eq!(
+        gone.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        cache_status(&gone)
+    );
+    assert_eq!(h.upstream_count("GET /app/{id}"), 3);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn stale_if_error_covers_a_failing_upstream_within_its_window() {
     let (h, clock) = start("[cache.routes.\"/app\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"60s\"\n").await;
@@ -902,20 +954,91 @@ where
 }
 
 /// A gateway in front of `base` (the common test config, `upstream_extra`
-/// in `[upstream]`), on `clock`.
+/// in `[upstream]`, `sections` after it), on `clock`.
 async fn gateway_before(
     base: &str,
     upstream_extra: &str,
+    sections: &str,
     clock: rungen_gateway::clock::SharedClock,
 ) -> rungen_gateway::server::Running {
     let config = rungen_gateway::config::Config::from_toml(
         std::path::Path::new("t.toml"),
-        &config_toml(base, "", upstream_extra),
+        &config_toml_with(base, "", upstream_extra, sections),
     )
     .unwrap();
     rungen_gateway::server::start_with(config, clock)
         .await
         .unwrap()
+}
+
+/// After one 304, an upstream that sends only `Last-Modified` is still
+/// revalidated with `If-Modified-Since` alone: the tag the gateway computed
+/// from the body is never sent as `If-None-Match` (such an upstream would let
+/// it decide, match nothing, and answer in full every time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_modified_upstream_is_never_asked_about_a_computed_etag() {
+    const LM: &str = "Wed, 01 Jan 2025 00:00:00 GMT";
+    let seen: Arc<std::sync::Mutex<Vec<http::HeaderMap>>> = Arc::default();
+    let s2 = seen.clone();
+    let base = upstream_fn(move |req| {
+        let seen = s2.clone();
+        async move {
+            seen.lock().unwrap().push(req.headers().clone());
+            let res = http::Response::builder().header("last-modified", LM);
+            if !req.headers().contains_key("if-none-match")
+                && req
+                    .headers()
+                    .get("if-modified-since")
+                    .is_some_and(|v| v == LM)
+            {
+                return res
+                    .status(304)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+            }
+            res.header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"data":{"id":"lm"}}"#,
+                )))
+                .unwrap()
+        }
+    })
+    .await;
+    let clock = ManualClock::new();
+    let g = gateway_before(
+        &base,
+        "",
+        "[cache.routes.\"/app/{id}\"]\nttl = \"5s\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\n",
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let url = format!("http://{}/app/lm", g.local_addr());
+    let c = TestClient::http1();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = c.get(&url, &[("authorization", &rw())]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.headers.contains_key("etag"), "the computed tag is served");
+        statuses.push(cache_status(&r));
+        clock.advance(Duration::from_secs(6));
+    }
+    g.stop().await;
+    let seen = seen.lock().unwrap().clone();
+    let asked: Vec<_> = seen
+        .iter()
+        .map(|h| {
+            (
+                h.contains_key("if-none-match"),
+                h.contains_key("if-modified-since"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [(false, false), (false, true), (false, true)],
+        "{statuses:?}"
+    );
+    assert!(statuses[2].contains("fwd-status=304"), "{statuses:?}");
 }
 
 /// An upstream whose `GET /app/a1` reads a version when the request arrives
@@ -969,7 +1092,7 @@ async fn versioned_upstream(version: Arc<AtomicU64>) -> String {
 async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
     let version = Arc::new(AtomicU64::new(1));
     let base = versioned_upstream(version.clone()).await;
-    let g = gateway_before(&base, "", Arc::new(rungen_gateway::clock::SystemClock)).await;
+    let g = gateway_before(&base, "", "", Arc::new(rungen_gateway::clock::SystemClock)).await;
     let url = format!("http://{}/app/a1", g.local_addr());
     let auth = bearer(TOKEN_RW);
     let c = TestClient::http1();
@@ -1016,7 +1139,7 @@ async fn a_read_after_a_write_does_not_join_a_fetch_from_before_it() {
 async fn an_unconditional_get_never_gets_a_304() {
     let base = versioned_upstream(Arc::new(AtomicU64::new(1))).await;
     let clock = ManualClock::new();
-    let g = gateway_before(&base, "", Arc::new(clock.clone())).await;
+    let g = gateway_before(&base, "", "", Arc::new(clock.clone())).await;
     let url = format!("http://{}/app/b1", g.local_addr());
     let auth = bearer(TOKEN_RW);
     let c = TestClient::http1();
@@ -1024,19 +1147,27 @@ async fn an_unconditional_get_never_gets_a_304() {
     assert_eq!(first.status, StatusCode::OK);
     // Long past ttl, stale-while-revalidate and stale-if-error.
     clock.advance(Duration::from_secs(3600));
-    for _ in 0..2 {
-        let again = c.get(&url, &[("authorization", &auth)]).await;
-        assert_eq!(
-            again.status,
-            StatusCode::OK,
-            "an unconditional GET was answered {} (cache-status: {:?})",
-            again.status,
-            again.headers.get("cache-status")
-        );
-        assert_eq!(again.body, first.body);
-        // The 304's headers, merged over the stale entry's.
-        assert_eq!(again.headers["cache-control"], "private");
-    }
+    let again = c.get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(
+        again.status,
+        StatusCode::OK,
+        "an unconditional GET was answered {} (cache-status: {:?})",
+        again.status,
+        again.headers.get("cache-status")
+    );
+    assert_eq!(again.body, first.body);
+    // The 304's headers, merged over the stale entry's.
+    assert_eq!(again.headers["cache-control"], "private");
+    // Not kept: the next read has no validators to send and gets the whole
+    // answer (not a 304, not the entry the private answer replaced).
+    let third = c.get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(third.status, StatusCode::OK);
+    assert_eq!(third.body, first.body);
+    assert!(
+        cache_status(&third).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&third)
+    );
     g.stop().await;
 }
 
@@ -1095,6 +1226,7 @@ async fn collapsed_callers_get_their_own_variant(store: bool) {
     let g = gateway_before(
         &base,
         "retries = 0",
+        "",
         Arc::new(rungen_gateway::clock::SystemClock),
     )
     .await;

@@ -634,9 +634,14 @@ impl Fill {
                         headers.insert(name.clone(), value.clone());
                     }
                 }
-                if let Some(etag) = &stale.upstream_etag {
-                    headers.insert(header::ETAG, etag.clone());
-                }
+                // The upstream's own tag, or none: a tag computed from the
+                // body must not become one the upstream is asked about (an
+                // upstream that knows only Last-Modified would then ignore
+                // If-Modified-Since and answer in full, RFC 9110 13.1.3).
+                match &stale.upstream_etag {
+                    Some(etag) => headers.insert(header::ETAG, etag.clone()),
+                    None => headers.remove(header::ETAG),
+                };
                 let refreshed = policy::response_freshness(
                     &policy,
                     &route,
@@ -652,6 +657,7 @@ impl Fill {
                     // stale body is still the answer: served once, not kept
                     // (the 304 itself only answers our validators).
                     Err(reason) => {
+                        cache.entries.invalidate(&key);
                         return FetchResult::NotStored {
                             response: Arc::new(Buffered {
                                 status: stale.status,
@@ -692,7 +698,19 @@ impl Fill {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         let limit = cache.settings.max_entry_bytes;
+        // A complete answer that cannot be stored still replaces what is
+        // stored for the key: a stale entry must not outlive the upstream's
+        // newer answer (a 404 after a delete elsewhere, a `no-store`, a body
+        // grown past the entry limit), or every caller in its
+        // stale-while-revalidate window would get it and refresh again. Only
+        // an upstream failure leaves it, for stale-if-error.
+        let superseded = || {
+            if !is_upstream_error(status) {
+                cache.entries.invalidate(&key);
+            }
+        };
         if declared.is_some_and(|len| len > limit) {
+            superseded();
             return FetchResult::Streaming(Arc::new(Mutex::new(Some(Response::from_parts(
                 parts, body,
             )))));
@@ -718,6 +736,7 @@ impl Fill {
                     if let Ok(data) = frame.into_data() {
                         buf.extend_from_slice(&data);
                         if buf.len() > limit {
+                            superseded();
                             let head = http_body_util::Full::new(buf.freeze())
                                 .map_err(|never| match never {});
                             let rest = StreamBody::chain(head, body);
@@ -782,16 +801,19 @@ impl Fill {
                     shared: false,
                 }
             }
-            Err(reason) => FetchResult::NotStored {
-                response: Arc::new(Buffered {
-                    status,
-                    headers: parts.headers,
-                    body,
-                    extensions: parts.extensions,
-                    fetched_with: request_headers,
-                }),
-                reason,
-            },
+            Err(reason) => {
+                superseded();
+                FetchResult::NotStored {
+                    response: Arc::new(Buffered {
+                        status,
+                        headers: parts.headers,
+                        body,
+                        extensions: parts.extensions,
+                        fetched_with: request_headers,
+                    }),
+                    reason,
+                }
+            }
         }
     }
 }
