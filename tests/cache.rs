@@ -1085,6 +1085,89 @@ async fn versioned_upstream(version: Arc<AtomicU64>) -> String {
     .await
 }
 
+/// A write drops only what it changes, also from fetches in the air: a read
+/// of another key (another scope, another app) in flight during the write is
+/// still joined by later readers and still stored; a read of a key the write
+/// changed is not joined (read-your-writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_leaves_fetches_of_other_keys_joinable_and_storable() {
+    // GETs of the personal scope (no x-team-id upstream), by path.
+    let gets: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let seen = gets.clone();
+    let base = upstream_fn(move |req| {
+        let seen = seen.clone();
+        async move {
+            if req.method() == Method::GET {
+                if !req.headers().contains_key("x-team-id") {
+                    seen.lock().unwrap().push(req.uri().path().to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"data":{"id":"x1"}}"#,
+                )))
+                .unwrap()
+        }
+    })
+    .await;
+    let g = gateway_before(&base, "", "", Arc::new(rungen_gateway::clock::SystemClock)).await;
+    let url = |p: &str| format!("http://{}{}", g.local_addr(), p);
+    let c = TestClient::http1();
+    let read = |path: &str| {
+        let (c, u, a) = (c.clone(), url(path), rw());
+        tokio::spawn(async move { c.get(&u, &[("authorization", &a)]).await })
+    };
+    let write = async |path: &str, team: Option<&str>| {
+        let mut headers = vec![
+            ("authorization", rw()),
+            ("content-type", "application/json".to_string()),
+        ];
+        headers.extend(team.map(|t| ("x-team-id", t.to_string())));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let r = c.send(Method::PUT, &url(path), &headers, Some("{}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    };
+    let (list, app) = (read("/app"), read("/app/x1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    write("/app/a1", Some(TEAM_ID)).await; // another scope
+    write("/app/y1", None).await; // this scope, another app: changes the list
+    let (list2, app2) = (read("/app"), read("/app/x1"));
+    let (list, app) = (list.await.unwrap(), app.await.unwrap());
+    let (list2, app2) = (list2.await.unwrap(), app2.await.unwrap());
+    let app3 = read("/app/x1").await.unwrap();
+    g.stop().await;
+    assert!(
+        cache_status(&app).contains("stored"),
+        "{}",
+        cache_status(&app)
+    );
+    assert!(
+        cache_status(&app2).contains("collapsed"),
+        "{}",
+        cache_status(&app2)
+    );
+    assert!(
+        cache_status(&app3).contains("hit"),
+        "{}",
+        cache_status(&app3)
+    );
+    assert!(
+        !cache_status(&list2).contains("collapsed"),
+        "the list changed after its fetch began: {}",
+        cache_status(&list2)
+    );
+    assert!(
+        cache_status(&list).contains("invalidated"),
+        "{}",
+        cache_status(&list)
+    );
+    let mut gets = gets.lock().unwrap().clone();
+    gets.sort();
+    assert_eq!(gets, ["/app", "/app", "/app/x1"]);
+}
+
 /// Read-your-writes: a read that starts after a write's 200 does not join a
 /// fetch of the same key that started before the write (and would answer
 /// with the pre-write body); it fetches again.

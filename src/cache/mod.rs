@@ -108,6 +108,24 @@ impl Buffered {
 
 type Flight = Shared<BoxFuture<'static, FetchResult>>;
 
+/// Which keys a change (an invalidation, a purge) covers.
+type KeyMatch = Arc<dyn Fn(&CacheKey) -> bool + Send + Sync>;
+
+/// The latest changes, oldest first: change number `first + i` is
+/// `changes[i]`, and it moved the epoch from `first + i` to `first + i + 1`.
+#[derive(Default)]
+struct ChangeLog {
+    first: u64,
+    changes: std::collections::VecDeque<KeyMatch>,
+}
+
+impl ChangeLog {
+    /// Changes kept; a fill that outlives more changes than this is treated
+    /// as raced by a write (not stored, not joined), as every fill was
+    /// before changes were told apart.
+    const MAX: usize = 1024;
+}
+
 /// The cache's shared state (one per process, kept across config reloads).
 pub struct Cache {
     settings: CacheSettings,
@@ -119,8 +137,12 @@ pub struct Cache {
     any_vary: std::sync::atomic::AtomicBool,
     /// Fetches in the air, with the epoch they started in.
     flights: Mutex<HashMap<CacheKey, (u64, Flight)>>,
-    /// Bumped by every invalidation: a fill that raced a write is not stored.
+    /// Bumped by every invalidation and purge (under `changes`' lock).
     epoch: AtomicU64,
+    /// What the recent invalidations and purges covered: a fill that raced a
+    /// write to its key is not stored, and a read after it does not join it
+    /// (see [`Cache::changed_since`]); writes to other keys leave both alone.
+    changes: Mutex<ChangeLog>,
     /// Scopes whose upstream said 429, until when.
     backoff: Mutex<HashMap<Arc<str>, Instant>>,
     /// Cluster mode: where this replica's invalidations and purges go.
@@ -160,6 +182,7 @@ impl Cache {
             settings,
             flights: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            changes: Mutex::new(ChangeLog::default()),
             backoff: Mutex::new(HashMap::new()),
             fanout: std::sync::OnceLock::new(),
             shared: std::sync::OnceLock::new(),
@@ -248,17 +271,17 @@ impl Cache {
     }
 
     fn invalidate_local(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
         let scopes: Vec<Arc<str>> = scopes.to_vec();
         let exact = exact.to_vec();
         let prefixes = prefixes.to_vec();
-        let matches = move |k: &CacheKey| {
+        let matches: KeyMatch = Arc::new(move |k: &CacheKey| {
             scopes.contains(&k.scope)
                 && (exact.iter().any(|p| **p == *k.path)
                     || prefixes.iter().any(|p| k.path.starts_with(p.as_str())))
-        };
-        let m2 = matches.clone();
-        if let Err(e) = self.entries.invalidate_entries_if(move |k, _| matches(k)) {
+        });
+        self.record_change(matches.clone());
+        let (m1, m2) = (matches.clone(), matches);
+        if let Err(e) = self.entries.invalidate_entries_if(move |k, _| m1(k)) {
             tracing::error!(error = %e, "cache invalidation failed; dropping everything");
             self.entries.invalidate_all();
         }
@@ -283,16 +306,16 @@ impl Cache {
     /// Purges this replica only.
     pub fn purge_local(&self, what: &PurgeScope) -> u64 {
         let before = self.entries.entry_count();
-        self.epoch.fetch_add(1, Ordering::SeqCst);
         match (&what.scope, &what.path_prefix) {
             (None, None) => {
+                self.record_change(Arc::new(|_: &CacheKey| true));
                 self.entries.invalidate_all();
                 self.vary.invalidate_all();
             }
             (scope, prefix) => {
                 let scope = scope.clone();
                 let prefix = prefix.clone();
-                let pred = move |k: &CacheKey| {
+                let pred: KeyMatch = Arc::new(move |k: &CacheKey| {
                     scope.as_deref().is_none_or(|s| *k.scope == *s)
                         && prefix.as_deref().is_none_or(|p| {
                             k.path.starts_with(p)
@@ -300,11 +323,12 @@ impl Cache {
                                     || p.ends_with('/')
                                     || k.path.as_bytes().get(p.len()) == Some(&b'/'))
                         })
-                };
-                let p2 = pred.clone();
+                });
+                self.record_change(pred.clone());
+                let (p1, p2) = (pred.clone(), pred);
                 if self
                     .entries
-                    .invalidate_entries_if(move |k, _| pred(k))
+                    .invalidate_entries_if(move |k, _| p1(k))
                     .is_err()
                 {
                     self.entries.invalidate_all();
@@ -314,6 +338,41 @@ impl Cache {
         }
         metrics::counter!("rungen_gateway_cache_purges_total").increment(1);
         before
+    }
+
+    /// Logs a change and moves the epoch past it. Called before the entries
+    /// it covers are dropped: a fill that stores after this sees it.
+    fn record_change(&self, covers: KeyMatch) {
+        let mut log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        log.changes.push_back(covers);
+        if log.changes.len() > ChangeLog::MAX {
+            log.changes.pop_front();
+            log.first += 1;
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The epoch to hand to [`Cache::changed_since`] later.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether an invalidation or purge since `epoch` covered `key`: then
+    /// what was fetched for it before may predate a write. Changes older
+    /// than the log keeps count as covering every key.
+    fn changed_since(&self, epoch: u64, key: &CacheKey) -> bool {
+        if self.epoch() == epoch {
+            return false;
+        }
+        let log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        // Change number `first + i` moved the epoch from `first + i` to `first + i + 1`.
+        let Some(skip) = epoch.checked_sub(log.first) else {
+            return true;
+        };
+        log.changes
+            .iter()
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+            .any(|covers| covers(key))
     }
 
     fn in_backoff(&self, scope: &Arc<str>, now: Instant) -> bool {
@@ -550,10 +609,10 @@ impl Fill {
             return self.run().await;
         };
         let (cache, key) = (self.cache.clone(), self.key.clone());
-        let epoch = cache.epoch.load(Ordering::SeqCst);
+        let epoch = cache.epoch();
         match cluster.shared_before(&key, cache.clock.now()).await {
             crate::cluster::shared::Before::Hit(entry) => {
-                if cache.epoch.load(Ordering::SeqCst) == epoch {
+                if !cache.changed_since(epoch, &key) {
                     cache.entries.insert(key, entry.clone());
                 }
                 FetchResult::Stored {
@@ -606,7 +665,7 @@ impl Fill {
             }
         }
         let request_headers = req.headers().clone();
-        let epoch = cache.epoch.load(Ordering::SeqCst);
+        let epoch = cache.epoch();
         metrics::counter!("rungen_gateway_cache_fills_total", "route" => route.as_str().to_string(), "scope" => key.scope.to_string()).increment(1);
 
         let res = match call_inner(inner, req).await {
@@ -679,7 +738,7 @@ impl Fill {
                     stale.variant,
                     stale.vary.clone(),
                 ));
-                if cache.epoch.load(Ordering::SeqCst) == epoch {
+                if !cache.changed_since(epoch, &key) {
                     cache.entries.insert(key.clone(), entry.clone());
                 }
                 return FetchResult::Stored {
@@ -771,7 +830,7 @@ impl Fill {
                     variant,
                     Arc::from(names.clone()),
                 ));
-                if cache.epoch.load(Ordering::SeqCst) != epoch {
+                if cache.changed_since(epoch, &key) {
                     return FetchResult::NotStored {
                         response: Arc::new(Buffered {
                             status,
@@ -875,11 +934,12 @@ impl CacheService {
     fn flight(&self, fill: Fill) -> (Flight, bool) {
         let cache = &self.layer.cache;
         let mut flights = cache.flights.lock().unwrap_or_else(|e| e.into_inner());
-        // Only a fetch started since the last write or purge: an older one
-        // may answer with what that write changed (read-your-writes).
-        let epoch = cache.epoch.load(Ordering::SeqCst);
+        // Not a fetch that a later write or purge of this key may have raced:
+        // it may answer with what that write changed (read-your-writes).
+        // Writes to other keys, other scopes, leave it joinable.
+        let epoch = cache.epoch();
         if let Some((started, f)) = flights.get(&fill.key) {
-            if *started == epoch {
+            if !cache.changed_since(*started, &fill.key) {
                 return (f.clone(), false);
             }
         }
@@ -1314,6 +1374,45 @@ mod tests {
         }));
         assert!(unwound.is_err());
         assert_eq!(slots(&cache), 0, "the panicked fill's slot is free");
+    }
+
+    #[test]
+    fn a_change_covers_only_its_keys_and_a_forgotten_one_covers_all() {
+        let cache = Cache::new(
+            CacheSettings::default(),
+            Arc::new(crate::clock::SystemClock),
+        );
+        let (acme, personal): (Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("personal"));
+        let list = CacheKey::new(&acme, "/app", None);
+        let app = CacheKey::new(&acme, "/app/a1", Some("x=1"));
+        let theirs = CacheKey::new(&personal, "/app", None);
+        let start = cache.epoch();
+        assert!(!cache.changed_since(start, &list), "nothing happened");
+        cache.invalidate_local(std::slice::from_ref(&acme), &["/app".to_string()], &[]);
+        assert!(cache.changed_since(start, &list));
+        assert!(!cache.changed_since(start, &app), "another path");
+        assert!(!cache.changed_since(start, &theirs), "another scope");
+        let after = cache.epoch();
+        assert!(!cache.changed_since(after, &list), "only changes since");
+        cache.purge_local(&PurgeScope {
+            scope: Some("acme".into()),
+            path_prefix: Some("/app/a1".into()),
+        });
+        assert!(cache.changed_since(after, &app));
+        assert!(!cache.changed_since(after, &theirs));
+        // A fill that outlived more changes than the log keeps: raced.
+        let old = cache.epoch();
+        for _ in 0..=ChangeLog::MAX {
+            cache.invalidate_local(
+                std::slice::from_ref(&acme),
+                &["/elsewhere".to_string()],
+                &[],
+            );
+        }
+        assert!(cache.changed_since(old, &theirs));
+        let recent = cache.epoch() - 1;
+        assert!(!cache.changed_since(recent, &theirs));
+        assert_eq!(cache.changes.lock().unwrap().changes.len(), ChangeLog::MAX);
     }
 
     #[test]
