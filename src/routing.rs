@@ -8,8 +8,9 @@
 use crate::context::RequestContext;
 use crate::error::{Body, BodyError, GatewayError, error_response};
 use crate::step::{Step, StepFuture};
-use http::{Method, Request, Response, header};
+use http::{Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Limited};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -121,6 +122,70 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
             return Err(GatewayError::BadRequest("empty path segment"));
         }
     }
+    Ok(())
+}
+
+/// One spelling per path (RFC 3986 6.2.2): percent-escapes of unreserved
+/// characters (letters, digits, `-`, `_`, `~`) decoded, the hex digits of the
+/// others upper case. `/app/%61%31` is `/app/a1` to the upstream, so it must
+/// be to the cache too: one entry, and the writes to `/app/a1` invalidate
+/// it. (`%2E` stays encoded, and [`check_path`] refuses it.) A `%` not
+/// followed by two hex digits is refused.
+pub fn normalize_escapes(path: &str) -> Result<Cow<'_, str>, GatewayError> {
+    if !path.contains('%') {
+        return Ok(Cow::Borrowed(path));
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let hex = |c: Option<&u8>| c.and_then(|c| char::from(*c).to_digit(16));
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let (mut i, mut copied) = (0, 0);
+    while let Some(at) = bytes[i..].iter().position(|b| *b == b'%').map(|p| p + i) {
+        let (Some(hi), Some(lo)) = (hex(bytes.get(at + 1)), hex(bytes.get(at + 2))) else {
+            return Err(GatewayError::BadRequest(
+                "malformed percent-encoding in path",
+            ));
+        };
+        out.push_str(&path[copied..at]);
+        let byte = u8::try_from(hi * 16 + lo).unwrap_or(0);
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        i = at + 3;
+        copied = i;
+    }
+    if copied == 0 {
+        return Ok(Cow::Borrowed(path));
+    }
+    out.push_str(&path[copied..]);
+    Ok(if out == path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(out)
+    })
+}
+
+/// Rewrites the request's path to its [`normalize_escapes`] spelling.
+fn normalize_path(req: &mut Request<Body>) -> Result<(), GatewayError> {
+    let Cow::Owned(path) = normalize_escapes(req.uri().path())? else {
+        return Ok(());
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .try_into()
+            .map_err(|_| GatewayError::BadRequest("invalid path"))?,
+    );
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))?;
     Ok(())
 }
 
@@ -248,8 +313,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        match self.check(&req) {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match normalize_path(&mut req).and_then(|()| self.check(&req)) {
             Ok(route) => {
                 let limit = usize::try_from(self.layer.max_body_bytes).unwrap_or(usize::MAX);
                 let (mut parts, body) = req.into_parts();
@@ -284,6 +349,33 @@ mod tests {
 
     fn prefixes() -> Vec<Prefix> {
         vec![Prefix::new("/app"), Prefix::new("/v2")]
+    }
+
+    #[test]
+    fn escapes_are_spelled_one_way() {
+        for (path, want) in [
+            ("/app/a1", "/app/a1"),
+            ("/app/%61%31", "/app/a1"),
+            ("/app/%41-%7e_%5F", "/app/A-~__"),
+            ("/app/caf%c3%a9", "/app/caf%C3%A9"),
+            ("/app/%2e%2E", "/app/%2E%2E"),
+            ("/app/a%20b%3a", "/app/a%20b%3A"),
+            ("/app/%C3%A9", "/app/%C3%A9"),
+        ] {
+            let got = normalize_escapes(path).unwrap();
+            assert_eq!(got, want, "{path}");
+            assert_eq!(normalize_escapes(&got).unwrap(), want, "idempotent");
+            assert_eq!(
+                matches!(got, Cow::Borrowed(_)),
+                path == want,
+                "a copy only when the spelling changes: {path}"
+            );
+        }
+        for bad in ["/app/%", "/app/%4", "/app/%zz", "/app/a%g1", "/app/%%41"] {
+            assert!(normalize_escapes(bad).is_err(), "{bad}");
+        }
+        // An escaped dot is still refused after normalising.
+        assert!(check_path(&normalize_escapes("/app/%2e%2e/x").unwrap()).is_err());
     }
 
     #[test]

@@ -165,6 +165,67 @@ async fn scopes_never_share_entries_and_clients_of_one_scope_do() {
     h.stop().await;
 }
 
+/// A path spelled with percent-escapes of plain characters is the same
+/// resource: the upstream is sent one spelling, the cache keeps one entry,
+/// and a write to the resource drops it whichever spelling filled it.
+#[tokio::test]
+async fn one_resource_is_one_entry_whatever_its_spelling() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let list = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let id = list.json()["data"][0]["id"].as_str().unwrap().to_string();
+    // Every character of the id escaped, the hex in lower case.
+    let escaped: String = id.bytes().map(|b| format!("%{b:02x}")).collect();
+    let r = c
+        .get(
+            &h.url(&format!("/app/{escaped}?v=1")),
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let sent = h.mock.requests().last().unwrap().clone();
+    assert_eq!(sent.path_and_query, format!("/app/{id}?v=1"));
+    let plain = h.url(&format!("/app/{id}?v=1"));
+    let r = c.get(&plain, &[("authorization", &auth)]).await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
+    assert_eq!(h.upstream_count("GET /app/{id}"), 1);
+    // A write through the plain spelling drops what the escaped one filled.
+    let w = c
+        .send(
+            Method::PUT,
+            &h.url(&format!("/app/{id}")),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            Some(r#"{"name":"renamed"}"#),
+        )
+        .await;
+    assert!(w.status.is_success(), "{}", w.status);
+    let r = c
+        .get(
+            &h.url(&format!("/app/{escaped}?v=1")),
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert!(
+        cache_status(&r).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&r)
+    );
+    assert_eq!(h.upstream_count("GET /app/{id}"), 2);
+    // A broken escape is the caller's error.
+    let r = c.get(&h.url("/app/%zz"), &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.error_message().contains("percent"),
+        "{}",
+        r.error_message()
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn writes_invalidate_the_reads_they_change() {
     let (h, _clock) = start("").await;

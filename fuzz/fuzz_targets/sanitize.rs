@@ -6,7 +6,9 @@
 //!   (`x-http-method-override`, `x-original-url`, ...), no hop-by-hop header
 //!   and no header named in `Connection` remains; every other header is kept
 //!   as is.
-//! * `check_path`: an accepted path starts with `/` and has no dot segment,
+//! * `normalize_escapes`: idempotent; no unreserved character stays escaped,
+//!   no escape keeps lower-case hex.
+//! * `check_path` (of the normalised path): an accepted path starts with `/` and has no dot segment,
 //!   no empty segment (`//`), no backslash, no `;` and no encoded `.`, `/`,
 //!   `\` or NUL;
 //!   `classify` of an accepted path stays under the prefix it matched.
@@ -24,7 +26,7 @@ use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use rungen_gateway::caller_auth::extract_token;
 use rungen_gateway::rate_limit::client_ip;
-use rungen_gateway::routing::{Prefix, Route, check_path, classify};
+use rungen_gateway::routing::{Prefix, Route, check_path, classify, normalize_escapes};
 use rungen_gateway::telemetry::valid_traceparent;
 use rungen_gateway::upstream_credentials::strip_caller_headers;
 use std::net::IpAddr;
@@ -89,8 +91,33 @@ fn check_strip(original: &HeaderMap) {
     }
 }
 
-fn check_routing(path: &str) {
+fn check_routing(raw: &str) {
     let prefixes = [Prefix::new("/app"), Prefix::new("/v2/other")];
+    // As Routing does: one spelling first, then the checks on it.
+    let Ok(normal) = normalize_escapes(raw) else {
+        return;
+    };
+    let path: &str = &normal;
+    assert_eq!(
+        normalize_escapes(path).ok().as_deref(),
+        Some(path),
+        "not idempotent: {raw:?}"
+    );
+    let bytes = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        let (hi, lo) = (bytes.get(i + 1), bytes.get(i + 2));
+        let hex =
+            |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c));
+        assert!(
+            hex(hi) && hex(lo),
+            "an escape left lower case or broken: {raw:?} -> {path:?}"
+        );
+        let byte = u8::from_str_radix(&path[i + 1..i + 3], 16).unwrap_or(0);
+        assert!(
+            !(byte.is_ascii_alphanumeric() || b"-_~".contains(&byte)),
+            "an unreserved character left escaped: {raw:?} -> {path:?}"
+        );
+    }
     if check_path(path).is_err() {
         return;
     }
