@@ -165,6 +165,47 @@ async fn scopes_never_share_entries_and_clients_of_one_scope_do() {
     h.stop().await;
 }
 
+/// A caller that goes away while its write is at the upstream does not take
+/// the invalidation with it: the write may still commit, so what it would
+/// change is dropped as for any write of unknown fate.
+#[tokio::test]
+async fn a_write_whose_caller_hangs_up_still_invalidates() {
+    use tokio::io::AsyncWriteExt;
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert!(cache_status(&r).contains("hit"));
+    h.mock.set_faults(Faults {
+        latency_ms: 500,
+        ..Faults::default()
+    });
+    let addr = h.url("").trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(addr.trim_end_matches('/'))
+        .await
+        .unwrap();
+    let post = format!(
+        "POST /app HTTP/1.1\r\nhost: gw\r\nauthorization: {auth}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    s.write_all(post.as_bytes()).await.unwrap();
+    wait_for("the write at the upstream", || {
+        h.upstream_count("POST /app") == 1
+    })
+    .await;
+    drop(s); // before the upstream answers
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    h.mock.set_faults(Faults::default());
+    let r = c.get(&h.url("/app"), &[("authorization", &auth)]).await;
+    assert!(
+        cache_status(&r).contains("fwd=uri-miss"),
+        "the list from before the write was served: {}",
+        cache_status(&r)
+    );
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
 /// A path spelled with percent-escapes of plain characters is the same
 /// resource: the upstream is sent one spelling, the cache keeps one entry,
 /// and a write to the resource drops it whichever spelling filled it.

@@ -892,6 +892,36 @@ impl StreamBody {
     }
 }
 
+/// What a write would change, dropped once its answer says it may have
+/// written, or if the write is given up before it has an answer (the caller
+/// hung up: the request may still reach or commit at the upstream).
+struct PendingInvalidation {
+    cache: Arc<Cache>,
+    scopes: Arc<[Arc<str>]>,
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+    route: Route,
+    /// Still to do when dropped.
+    armed: bool,
+}
+
+impl PendingInvalidation {
+    /// The write's answer is in: invalidate (now) only if it may have written.
+    fn settle(mut self, may_have_written: bool) {
+        self.armed = may_have_written;
+    }
+}
+
+impl Drop for PendingInvalidation {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache
+                .invalidate(&self.scopes, &self.exact, &self.prefixes);
+            metrics::counter!("rungen_gateway_cache_invalidations_total", "route" => self.route.as_str().to_string()).increment(1);
+        }
+    }
+}
+
 /// Whether a write may have changed the upstream: it succeeded, or its fate
 /// is unknown (a 5xx, no answer in time, a connection lost mid-answer: the
 /// upstream may have committed it). Only a 4xx, or a request that never
@@ -1313,15 +1343,19 @@ impl tower::Service<Request<Body>> for CacheService {
                         .unwrap_or_else(|| Arc::from(vec![scope.clone()]));
                     (scopes, exact, prefixes)
                 });
-                let cache = self.layer.cache.clone();
+                let pending = invalidate.map(|(scopes, exact, prefixes)| PendingInvalidation {
+                    cache: self.layer.cache.clone(),
+                    scopes,
+                    exact,
+                    prefixes,
+                    route: route.clone(),
+                    armed: true,
+                });
                 let fut = self.inner.call(req);
                 StepFuture::wait(async move {
                     let res = fut.await;
-                    if let Some((scopes, exact, prefixes)) = invalidate {
-                        if may_have_written(&res) {
-                            cache.invalidate(&scopes, &exact, &prefixes);
-                            metrics::counter!("rungen_gateway_cache_invalidations_total", "route" => route.as_str().to_string()).increment(1);
-                        }
+                    if let Some(pending) = pending {
+                        pending.settle(may_have_written(&res));
                     }
                     let res = res?;
                     Ok(if mark {
