@@ -63,12 +63,33 @@ fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The open-connection caps (`max_connections`, and per source IP
+/// `max_connections_per_ip`), shared by the listeners that serve callers: the
+/// TLS and the plaintext listener together hold at most that many.
+#[derive(Clone)]
+pub struct ConnectionCaps {
+    permits: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl ConnectionCaps {
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            per_ip: Arc::default(),
+        }
+    }
+}
+
 /// Serves connections from `listener` until `shutdown` resolves, then drains
-/// open connections for at most `cfg.shutdown_timeout`.
+/// open connections for at most `cfg.shutdown_timeout`. `caps` counts
+/// connections (`cfg.max_connections_per_ip` of them per source IP) together
+/// with every other listener given the same caps.
 pub async fn serve(
     listener: TcpListener,
     service: Arc<ArcSwap<GatewayService>>,
     cfg: ServerConfig,
+    caps: ConnectionCaps,
     shutdown: impl Future<Output = ()>,
     tls: Option<Arc<crate::tls::Acceptor>>,
 ) {
@@ -76,20 +97,21 @@ pub async fn serve(
     // Shutdown: a change on this channel tells every connection to finish
     // gracefully; the drain is over when every connection dropped its receiver.
     let (drain, _) = watch::channel(());
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
-    let per_ip_counts: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let ConnectionCaps {
+        permits,
+        per_ip: per_ip_counts,
+    } = caps;
     tokio::pin!(shutdown);
 
     loop {
         // At the connection cap, stop accepting: new connections wait in the
-        // kernel backlog instead of taking memory here.
-        let permit = tokio::select! {
+        // kernel backlog instead of taking memory here. The slot is only
+        // looked at, not held, while waiting for a connection: the other
+        // listener sharing the caps may need it meanwhile.
+        tokio::select! {
             _ = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+            room = permits.acquire() => if room.is_err() { break },
+        }
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -100,6 +122,14 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+        };
+        // Taken by the other listener since: this one connection waits here.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
             },
         };
         // One source IP may not take every connection slot.
@@ -116,7 +146,7 @@ pub async fn serve(
         let requests = Arc::new(RequestCounter::new(cfg.max_requests_per_connection));
         let service = service.clone();
         let builder = builder.clone();
-        let drain_rx = drain.subscribe();
+        let mut drain_rx = drain.subscribe();
         let tls = tls.as_ref().map(|a| a.current());
         let handshake_timeout = cfg.header_read_timeout;
         let timeouts = ConnTimeouts {
@@ -137,25 +167,27 @@ pub async fn serve(
                         .await;
                 }
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(
-                        handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                            metrics::counter!("rungen_gateway_tls_handshake_failures_total")
-                                .increment(1);
-                            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
-                            drop(per_ip);
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            metrics::counter!("rungen_gateway_tls_handshake_failures_total")
-                                .increment(1);
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    // A handshake has no request in flight: the drain does not wait for it.
+                    let outcome = tokio::select! {
+                        done = handshake => Some(done),
+                        _ = drain_rx.changed() => None,
+                    };
+                    let stream = match outcome {
+                        Some(Ok(Ok(s))) => s,
+                        failed => {
+                            match &failed {
+                                Some(Ok(Err(e))) => {
+                                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                                }
+                                Some(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                None => tracing::debug!(%peer, "TLS handshake given up: draining"),
+                            }
+                            if failed.is_some() {
+                                metrics::counter!("rungen_gateway_tls_handshake_failures_total")
+                                    .increment(1);
+                            }
                             metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
                             drop(per_ip);
                             return;

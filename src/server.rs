@@ -389,10 +389,13 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         }
         None => None,
     };
+    // One set of connection caps for the listeners that serve callers.
+    let caps = listener::ConnectionCaps::new(server_cfg.max_connections);
     let task = tokio::spawn(listener::serve(
         listener,
         state.service.clone(),
         server_cfg.clone(),
+        caps.clone(),
         until_stopped(stopped.clone()),
         tls,
     ));
@@ -403,6 +406,7 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
             l,
             state.service.clone(),
             server_cfg.clone(),
+            caps.clone(),
             until_stopped(stopped.clone()),
             None,
         ))
@@ -417,10 +421,12 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         let mut admin_cfg = server_cfg.clone();
         admin_cfg.max_connections = 256;
         admin_cfg.shutdown_timeout = Duration::from_secs(1);
+        let admin_caps = listener::ConnectionCaps::new(admin_cfg.max_connections);
         tokio::spawn(listener::serve(
             l,
             svc,
             admin_cfg,
+            admin_caps,
             until_stopped(admin_stopped),
             None,
         ))

@@ -661,3 +661,114 @@ async fn a_rotated_client_ca_applies_to_new_connections() {
     }
     g.stop().await;
 }
+
+/// Sends `GET /app` on an open connection and reads until the status line
+/// of a 200 arrives (or `within` passes).
+async fn served_on<S>(s: &mut S, within: Duration) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let req = format!(
+        "GET /app HTTP/1.1\r\nhost: gw\r\nauthorization: {}\r\n\r\n",
+        bearer(TOKEN_RW)
+    );
+    let exchange = async {
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.starts_with(b"HTTP/1.1 200") || buf.len() < 12 {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    };
+    matches!(tokio::time::timeout(within, exchange).await, Ok(Some(())))
+}
+
+/// `max_connections` and `max_connections_per_ip` count the TLS and the
+/// plaintext listener's connections together: one cap for the process, not
+/// one per listener.
+#[tokio::test]
+async fn the_connection_caps_hold_across_the_tls_and_plaintext_listeners() {
+    let g = TlsGateway::start("", |t| {
+        t.replace(
+            "plaintext_listen = \"127.0.0.1:0\"",
+            "plaintext_listen = \"127.0.0.1:0\"\nmax_connections = 1\nmax_connections_per_ip = 1",
+        )
+    })
+    .await;
+    let mut plain = tokio::net::TcpStream::connect(g.gateway.plaintext_addr().unwrap())
+        .await
+        .unwrap();
+    assert!(served_on(&mut plain, Duration::from_secs(5)).await);
+    // The one slot is taken: a TLS connection waits in the backlog.
+    let (ca, addr) = (g.ca.pem(), g.gateway.local_addr());
+    let second = tokio::spawn(async move {
+        let mut tls = tls_connect(addr, &ca, None).await.ok()?;
+        served_on(&mut tls, Duration::from_secs(10))
+            .await
+            .then_some(())
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !second.is_finished(),
+        "served beside the plaintext connection"
+    );
+    // Its slot freed, the waiting connection is served.
+    drop(plain);
+    let served = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        served.is_some(),
+        "the waiting TLS connection was not served"
+    );
+    g.stop().await;
+
+    // Per source IP: the second connection from one IP is refused, whichever
+    // listener it comes to.
+    let g = TlsGateway::start("", |t| {
+        t.replace(
+            "plaintext_listen = \"127.0.0.1:0\"",
+            "plaintext_listen = \"127.0.0.1:0\"\nmax_connections = 10\nmax_connections_per_ip = 1",
+        )
+    })
+    .await;
+    let mut plain = tokio::net::TcpStream::connect(g.gateway.plaintext_addr().unwrap())
+        .await
+        .unwrap();
+    assert!(served_on(&mut plain, Duration::from_secs(5)).await);
+    let refused = match tls_connect(g.gateway.local_addr(), &g.ca.pem(), None).await {
+        Err(_) => true,
+        Ok(mut tls) => !served_on(&mut tls, Duration::from_secs(5)).await,
+    };
+    assert!(refused, "a second connection from one IP was served");
+    drop(plain);
+    g.stop().await;
+}
+
+/// A client in the middle of its TLS handshake has no request in flight:
+/// the drain at shutdown does not wait for its handshake to time out.
+#[tokio::test]
+async fn a_pending_tls_handshake_does_not_hold_the_drain() {
+    let g = TlsGateway::start("", |t| {
+        t.replace(
+            "plaintext_listen = \"127.0.0.1:0\"",
+            "plaintext_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"10s\"",
+        )
+    })
+    .await;
+    let _silent = tokio::net::TcpStream::connect(g.gateway.local_addr())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    g.gateway.stop().await;
+    let took = started.elapsed();
+    g.mock.shutdown();
+    assert!(took < Duration::from_secs(2), "the drain waited {took:?}");
+}
