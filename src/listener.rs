@@ -133,9 +133,11 @@ pub async fn serve(
             },
         };
         // One source IP may not take every connection slot.
-        let Some(per_ip) =
-            PerIpGuard::acquire(&per_ip_counts, peer.ip(), cfg.max_connections_per_ip)
-        else {
+        let Some(per_ip) = PerIpGuard::acquire(
+            &per_ip_counts,
+            crate::rate_limit::per_ip_bucket(peer.ip()),
+            cfg.max_connections_per_ip,
+        ) else {
             metrics::counter!("rungen_gateway_connections_refused_total", "reason" => "per_ip")
                 .increment(1);
             drop(stream);

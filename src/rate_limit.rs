@@ -144,6 +144,20 @@ pub fn client_ip(
         .unwrap_or(peer)
 }
 
+/// The bucket the per-IP limits count a source IP in: an IPv4 address is its
+/// own; an IPv6 address counts as its /64. One subscriber or LAN usually gets
+/// a whole /64 and may use any of its 2^64 addresses, so counting addresses
+/// would let one client take any number of buckets (connection slots,
+/// failed-auth guesses).
+pub fn per_ip_bucket(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !(u128::from(u64::MAX)),
+        )),
+        v4 => v4,
+    }
+}
+
 /// Limit settings, from `[rate_limit]`, `[[clients]] rate_limit` and `[[teams]]`.
 #[derive(Debug, Clone)]
 pub struct RateLimitSettings {
@@ -488,14 +502,15 @@ impl Limits {
         wait
     }
 
-    /// The source IP of a request (see [`client_ip`]), if it came over a socket.
+    /// The per-IP bucket ([`per_ip_bucket`]) of a request's source IP (see
+    /// [`client_ip`]), if it came over a socket.
     pub fn source_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let peer = RequestContext::of(req.extensions()).peer?.ip();
-        Some(client_ip(
+        Some(per_ip_bucket(client_ip(
             peer,
             req.headers().get_all(X_FORWARDED_FOR),
             &self.settings().trusted_proxies,
-        ))
+        )))
     }
 
     /// Drops per-IP state that has fully refilled (bounded memory under a flood of IPs).
@@ -1033,6 +1048,17 @@ mod tests {
             ),
             "\"caller\";r=0;t=1"
         );
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_by_their_slash_64() {
+        let b = |s: &str| per_ip_bucket(s.parse().unwrap()).to_string();
+        assert_eq!(b("192.0.2.7"), "192.0.2.7");
+        assert_eq!(b("::ffff:192.0.2.7"), "192.0.2.7", "a dual-stack IPv4 peer");
+        assert_eq!(b("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(b("2001:db8:1:2::1"), b("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        assert_eq!(b("::1"), "::");
     }
 
     #[test]

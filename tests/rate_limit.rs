@@ -292,6 +292,15 @@ async fn failed_auth_is_limited_per_ip_and_a_spoofed_forwarded_for_is_ignored() 
     // forwardfor`) after the caller's: the caller's line cannot pick.
     let proxied = |i| vec![format!("192.0.2.{i}"), "203.0.113.9".to_string()];
     assert_eq!(guesses(&h, &proxied).await, limited, "203.0.113.9's bucket");
+    // An IPv6 client picks any address of its /64: one bucket for all of them.
+    let rotating = |i| vec![format!("2001:db8:5:6::{i}")];
+    assert_eq!(guesses(&h, &rotating).await, limited, "2001:db8:5:6::/64");
+    let neighbour = |i| vec![format!("2001:db8:5:7::{i}")];
+    assert_eq!(
+        guesses(&h, &neighbour).await,
+        limited,
+        "another /64 has its own bucket"
+    );
     h.stop().await;
 }
 
