@@ -121,6 +121,8 @@ pub enum GatewayError {
     RequestBody,
     #[error("the request body stalled")]
     RequestTimeout,
+    #[error("not in the cache (only-if-cached)")]
+    NotCached,
     #[error("the upstream is failing; circuit open for scope {scope}")]
     CircuitOpen {
         scope: String,
@@ -148,7 +150,7 @@ impl GatewayError {
             GatewayError::UpstreamConnect
             | GatewayError::UpstreamCredentialRejected { .. }
             | GatewayError::UpstreamProtocol => StatusCode::BAD_GATEWAY,
-            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamTimeout | GatewayError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::RequestBody => StatusCode::BAD_REQUEST,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -191,6 +193,7 @@ impl GatewayError {
             GatewayError::RequestBody => "request_body",
             GatewayError::RequestTimeout => "request_timeout",
             GatewayError::CircuitOpen { .. } => "circuit_open",
+            GatewayError::NotCached => "not_cached",
             GatewayError::Internal => "internal",
         }
     }
@@ -235,6 +238,9 @@ impl GatewayError {
                 "the upstream API is failing for scope {scope}; retry later"
             )
             .into(),
+            GatewayError::NotCached => {
+                "no stored response to answer with (the request asked only-if-cached)".into()
+            }
             GatewayError::Internal => "internal gateway error".into(),
         }
     }
@@ -370,6 +376,7 @@ mod tests {
             GatewayError::Unauthenticated,
             GatewayError::ScopeForbidden,
             GatewayError::UpstreamTimeout,
+            GatewayError::NotCached,
             GatewayError::UpstreamCredentialRejected {
                 scope: "acme".into(),
             },

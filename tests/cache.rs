@@ -812,6 +812,51 @@ async fn upstream_validators_are_used_to_revalidate() {
     h.stop().await;
 }
 
+/// A caller's own `Cache-Control`: `only-if-cached` is answered from the
+/// cache or with 504, never upstream; `no-store` keeps its answer out of the
+/// cache (it is still served, and may be served from what is stored).
+#[tokio::test]
+async fn request_only_if_cached_and_no_store_are_honoured() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let ask = async |cc: Option<&str>| {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(cc.map(|v| ("cache-control", v)));
+        c.get(&h.url("/app"), &headers).await
+    };
+    let r = ask(Some("only-if-cached")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        r.error_message().contains("only-if-cached"),
+        "{}",
+        r.error_message()
+    );
+    assert_eq!(h.upstream_count("GET /app"), 0, "nothing went upstream");
+    let r = ask(Some("no-store")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        cache_status(&r).contains("detail=request-no-store"),
+        "{}",
+        cache_status(&r)
+    );
+    let r = ask(Some("only-if-cached")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "nothing was stored");
+    let r = ask(None).await;
+    assert!(cache_status(&r).contains("stored"), "{}", cache_status(&r));
+    for cc in ["only-if-cached", "no-store"] {
+        let r = ask(Some(cc)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            cache_status(&r).contains("hit"),
+            "{cc}: {}",
+            cache_status(&r)
+        );
+    }
+    assert_eq!(h.upstream_count("GET /app"), 2);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn client_no_cache_is_ignored_unless_the_route_allows_it() {
     let (h, _clock) = start("[cache.routes.\"/app/{id}\"]\nallow_client_revalidate = true\n").await;

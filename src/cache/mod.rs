@@ -646,6 +646,9 @@ impl Fill {
             policy,
             route,
         } = self;
+        // A leader that said `no-store` (RFC 9111 5.2.1.5): its answer is
+        // shared with the callers that joined, never stored.
+        let may_store = !policy::parse_cache_control(&template.headers).no_store;
         let mut req = Request::from_parts(template, crate::error::empty_body());
         *req.method_mut() = Method::GET;
         for name in &CONDITIONAL {
@@ -816,7 +819,14 @@ impl Fill {
             set_cookie,
             &body,
             wall,
-        );
+        )
+        .and_then(|f| {
+            if may_store {
+                Ok(f)
+            } else {
+                Err(NoStoreReason::RequestNoStore)
+            }
+        });
         match verdict {
             Ok(freshness) => {
                 let names = key::vary_names(&parts.headers);
@@ -1065,6 +1075,12 @@ impl CacheService {
             }
         }
 
+        // `only-if-cached` (RFC 9111 5.2.1.7): what the cache could not answer
+        // above is 504, and nothing goes upstream.
+        if policy::parse_cache_control(req.headers()).only_if_cached {
+            count(route_label, &scope, "not-cached");
+            return Err(GatewayError::NotCached);
+        }
         let stale = entry.filter(|e| {
             // Validators of an entry past its lifetime are still worth sending,
             // except for job results, whose signed URLs may have expired.

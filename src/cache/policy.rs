@@ -130,6 +130,8 @@ pub enum NoStoreReason {
     TooLarge,
     /// Zero freshness, no stale window, no validators: nothing worth keeping.
     ZeroTtl,
+    /// The request said `Cache-Control: no-store`.
+    RequestNoStore,
     /// A signed result URL in the body expires too soon to cache it.
     UrlExpiring,
     /// A write to the same scope happened while this response was fetched.
@@ -155,6 +157,7 @@ impl NoStoreReason {
             NoStoreReason::TooLarge => "too-large",
             NoStoreReason::ZeroTtl => "zero-ttl",
             NoStoreReason::UrlExpiring => "url-expiring",
+            NoStoreReason::RequestNoStore => "request-no-store",
             NoStoreReason::Invalidated => "invalidated",
             NoStoreReason::UpstreamError => "upstream-error",
             NoStoreReason::OtherVariant => "other-variant",
@@ -176,6 +179,8 @@ pub struct CacheControl {
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
+    /// A request directive: answer from the cache or not at all (504).
+    pub only_if_cached: bool,
 }
 
 /// Parses every `Cache-Control` field line (directive names are case-insensitive).
@@ -203,6 +208,7 @@ pub fn parse_cache_control(headers: &HeaderMap) -> CacheControl {
                 "s-maxage" => cc.s_maxage = secs().or(Some(0)),
                 "stale-while-revalidate" => cc.stale_while_revalidate = secs(),
                 "stale-if-error" => cc.stale_if_error = secs(),
+                "only-if-cached" => cc.only_if_cached = true,
                 _ => {}
             }
         }
@@ -360,14 +366,20 @@ pub fn response_freshness(
         ttl = Duration::ZERO;
     }
 
+    // `s-maxage` carries `proxy-revalidate` for a shared cache (RFC 9111
+    // 5.2.2.10): no stale use beyond what the upstream grants explicitly.
+    let (default_swr, default_sie) = if cc.s_maxage.is_some() {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (policy.stale_while_revalidate, policy.stale_if_error)
+    };
     let (mut swr, mut sie) = if negative {
         (Duration::ZERO, Duration::ZERO)
     } else {
         (
             cc.stale_while_revalidate
-                .map_or(policy.stale_while_revalidate, Duration::from_secs),
-            cc.stale_if_error
-                .map_or(policy.stale_if_error, Duration::from_secs),
+                .map_or(default_swr, Duration::from_secs),
+            cc.stale_if_error.map_or(default_sie, Duration::from_secs),
         )
     };
     if cc.must_revalidate || cc.no_cache {
@@ -654,6 +666,15 @@ mod tests {
         );
         let mr = f(&[("cache-control", "max-age=3, must-revalidate")]).unwrap();
         assert_eq!(mr.lifetime(), Duration::from_secs(3));
+        // s-maxage: proxy-revalidate for a shared cache, so the route's
+        // default stale windows do not apply; the upstream's own still do.
+        let sm = f(&[("cache-control", "s-maxage=3")]).unwrap();
+        assert_eq!(sm.lifetime(), Duration::from_secs(3));
+        let smw = f(&[("cache-control", "s-maxage=3, stale-if-error=9")]).unwrap();
+        assert_eq!(
+            (smw.stale_while_revalidate, smw.stale_if_error),
+            (Duration::ZERO, Duration::from_secs(9))
+        );
     }
 
     #[test]
