@@ -101,6 +101,8 @@ pub async fn serve(
         permits,
         per_ip: per_ip_counts,
     } = caps;
+    // The connections' tasks: aborted if the drain runs out of time.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
 
     loop {
@@ -124,6 +126,8 @@ pub async fn serve(
                 }
             },
         };
+        // Reap what has ended, so the set holds the open connections only.
+        while connections.try_join_next().is_some() {}
         // Taken by the other listener since: this one connection waits here.
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -144,7 +148,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
+        let open = OpenConnection::count();
         let requests = Arc::new(RequestCounter::new(cfg.max_requests_per_connection));
         let service = service.clone();
         let builder = builder.clone();
@@ -155,7 +159,7 @@ pub async fn serve(
             idle: cfg.header_read_timeout,
             stall: cfg.body_read_timeout,
         };
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tls {
                 None => {
                     let adapter = HyperAdapter {
@@ -190,8 +194,7 @@ pub async fn serve(
                                 metrics::counter!("rungen_gateway_tls_handshake_failures_total")
                                     .increment(1);
                             }
-                            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
-                            drop(per_ip);
+                            drop((open, per_ip));
                             return;
                         }
                     };
@@ -214,21 +217,29 @@ pub async fn serve(
                         .await;
                 }
             }
-            metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
-            drop(per_ip);
-            drop(permit);
+            drop((open, per_ip, permit));
         });
     }
 
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");
     let _ = drain.send(());
+    let deadline = tokio::time::sleep(cfg.shutdown_timeout);
+    tokio::pin!(deadline);
     tokio::select! {
-        _ = drain.closed() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(cfg.shutdown_timeout) => {
+        _ = drain.closed() => {
+            tracing::info!("all connections drained");
+            // What is left of each task is its bookkeeping: moments.
+            let reaped = async { while connections.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout_at(deadline.deadline(), reaped).await;
+        }
+        _ = &mut deadline => {
             tracing::warn!(timeout = ?cfg.shutdown_timeout, "drain deadline reached; closing remaining connections");
         }
     }
+    // Whatever still runs is closed now (its requests cut off), also when
+    // the gateway runs inside a process that goes on after `stop`.
+    connections.abort_all();
 }
 
 /// How long a connection may be idle (no request in flight, none starting
@@ -483,6 +494,23 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts an open connection in `rungen_gateway_connections_open` for as
+/// long as it lives (also when its task is aborted).
+struct OpenConnection;
+
+impl OpenConnection {
+    fn count() -> Self {
+        metrics::gauge!("rungen_gateway_connections_open").increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("rungen_gateway_connections_open").decrement(1.0);
     }
 }
 

@@ -607,3 +607,50 @@ async fn a_slow_upstream_body_is_not_taken_for_a_stalled_client() {
     })
     .await;
 }
+
+/// A connection still busy when the drain runs out of time is closed then,
+/// even when the process goes on (a gateway embedded in another program, or
+/// these tests): its request does not outlive `stop`.
+#[tokio::test]
+async fn connections_left_at_the_drain_deadline_are_closed() {
+    let mut h = Harness::start().await;
+    // A write whose answer trickles in (headers at once, then a byte every 100 ms).
+    h.mock.set_faults(rungen_gateway::mock_upstream::Faults {
+        trickle_ms: Some(100),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    let app = r#"{"name":"n","configuration":{"gpu_tier":"BASIC"},"workflow":{"model_url":"https://h/m"}}"#;
+    let post = format!(
+        "POST /app HTTP/1.1\r\nhost: gw\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{app}",
+        bearer(TOKEN_RW),
+        app.len()
+    );
+    s.write_all(post.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 201") || buf[..n].starts_with(b"HTTP/1.1 200"),
+        "the answer has begun: {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let stopped = Instant::now();
+    h.gateway.take().unwrap().stop().await; // shutdown_timeout 5 s
+    let took = stopped.elapsed();
+    // Whatever had arrived, then the end of the connection.
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    h.mock.shutdown();
+    assert!(took < Duration::from_secs(7), "stop took {took:?}");
+    assert!(closed.is_ok(), "the connection outlived stop");
+}
