@@ -10,7 +10,7 @@
 //! - Every body is JSON with `content-type: application/json`, except the empty 204 of
 //!   `DELETE /app/{id}`. Errors are `{"error": "<message>"}`. No rate-limit or caching
 //!   headers are sent unless [`Faults::extra_response_headers`] asks for them.
-//! - A missing or unknown `x-api-key` is 403 `Unauthorized access. Invalid API key.`.
+//! - A missing or unknown `x-api-key` is 403 `Unauthorized access. Invalid API key.` (401 with `invalid_key_status = 401`).
 //! - `x-team-id` present and non-empty (after trimming) selects the team scope; the user
 //!   must be a member, else 403 `Unauthorized access. Not a member of team '<id>'.`.
 //!   Absent or empty means the personal scope. Scopes are strict: an app of another scope
@@ -146,6 +146,10 @@ pub struct MockConfig {
     pub job_polls_to_complete: u32,
     /// Create 2 personal apps per user and 2 apps per team at start (default true).
     pub seed_apps: bool,
+    /// Status for a missing or unknown `x-api-key`: 403 as the docs show
+    /// (default), or 401, the other reading of them (rungen-api.md, open
+    /// question 3).
+    pub invalid_key_status: u16,
 }
 
 /// One API key and its user.
@@ -173,6 +177,7 @@ impl Default for MockConfig {
             run_async_status: 200,
             job_polls_to_complete: 2,
             seed_apps: true,
+            invalid_key_status: 403,
         }
     }
 }
@@ -186,6 +191,7 @@ struct RawMockConfig {
     run_async_status: Option<u16>,
     job_polls_to_complete: Option<u32>,
     seed_apps: Option<bool>,
+    invalid_key_status: Option<u16>,
 }
 
 impl MockConfig {
@@ -198,6 +204,7 @@ impl MockConfig {
     /// run_async_status = 200
     /// job_polls_to_complete = 2
     /// seed_apps = true
+    /// invalid_key_status = 403
     ///
     /// [[users]]
     /// api_key = "demo-upstream-key"
@@ -225,6 +232,9 @@ impl MockConfig {
                 .job_polls_to_complete
                 .unwrap_or(defaults.job_polls_to_complete),
             seed_apps: raw.seed_apps.unwrap_or(defaults.seed_apps),
+            invalid_key_status: raw
+                .invalid_key_status
+                .unwrap_or(defaults.invalid_key_status),
         };
         config.validate()?;
         Ok(config)
@@ -255,6 +265,12 @@ impl MockConfig {
             if StatusCode::from_u16(code).is_err() {
                 return Err(format!("{name} = {code} is not an HTTP status code"));
             }
+        }
+        if !matches!(self.invalid_key_status, 401 | 403) {
+            return Err(format!(
+                "invalid_key_status = {} must be 401 or 403",
+                self.invalid_key_status
+            ));
         }
         Ok(())
     }
@@ -1486,7 +1502,11 @@ impl Shared {
             .and_then(|k| self.users_by_key.get(k))
         {
             Some(u) => u,
-            None => return error_response(StatusCode::FORBIDDEN, MSG_INVALID_KEY),
+            None => {
+                let status = StatusCode::from_u16(self.config.invalid_key_status)
+                    .unwrap_or(StatusCode::FORBIDDEN);
+                return error_response(status, MSG_INVALID_KEY);
+            }
         };
         let team = headers
             .get("x-team-id")

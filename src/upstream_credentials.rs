@@ -132,7 +132,9 @@ where
                 )
                 .record(info.latency.as_secs_f64());
             }
-            if res.status() == StatusCode::FORBIDDEN {
+            // Our key, not the caller's: RunGen documents 403 for a bad key,
+            // and a 401 can only be about the key we sent, too.
+            if matches!(res.status(), StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED) {
                 metrics::counter!(
                     "rungen_gateway_upstream_credential_rejected_total",
                     "scope" => scope,
@@ -141,7 +143,7 @@ where
                 tracing::error!(
                     scope = %caller.scope.name,
                     key = %caller.scope.api_key.fingerprint(),
-                    "upstream rejected the gateway credential for this scope (403): check the scope's api_key"
+                    "upstream rejected the gateway credential for this scope (401/403): check the scope's api_key"
                 );
                 return Err(GatewayError::UpstreamCredentialRejected {
                     scope: caller.scope.name.clone(),

@@ -294,6 +294,40 @@ async fn upstream_403_is_a_502_naming_the_scope_not_the_key() {
     h.stop().await;
 }
 
+/// An upstream that answers a bad key with 401 instead: the same 502, and no
+/// upstream `WWW-Authenticate` that would make the caller doubt its own token.
+#[tokio::test]
+async fn upstream_401_is_a_502_too() {
+    let mock = rungen_gateway::mock_upstream::start(
+        rungen_gateway::mock_upstream::MockConfig {
+            invalid_key_status: 401,
+            ..mock_config()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let text = config_toml(&mock.base_url(), "", "");
+    let config =
+        rungen_gateway::config::Config::from_toml(std::path::Path::new("t.toml"), &text).unwrap();
+    let g = rungen_gateway::server::start(config).await.unwrap();
+    let c = TestClient::http1();
+    let url = format!("http://{}/app", g.local_addr());
+    let r = c.get(&url, &[("x-api-key", TOKEN_BROKEN)]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        r.error_message(),
+        "upstream rejected the gateway credential for scope broken"
+    );
+    assert_eq!(r.headers.get("www-authenticate"), None);
+    assert_eq!(mock.stats().total, 1);
+    // A good key is still served.
+    let r = c.get(&url, &[("x-api-key", TOKEN_RW)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    g.stop().await;
+    mock.shutdown();
+}
+
 #[tokio::test]
 async fn unreachable_upstream_is_a_502() {
     // A port that was just free: nothing listens there.
