@@ -411,7 +411,9 @@ enum JobState {
 }
 
 /// Reads a job body (`{"data": Job}` or a bare Job): its status and the
-/// earliest expiry of the SigV4-signed URLs anywhere inside it.
+/// earliest expiry of the signed URLs in it, outside `request` (the input the
+/// caller submitted: an input image's link that has run out says nothing
+/// about how long the job's result may be served).
 fn job_state(body: &[u8], _now: SystemTime) -> JobState {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
         return JobState::Pending;
@@ -426,15 +428,18 @@ fn job_state(body: &[u8], _now: SystemTime) -> JobState {
     }
     let mut earliest: Option<SystemTime> = None;
     let mut unreadable = false;
-    visit_strings(&json, &mut |s| {
-        if !s.contains("X-Amz-") && !s.contains("x-amz-") {
-            return;
-        }
-        match signed_url_expiry(s) {
-            Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
-            None => unreadable = true,
-        }
-    });
+    let mut look = |s: &str| match signed_url(s) {
+        SignedUrl::No => {}
+        SignedUrl::Expires(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
+        SignedUrl::Unreadable => unreadable = true,
+    };
+    match job.as_object() {
+        Some(fields) => fields
+            .iter()
+            .filter(|(k, _)| k.as_str() != "request")
+            .for_each(|(_, v)| visit_strings(v, &mut look)),
+        None => visit_strings(job, &mut look),
+    }
     if unreadable {
         return JobState::UnreadableUrl;
     }
@@ -452,22 +457,110 @@ fn visit_strings(v: &serde_json::Value, f: &mut impl FnMut(&str)) {
     }
 }
 
-/// `X-Amz-Date` + `X-Amz-Expires` of a presigned URL.
-pub fn signed_url_expiry(url: &str) -> Option<SystemTime> {
-    let query = url.split_once('?')?.1;
-    let mut date = None;
-    let mut expires = None;
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=')?;
-        if k.eq_ignore_ascii_case("X-Amz-Date") {
-            date = parse_amz_date(v);
-        } else if k.eq_ignore_ascii_case("X-Amz-Expires") {
-            expires = v.parse::<u64>().ok();
+/// What a string says about a link's lifetime.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SignedUrl {
+    /// Not a signed URL.
+    No,
+    /// A signed URL that stops working then.
+    Expires(SystemTime),
+    /// It carries signature or expiry parameters this cannot read.
+    Unreadable,
+}
+
+/// The query parameters (lower case) that mark a URL as signed.
+const SIGNATURE_PARAMS: [&str; 11] = [
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-date",
+    "x-amz-expires",
+    "x-goog-signature",
+    "x-goog-date",
+    "x-goog-expires",
+    "signature",
+    "expires",
+    "sig",
+    "se",
+];
+
+/// Reads a signed URL's expiry: S3 SigV4 (`X-Amz-Date` + `X-Amz-Expires`, the
+/// form RunGen's result links take), GCS V4 (`X-Goog-Date` + `X-Goog-Expires`),
+/// S3 SigV2 and CloudFront (`Expires=<unix time>`), Azure SAS (`se=<UTC
+/// time>`). A URL with signature parameters but no expiry it can read is
+/// [`SignedUrl::Unreadable`].
+pub fn signed_url(s: &str) -> SignedUrl {
+    let Some((_, query)) = s.split_once('?') else {
+        return SignedUrl::No;
+    };
+    if !s.starts_with("http://") && !s.starts_with("https://") {
+        return SignedUrl::No;
+    }
+    let (mut date, mut lifetime, mut until) = (None, None, None);
+    let mut signed = false;
+    for pair in query.split(['&', '#']) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = k.to_ascii_lowercase();
+        signed |= SIGNATURE_PARAMS.contains(&k.as_str());
+        match k.as_str() {
+            "x-amz-date" | "x-goog-date" => date = parse_amz_date(v),
+            "x-amz-expires" | "x-goog-expires" => lifetime = v.parse::<u64>().ok(),
+            "expires" => {
+                until = v
+                    .parse::<u64>()
+                    .ok()
+                    .map(|t| UNIX_EPOCH + Duration::from_secs(t.min(u64::from(u32::MAX))));
+            }
+            "se" => until = parse_iso_utc(&v.replace("%3A", ":").replace("%3a", ":")),
+            _ => {}
         }
+    }
+    if !signed {
+        return SignedUrl::No;
     }
     // Capped and checked: an absurd X-Amz-Expires must not overflow (SigV4
     // allows at most 7 days anyway).
-    date?.checked_add(Duration::from_secs(expires?.min(MAX_DIRECTIVE_SECS)))
+    let from_lifetime = date
+        .zip(lifetime)
+        .and_then(|(d, l)| d.checked_add(Duration::from_secs(l.min(MAX_DIRECTIVE_SECS))));
+    match (from_lifetime, until) {
+        (Some(a), Some(b)) => SignedUrl::Expires(a.min(b)),
+        (Some(t), None) | (None, Some(t)) => SignedUrl::Expires(t),
+        (None, None) => SignedUrl::Unreadable,
+    }
+}
+
+/// The expiry [`signed_url`] reads, if it reads one.
+pub fn signed_url_expiry(url: &str) -> Option<SystemTime> {
+    match signed_url(url) {
+        SignedUrl::Expires(t) => Some(t),
+        _ => None,
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC; fractional seconds allowed) to a time.
+fn parse_iso_utc(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let s = s.split_once('.').map_or(s, |(whole, _)| whole);
+    let b = s.as_bytes();
+    if b.len() != 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let compact = format!(
+        "{}{}{}T{}{}{}Z",
+        &s[0..4],
+        &s[5..7],
+        &s[8..10],
+        &s[11..13],
+        &s[14..16],
+        &s[17..19]
+    );
+    parse_amz_date(&compact)
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) to a time.
@@ -778,6 +871,85 @@ mod tests {
         );
         let f = plain(&p, &job(), &body).unwrap();
         assert_eq!(f.lifetime(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn signed_urls_of_other_stores_are_read_too() {
+        let t = |secs: u64| SignedUrl::Expires(UNIX_EPOCH + Duration::from_secs(secs));
+        let at = |s: &str| match signed_url(s) {
+            SignedUrl::Expires(t) => SignedUrl::Expires(t),
+            other => other,
+        };
+        let amz = now() + Duration::from_secs(604_800);
+        assert_eq!(
+            at(&url("20250122T152228Z", 604_800)),
+            SignedUrl::Expires(amz)
+        );
+        assert_eq!(
+            at(
+                "https://storage.googleapis.com/b/o.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Date=20250122T152228Z&X-Goog-Expires=60&X-Goog-Signature=ab"
+            ),
+            SignedUrl::Expires(now() + Duration::from_secs(60))
+        );
+        assert_eq!(
+            at("https://b.s3.amazonaws.com/o.png?AWSAccessKeyId=A&Expires=1737559348&Signature=ab"),
+            t(1_737_559_348)
+        );
+        assert_eq!(
+            at("https://d1.cloudfront.net/o.png?Expires=1737559348&Signature=ab&Key-Pair-Id=K"),
+            t(1_737_559_348)
+        );
+        assert_eq!(
+            at(
+                "https://a.blob.core.windows.net/c/o.png?sv=2022-11-02&se=2025-01-22T15%3A22%3A28Z&sr=b&sp=r&sig=ab"
+            ),
+            SignedUrl::Expires(now())
+        );
+        // Signed, but with no expiry this can read: capped like any unreadable link.
+        for unreadable in [
+            "https://x/o.png?X-Amz-Date=20250122T152228Z&X-Amz-Signature=ab",
+            "https://x/o.png?Signature=ab",
+            "https://x/o.png?sig=ab&se=tomorrow",
+            "https://x/o.png?Expires=soon&Signature=ab",
+        ] {
+            assert_eq!(
+                signed_url(unreadable),
+                SignedUrl::Unreadable,
+                "{unreadable}"
+            );
+        }
+        for plain in [
+            "https://x/o.png",
+            "https://x/o.png?size=large",
+            "a prompt with ?sig= in it",
+        ] {
+            assert_eq!(signed_url(plain), SignedUrl::No, "{plain}");
+        }
+    }
+
+    #[test]
+    fn the_input_of_a_job_does_not_bound_its_result() {
+        let p = RoutePolicy::job_default();
+        // An img2img job whose input link ran out long ago; its result links
+        // are good for 7 days.
+        let body = serde_json::json!({"data": {
+            "id": "j",
+            "status": "COMPLETED",
+            "request": {"input": {"image": url("20240101T000000Z", 60)}},
+            "result": {"images": [{"image": url("20250122T152228Z", 604_800)}]},
+        }})
+        .to_string();
+        let f = plain(&p, &job(), body.as_bytes()).unwrap();
+        assert_eq!(f.ttl, Duration::from_secs(3600), "the route's terminal TTL");
+        // The result's links still bound it.
+        let body = serde_json::json!({"data": {
+            "status": "COMPLETED",
+            "request": {"input": {"image": url("20250122T152228Z", 604_800)}},
+            "result": {"images": [{"image": url("20250122T152228Z", 1000)}]},
+        }})
+        .to_string();
+        let f = plain(&p, &job(), body.as_bytes()).unwrap();
+        assert_eq!(f.lifetime(), Duration::from_secs(400));
     }
 
     #[test]
