@@ -1566,3 +1566,45 @@ async fn a_write_of_unknown_fate_drops_what_it_would_change() {
     assert!(cached().await, "a refused write dropped the list");
     h.stop().await;
 }
+
+/// A write the upstream answers 404 (the app was deleted behind the
+/// gateway's back: another team member, the RunGen console) proves the
+/// cached copy wrong: it is dropped, and the next read gets the 404.
+#[tokio::test]
+async fn a_write_answered_404_drops_the_cached_copy() {
+    let (h, _clock) = start("").await;
+    let c = TestClient::http1();
+    let auth = rw();
+    let team = [("authorization", auth.as_str()), ("x-team-id", TEAM_ID)];
+    let list = c.get(&h.url("/app"), &team).await;
+    let app_id = list.json()["data"][0]["id"].as_str().unwrap().to_string();
+    let app = h.url(&format!("/app/{app_id}"));
+    assert_eq!(c.get(&app, &team).await.status, StatusCode::OK);
+    let r = c.get(&app, &team).await;
+    assert!(cache_status(&r).contains("hit"));
+    let direct = c
+        .send(
+            Method::DELETE,
+            &format!("{}/app/{app_id}", h.mock.base_url()),
+            &[("x-api-key", UPSTREAM_KEY), ("x-team-id", TEAM_ID)],
+            None,
+        )
+        .await;
+    assert_eq!(direct.status, StatusCode::NO_CONTENT);
+    let del = c.send(Method::DELETE, &app, &team, None).await;
+    assert_eq!(del.status, StatusCode::NOT_FOUND);
+    let again = c.get(&app, &team).await;
+    assert_eq!(
+        again.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        cache_status(&again)
+    );
+    let list = c.get(&h.url("/app"), &team).await;
+    assert!(
+        !list.text().contains(&app_id),
+        "the list still shows the deleted app ({})",
+        cache_status(&list)
+    );
+    h.stop().await;
+}

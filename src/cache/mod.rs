@@ -932,13 +932,20 @@ impl Drop for PendingInvalidation {
     }
 }
 
-/// Whether a write may have changed the upstream: it succeeded, or its fate
-/// is unknown (a 5xx, no answer in time, a connection lost mid-answer: the
-/// upstream may have committed it). Only a 4xx, or a request that never
-/// reached the upstream, leaves the cache as it is.
+/// Whether a write's answer means what is cached for it may be wrong now: it
+/// succeeded, or its fate is unknown (a 5xx, no answer in time, a connection
+/// lost mid-answer: the upstream may have committed it), or the upstream
+/// says the resource is not as the cache has it (404/410: gone, deleted
+/// elsewhere; 409: in another state, such as a job already finished). Other
+/// refusals (400, 403, 422, ...), and a request that never reached the
+/// upstream, leave the cache as it is.
 fn may_have_written(res: &Result<Response<Body>, GatewayError>) -> bool {
     match res {
-        Ok(r) => r.status().is_success() || r.status().is_server_error(),
+        Ok(r) => {
+            r.status().is_success()
+                || r.status().is_server_error()
+                || matches!(r.status().as_u16(), 404 | 409 | 410)
+        }
         Err(e) => matches!(
             e,
             GatewayError::UpstreamTimeout | GatewayError::UpstreamProtocol
