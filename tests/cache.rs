@@ -1497,22 +1497,43 @@ async fn collapsed_callers_get_their_own_variant(store: bool) {
     assert_eq!(hits.load(Ordering::SeqCst), 2, "de shared, fr alone");
 }
 
-/// A cache fill asks for the whole representation: its answer is shared
-/// with collapsed callers and stored, so a caller's `Range` is not sent.
+/// A cache fill asks for the whole, unencoded representation: its answer is
+/// shared with collapsed callers and stored (and a job's body read), so a
+/// caller's `Range` is not sent and its `Accept-Encoding` becomes `identity`.
 #[tokio::test]
-async fn a_fill_never_forwards_the_callers_range() {
+async fn a_fill_asks_for_the_whole_unencoded_representation() {
     let (h, _clock) = start("").await;
     let c = TestClient::http1();
     let r = c
         .get(
             &h.url("/app"),
-            &[("authorization", &rw()), ("range", "bytes=0-9")],
+            &[
+                ("authorization", &rw()),
+                ("range", "bytes=0-9"),
+                ("accept-encoding", "gzip, br"),
+            ],
         )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let sent = h.mock.requests().last().unwrap().clone();
     assert_eq!(sent.path_and_query, "/app");
     assert_eq!(sent.header("range"), None);
+    assert_eq!(sent.header("accept-encoding"), Some("identity"));
+    // One stored body serves callers of any Accept-Encoding, even when the
+    // upstream says it varies on it.
+    h.mock.set_faults(Faults {
+        extra_response_headers: vec![("vary".into(), "Accept-Encoding".into())],
+        ..Faults::default()
+    });
+    c.get(
+        &h.url("/app?page=2"),
+        &[("authorization", &rw()), ("accept-encoding", "gzip")],
+    )
+    .await;
+    let r = c
+        .get(&h.url("/app?page=2"), &[("authorization", &rw())])
+        .await;
+    assert!(cache_status(&r).contains("hit"), "{}", cache_status(&r));
     h.stop().await;
 }
 

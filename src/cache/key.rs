@@ -136,11 +136,12 @@ pub fn normalize_query(query: &str) -> String {
 
 /// Request headers that never select a variant: the upstream sees the scope's
 /// credentials, never the caller's, so varying on them means varying by scope,
-/// which the key already does.
+/// which the key already does; and every fill asks for `Accept-Encoding:
+/// identity` whatever the caller sent, so there is one encoding to store.
 fn ignored_for_vary(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "authorization" | "x-api-key" | "x-team-id" | "cookie"
+        "authorization" | "x-api-key" | "x-team-id" | "cookie" | "accept-encoding"
     )
 }
 

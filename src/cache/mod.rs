@@ -656,6 +656,12 @@ impl Fill {
         }
         // The whole representation: the answer is shared and maybe stored.
         req.headers_mut().remove(header::RANGE);
+        // Unencoded: the policy reads job bodies, and one stored body must
+        // suit every caller (absent, the header would mean "any encoding").
+        req.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         req.headers_mut().remove(header::CONTENT_LENGTH);
         if let Some(stale) = &stale {
             if let Some(etag) = &stale.upstream_etag {

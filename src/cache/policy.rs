@@ -132,6 +132,8 @@ pub enum NoStoreReason {
     ZeroTtl,
     /// The request said `Cache-Control: no-store`.
     RequestNoStore,
+    /// A `Content-Encoding` body (fills ask for `identity`).
+    Encoded,
     /// A signed result URL in the body expires too soon to cache it.
     UrlExpiring,
     /// A write to the same scope happened while this response was fetched.
@@ -158,6 +160,7 @@ impl NoStoreReason {
             NoStoreReason::ZeroTtl => "zero-ttl",
             NoStoreReason::UrlExpiring => "url-expiring",
             NoStoreReason::RequestNoStore => "request-no-store",
+            NoStoreReason::Encoded => "content-encoding",
             NoStoreReason::Invalidated => "invalidated",
             NoStoreReason::UpstreamError => "upstream-error",
             NoStoreReason::OtherVariant => "other-variant",
@@ -294,6 +297,14 @@ pub fn response_freshness(
             .is_ok_and(|v| v.split(',').any(|f| f.trim() == "*"))
     }) {
         return Err(NoStoreReason::VaryStar);
+    }
+    // Fills ask for `identity`: an encoded body (an upstream that ignored
+    // that) could not be read here, nor served to every caller.
+    if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(NoStoreReason::Encoded);
     }
 
     // The route's own answer, and the hard end any use of the entry must respect.
@@ -711,6 +722,11 @@ mod tests {
             Err(NoStoreReason::SetCookie)
         );
         assert_eq!(f(&[("vary", "accept, *")]), Err(NoStoreReason::VaryStar));
+        assert_eq!(
+            f(&[("content-encoding", "gzip")]),
+            Err(NoStoreReason::Encoded)
+        );
+        assert!(f(&[("content-encoding", "identity")]).is_ok());
         assert_eq!(
             f(&[("cache-control", "max-age=2")]).unwrap().ttl,
             Duration::from_secs(2)
