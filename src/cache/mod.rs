@@ -419,18 +419,27 @@ pub struct CacheLayer {
     cache: Arc<Cache>,
     /// Each scope's name as the `Arc<str>` cache keys hold (no allocation per request).
     scope_names: Arc<HashMap<String, Arc<str>, foldhash::fast::RandomState>>,
-    /// Scope name -> every scope name that shares its upstream team (for
-    /// invalidation: a team app changed through one key is stale under all).
+    /// Scope name -> every scope name that sees the same upstream area (for
+    /// invalidation: a team app changed through one key is stale under all
+    /// the team's keys; a personal app under every scope of that same key).
     scope_groups: Arc<ScopeGroups>,
 }
 
 impl CacheLayer {
     pub fn new(cache: Arc<Cache>, teams: &[Arc<crate::config::Team>]) -> Self {
         let mut groups = HashMap::new();
+        // The same upstream area: one team (ids compare as RunGen does, case
+        // aside), or one key's personal area.
+        let same_area =
+            |a: &crate::config::Team, b: &crate::config::Team| match (&a.team_id, &b.team_id) {
+                (Some(x), Some(y)) => x.as_bytes().eq_ignore_ascii_case(y.as_bytes()),
+                (None, None) => a.api_key.expose() == b.api_key.expose(),
+                _ => false,
+            };
         for t in teams {
             let members: Vec<Arc<str>> = teams
                 .iter()
-                .filter(|o| o.name == t.name || (t.team_id.is_some() && o.team_id == t.team_id))
+                .filter(|o| o.name == t.name || same_area(t, o))
                 .map(|o| Arc::from(o.name.as_str()))
                 .collect();
             groups.insert(Arc::from(t.name.as_str()), Arc::from(members));
@@ -1476,6 +1485,48 @@ mod tests {
         let recent = cache.epoch() - 1;
         assert!(!cache.changed_since(recent, &theirs));
         assert_eq!(cache.changes.lock().unwrap().changes.len(), ChangeLog::MAX);
+    }
+
+    #[test]
+    fn scopes_of_one_upstream_area_invalidate_together() {
+        let team = |name: &str, id: Option<&str>, key: &str| {
+            Arc::new(crate::config::Team {
+                name: name.into(),
+                team_id: id.map(|i| HeaderValue::from_str(i).unwrap()),
+                api_key: crate::secret::Secret::new(key),
+            })
+        };
+        let teams = [
+            team("mine", None, "k1"),
+            team("mine-again", None, "k1"),
+            team("theirs", None, "k2"),
+            team("acme", Some("T-1"), "k1"),
+            team("acme-ops", Some("t-1"), "k2"),
+            team("other", Some("t-2"), "k1"),
+        ];
+        let layer = CacheLayer::new(
+            Cache::new(
+                CacheSettings::default(),
+                Arc::new(crate::clock::SystemClock),
+            ),
+            &teams,
+        );
+        let group = |name: &str| {
+            let mut g: Vec<String> = layer.scope_groups[name]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            g.sort();
+            g
+        };
+        assert_eq!(
+            group("mine"),
+            ["mine", "mine-again"],
+            "one key's personal area"
+        );
+        assert_eq!(group("theirs"), ["theirs"]);
+        assert_eq!(group("acme"), ["acme", "acme-ops"], "one team, any key");
+        assert_eq!(group("other"), ["other"]);
     }
 
     #[test]
