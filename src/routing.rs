@@ -132,7 +132,7 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
 /// it. (`%2E` stays encoded, and [`check_path`] refuses it.) A `%` not
 /// followed by two hex digits is refused.
 pub fn normalize_escapes(path: &str) -> Result<Cow<'_, str>, GatewayError> {
-    if !path.contains('%') {
+    if !path.as_bytes().contains(&b'%') {
         return Ok(Cow::Borrowed(path));
     }
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
