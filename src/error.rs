@@ -319,25 +319,58 @@ pub fn retry_after_value(wait: Duration) -> HeaderValue {
 // ---------------------------------------------------------------------------
 // RescueLayer: turns Err(GatewayError) from anything inside into a response.
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RescueLayer;
+/// Where failures become answers ([`error_response`]). `E` is only the error
+/// type the steps above expect; a `Rescue` never returns one.
+#[derive(Debug)]
+pub struct RescueLayer<E = std::convert::Infallible>(std::marker::PhantomData<fn() -> E>);
 
-impl<S> tower::Layer<S> for RescueLayer {
-    type Service = Rescue<S>;
-    fn layer(&self, inner: S) -> Rescue<S> {
-        Rescue { inner }
+impl<E> RescueLayer<E> {
+    pub fn new() -> Self {
+        RescueLayer(std::marker::PhantomData)
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct Rescue<S> {
-    inner: S,
+impl<E> Default for RescueLayer<E> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
-impl<S: crate::step::Step> tower::Service<http::Request<Body>> for Rescue<S> {
+impl<E> Clone for RescueLayer<E> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<S, E> tower::Layer<S> for RescueLayer<E> {
+    type Service = Rescue<S, E>;
+    fn layer(&self, inner: S) -> Rescue<S, E> {
+        Rescue {
+            inner,
+            _error: std::marker::PhantomData,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Rescue<S, E = std::convert::Infallible> {
+    inner: S,
+    _error: std::marker::PhantomData<fn() -> E>,
+}
+
+impl<S: Clone, E> Clone for Rescue<S, E> {
+    fn clone(&self) -> Self {
+        Rescue {
+            inner: self.inner.clone(),
+            _error: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: crate::step::Step, E: Send + 'static> tower::Service<http::Request<Body>> for Rescue<S, E> {
     type Response = Response<Body>;
-    type Error = std::convert::Infallible;
-    type Future = crate::step::StepFuture<Response<Body>, Self::Error>;
+    type Error = E;
+    type Future = crate::step::StepFuture<Response<Body>, E>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Inner services are always ready (no backpressure inside the chain);

@@ -5,7 +5,7 @@ use crate::caller_auth::{CallerAuthLayer, Credentials};
 use crate::circuit::{Breakers, CircuitBreakerLayer};
 use crate::config::Config;
 use crate::cors::{CorsLayer, CorsPolicy};
-use crate::error::{Body, RescueLayer};
+use crate::error::{Body, GatewayError, RescueLayer};
 use crate::jwt::{self, Verifier, Verifiers};
 use crate::rate_limit::{CallerLimitLayer, Limits, OverloadLayer, UpstreamBudgetLayer};
 use crate::routing::RoutingLayer;
@@ -50,8 +50,9 @@ pub fn build(
         .layer(AccessLogLayer)
         // CORS: preflights answered before auth; CORS headers on every response to an allowed origin
         .layer(CorsLayer::new(Arc::new(CorsPolicy::new(&config.clients))))
-        // every Err(GatewayError) below becomes its response (error.rs)
-        .layer(RescueLayer)
+        // every Err(GatewayError) below becomes its response (error.rs): here,
+        // the in-flight cap's; the cache's and the upstream's, further down
+        .layer(RescueLayer::<Infallible>::new())
         // global in-flight cap: shed with 503 instead of queueing without bound
         .layer(OverloadLayer::new(limits.clone()))
         // URI, method, path and body-size limits; only configured prefixes
@@ -66,6 +67,10 @@ pub fn build(
         .layer(CallerAuthLayer::new(credentials, limits.clone()))
         // 4. rate limit: the client's quota (cache hits included), RateLimit headers
         .layer(CallerLimitLayer::new(limits.clone()))
+        // upstream and cache failures become responses here, so the steps
+        // above answer them like any other (RateLimit fields, caller and
+        // route in the log line and metrics)
+        .layer(RescueLayer::<GatewayError>::new())
         // 5. cache: lookup, coalescing, store, stale serving, invalidation on writes
         .layer(CacheLayer::new(cache, &config.teams))
         // a scope whose upstream keeps failing fails fast (the cache serves stale)

@@ -291,6 +291,32 @@ async fn upstream_403_is_a_502_naming_the_scope_not_the_key() {
     assert!(!r.text().contains(WRONG_UPSTREAM_KEY));
     // The mock did see the (wrong) key: the request went upstream once.
     assert_eq!(h.mock.stats().total, 1);
+    // An upstream failure is an answer like any other to the steps above
+    // the cache: the caller's RateLimit fields, and its client, scope and
+    // route in the request metrics (and the access log).
+    assert!(r.headers.contains_key("ratelimit"), "{:?}", r.headers);
+    assert!(r.headers.contains_key("ratelimit-policy"));
+    let metrics = c
+        .get(
+            &format!("http://{}/metrics", h.gateway().admin_addr().unwrap()),
+            &[],
+        )
+        .await
+        .text();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("rungen_gateway_requests_total{") && l.contains("status_class=\"5xx\"")
+        })
+        .unwrap_or_default()
+        .to_string();
+    for label in [
+        "client=\"misconfigured\"",
+        "scope=\"broken\"",
+        "route=\"/app\"",
+    ] {
+        assert!(line.contains(label), "{label} missing: {line}");
+    }
     h.stop().await;
 }
 
