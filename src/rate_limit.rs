@@ -275,7 +275,7 @@ pub struct Limits {
     /// token from one is refused without its signature being checked (see
     /// [`Limits::refused_ip_wait`]). Pruned with the limiters, at most
     /// [`REFUSED_IPS_MAX`] entries.
-    refused_ips: Mutex<HashMap<IpAddr, Instant, foldhash::fast::RandomState>>,
+    refused_ips: RwLock<HashMap<IpAddr, Instant, foldhash::fast::RandomState>>,
     /// Public clients: per (client, source IP).
     public_ips: RwLock<ByName<Arc<IpLimiter>>>,
     scopes: RwLock<ByName<Arc<ScopeState>>>,
@@ -324,7 +324,7 @@ impl Limits {
             callers: RwLock::new(ByName::default()),
             callers_generation: AtomicU64::new(next_generation()),
             unauthenticated: RwLock::new(Arc::new(unauth)),
-            refused_ips: Mutex::new(HashMap::default()),
+            refused_ips: RwLock::new(HashMap::default()),
             public_ips: RwLock::new(ByName::default()),
             scopes: RwLock::new(ByName::default()),
             in_flight: AtomicUsize::new(0),
@@ -370,7 +370,7 @@ impl Limits {
         if old != settings.unauthenticated_quota {
             *write(&self.unauthenticated) =
                 Arc::new(RateLimiter::keyed(settings.unauthenticated_quota).with_middleware());
-            lock(&self.refused_ips).clear();
+            write(&self.refused_ips).clear();
         }
         self.settings.store(Arc::new(settings));
     }
@@ -469,7 +469,7 @@ impl Limits {
             Ok(_) => Ok(()),
             Err(nu) => {
                 let wait = nu.wait_time_from(limiter.clock().now());
-                let mut refused = lock(&self.refused_ips);
+                let mut refused = write(&self.refused_ips);
                 if refused.len() < REFUSED_IPS_MAX || refused.contains_key(&ip) {
                     refused.insert(ip, Instant::now() + wait);
                 }
@@ -484,22 +484,16 @@ impl Limits {
     /// it is refused now. Asked before a signed token's signature is checked
     /// (a public-key verification costs tens of microseconds): an IP past its
     /// failed-auth limit gets 429 for such a token without spending that CPU,
-    /// valid or not. Spends nothing.
+    /// valid or not. Spends nothing, and takes only a read lock (every
+    /// signed token asks); refusals that are over go at the next prune.
     pub fn refused_ip_wait(&self, ip: IpAddr) -> Option<Duration> {
         if !self.settings.load().enabled {
             return None;
         }
-        let mut refused = lock(&self.refused_ips);
-        let until = *refused.get(&ip)?;
-        let wait = until.checked_duration_since(Instant::now());
-        if wait.is_none() {
-            refused.remove(&ip);
-        }
-        drop(refused);
-        if wait.is_some() {
-            count_unauthenticated_limited();
-        }
-        wait
+        let until = *read(&self.refused_ips).get(&ip)?;
+        let wait = until.checked_duration_since(Instant::now())?;
+        count_unauthenticated_limited();
+        Some(wait)
     }
 
     /// The per-IP bucket ([`per_ip_bucket`]) of a request's source IP (see
@@ -519,7 +513,7 @@ impl Limits {
         l.retain_recent();
         l.shrink_to_fit();
         let now = Instant::now();
-        let mut refused = lock(&self.refused_ips);
+        let mut refused = write(&self.refused_ips);
         refused.retain(|_, until| *until > now);
         refused.shrink_to_fit();
         drop(refused);
@@ -1168,7 +1162,7 @@ mod tests {
         assert!(limits.check_unauthenticated(ip).is_err());
         std::thread::sleep(Duration::from_millis(40));
         limits.prune();
-        assert_eq!(lock(&limits.refused_ips).len(), 0);
+        assert_eq!(read(&limits.refused_ips).len(), 0);
         assert_eq!(limits.refused_ip_wait(ip), None);
     }
 
