@@ -303,20 +303,25 @@ async fn upstream_403_is_a_502_naming_the_scope_not_the_key() {
         )
         .await
         .text();
-    let line = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("rungen_gateway_requests_total{") && l.contains("status_class=\"5xx\"")
-        })
-        .unwrap_or_default()
-        .to_string();
-    for label in [
+    // (The recorder is the process's: other tests' series are there too.)
+    let labels = [
+        "status_class=\"5xx\"",
         "client=\"misconfigured\"",
         "scope=\"broken\"",
         "route=\"/app\"",
-    ] {
-        assert!(line.contains(label), "{label} missing: {line}");
-    }
+    ];
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rungen_gateway_requests_total{")
+                && labels.iter().all(|label| l.contains(label))),
+        "no requests_total series with {labels:?}:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("rungen_gateway_requests_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     h.stop().await;
 }
 
