@@ -224,7 +224,7 @@ impl Cache {
         self.vary.run_pending_tasks();
     }
 
-    /// Drops entries of `scopes` whose path matches, then bumps the epoch.
+    /// Logs the change (see `Cache::changed_since`), then drops the entries of `scopes` whose path matches.
     /// Drops what a write changed, here and (in cluster mode) on every replica.
     fn invalidate(&self, scopes: &[Arc<str>], exact: &[String], prefixes: &[String]) {
         self.invalidate_local(scopes, exact, prefixes);

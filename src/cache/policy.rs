@@ -136,7 +136,7 @@ pub enum NoStoreReason {
     Encoded,
     /// A signed result URL in the body expires too soon to cache it.
     UrlExpiring,
-    /// A write to the same scope happened while this response was fetched.
+    /// A write or purge covering this key happened while it was fetched.
     Invalidated,
     /// The upstream failed (no response to store).
     UpstreamError,
