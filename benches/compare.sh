@@ -17,12 +17,16 @@
 #   ROUNDS=3         rounds per scenario and target (each round: gateway then nginx)
 #   SERVER_CPU=0     core for the servers (gateway, nginx)
 #   LOAD_CPU=1       core for the load generator (and the mock upstream, idle on hits)
-#   BASE_PORT=28080  five (seven with FLOOR=1) consecutive loopback ports from here
+#   BASE_PORT=28080  five (nine with FLOOR=1) consecutive loopback ports from here
 #   SCENARIOS="h1-32 h1-128 h1-tls-32 h2-tls-32x10"
 #   FLOOR=1          also measure "nginx-memory": the same nginx worker answering the
 #                    same body from memory (`return 200`, no token map, no cache) —
 #                    the floor the issue names ("a hit served from memory should get
-#                    close to that floor"); ports BASE_PORT+5 (plain), +6 (TLS)
+#                    close to that floor"); ports BASE_PORT+5 (plain), +6 (TLS);
+#                    and "hyper-floor": benches/hyper_floor.rs, hyper with the
+#                    gateway's runtime, allocator and TLS answering the same body
+#                    as a constant (what the stack costs before any gateway step);
+#                    ports BASE_PORT+7 (plain), +8 (TLS)
 #   SKIP_INSTALL=1   do not apt-get anything (fail if a tool is missing)
 #   SKIP_BUILD=1     use the existing target/release/rungen-gateway
 #   GATEWAY_BIN=path use this gateway binary (implies SKIP_BUILD)
@@ -90,6 +94,10 @@ awk -F'\t' '
       line[s] = sprintf("| %s | %.2fx %s | %.2fx %s | %.2fx %s |", sc, rr, (rr >= 1.5 ? "met" : "MISSED"), pr, (pr <= 1.0 ? "met" : "MISSED"), cr, (cr <= 2 / 3 ? "met" : "MISSED")) sprintf(" %.2fx | %.2fx |", P5["gateway"] / P5["nginx"], P90["gateway"] / P90["nginx"]) paired
       if ("nginx-memory" in tseen)
         fline[s] = sprintf("| %s | %.2fx | %.2fx | %s | %.2fx |", sc, C["nginx"] / C["nginx-memory"], C["gateway"] / C["nginx-memory"], (CU["gateway"] < 0 || CU["nginx-memory"] <= 0) ? "-" : sprintf("%.2fx", CU["gateway"] / CU["nginx-memory"]), R["gateway"] / R["nginx-memory"])
+      # The CPU target (2/3 of nginx proxy_cache) against what hyper alone costs: below 1.0x,
+      # the target asks for less than the stack spends answering a constant.
+      if ("hyper-floor" in tseen)
+        hline[s] = sprintf("| %s | %.2f | %.2f | %.2fx | %.2fx | %.2f | %.2fx |", sc, C["hyper-floor"], C["nginx"] * 2 / 3, C["nginx"] * 2 / 3 / C["hyper-floor"], C["gateway"] / C["hyper-floor"], C["gateway"] - C["hyper-floor"], R["hyper-floor"] / R["nginx"])
     }
     printf "\n| scenario | req/s gateway/nginx (target >= 1.5x) | p99 gateway/nginx (target <= 1.0x) | CPU/req gateway/nginx (target <= 0.67x) | p50 gateway/nginx | p90 gateway/nginx | req/s, paired by round (median) | CPU/req, paired by round (median) |\n"
     printf "|---|---|---|---|---:|---:|---:|---:|\n"
@@ -98,6 +106,11 @@ awk -F'\t' '
       printf "\n| scenario | CPU/req nginx proxy_cache / nginx from memory (the issue: about 2x) | CPU/req gateway / nginx from memory | user CPU/req gateway / nginx from memory | req/s gateway / nginx from memory |\n"
       printf "|---|---:|---:|---:|---:|\n"
       for (s = 1; s <= ns; s++) print fline[s]
+    }
+    if ("hyper-floor" in tseen) {
+      printf "\n| scenario | hyper floor CPU us/req | CPU target: 2/3 of nginx proxy_cache, us/req | target / hyper floor | gateway / hyper floor | gateway - hyper floor, us/req | req/s hyper floor / nginx |\n"
+      printf "|---|---:|---:|---:|---:|---:|---:|\n"
+      for (s = 1; s <= ns; s++) print hline[s]
     }
     # The spread: on a shared machine one run can be far from the others.
     printf "\n| scenario | server | req/s of each run, in order | max/min |\n|---|---|---|---:|\n"
@@ -157,6 +170,17 @@ else
   fi
 fi
 [[ -x "$BIN" ]] || die "no gateway binary at $BIN"
+# FLOOR=1: the hyper-only server (a bench target, so it is built with the release profile).
+if [[ -n "${FLOOR:-}" && -z "${HYPER_FLOOR_BIN:-}" ]]; then
+  if [[ -z "${SKIP_BUILD:-}" ]]; then
+    log "cargo build --release --bench hyper_floor"
+    HYPER_FLOOR_BIN=$(cd "$ROOT" && cargo build --release --quiet --bench hyper_floor --message-format=json |
+      grep -o '"executable":"[^"]*hyper_floor[^"]*"' | tail -n 1 | cut -d'"' -f4)
+  else
+    HYPER_FLOOR_BIN=$(ls -t "$TARGET_DIR"/release/deps/hyper_floor-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+  fi
+fi
+[[ -z "${FLOOR:-}" || -x "${HYPER_FLOOR_BIN:-}" ]] || die "no hyper_floor binary (build it: cargo build --release --bench hyper_floor)"
 
 WORK=$(mktemp -d /tmp/rgw-compare.XXXXXX)
 chmod 755 "$WORK"
@@ -169,9 +193,13 @@ NGX_TLS=$((BASE_PORT + 3))
 MOCK_PORT=$((BASE_PORT + 4))
 MEM_PLAIN=$((BASE_PORT + 5))
 MEM_TLS=$((BASE_PORT + 6))
+HF_PLAIN=$((BASE_PORT + 7))
+HF_TLS=$((BASE_PORT + 8))
 TARGETS="gateway nginx"
 PORTS="$GW_PLAIN $GW_TLS $NGX_PLAIN $NGX_TLS $MOCK_PORT"
-if [[ -n "${FLOOR:-}" ]]; then TARGETS="gateway nginx nginx-memory"; PORTS="$PORTS $MEM_PLAIN $MEM_TLS"; fi
+if [[ -n "${FLOOR:-}" ]]; then
+  TARGETS="gateway nginx nginx-memory hyper-floor"; PORTS="$PORTS $MEM_PLAIN $MEM_TLS $HF_PLAIN $HF_TLS"
+fi
 for p in $PORTS; do
   if ss -Hltn "sport = :$p" | grep -q .; then die "port $p is in use (set BASE_PORT)"; fi
 done
@@ -246,6 +274,7 @@ wait_port "$MOCK_PORT"; check_pid "$MOCK_PID"
 # FLOOR=1: the same body, answered by nginx from memory (the template includes floor-*.conf).
 if [[ -n "${FLOOR:-}" ]]; then
   body=$(curl -sf -H "x-api-key: $UPSTREAM_KEY" "http://127.0.0.1:$MOCK_PORT/app") || die "could not fetch the body from the mock"
+  printf '%s' "$body" >"$WORK/body.json"
   [[ $body != *'$'* ]] || die "the body has a '\$' (nginx would read a variable)"
   # nginx quoted strings: escape backslashes, then single quotes.
   body=${body//\\/\\\\}; body=${body//\'/\\\'}
@@ -274,14 +303,22 @@ wait_port "$GW_PLAIN"; wait_port "$GW_TLS"; check_pid "$GW_PID"
 start_pinned "$SERVER_CPU" nginx -p "$WORK/nginx" -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
 NGX_PID=$!; PIDS+=("$NGX_PID")
 wait_port "$NGX_PLAIN"; wait_port "$NGX_TLS"; check_pid "$NGX_PID"
-[[ -z "${FLOOR:-}" ]] || { wait_port "$MEM_PLAIN"; wait_port "$MEM_TLS"; }
+if [[ -n "${FLOOR:-}" ]]; then
+  wait_port "$MEM_PLAIN"; wait_port "$MEM_TLS"
+  start_pinned "$SERVER_CPU" "$HYPER_FLOOR_BIN" --listen "127.0.0.1:$HF_PLAIN" --tls-listen "127.0.0.1:$HF_TLS" \
+    --body "$WORK/body.json" --cert "$WORK/cert.pem" --key "$WORK/key.pem" >"$WORK/hyper-floor.log" 2>&1 &
+  HF_PID=$!; PIDS+=("$HF_PID")
+  wait_port "$HF_PLAIN"; wait_port "$HF_TLS"; check_pid "$HF_PID"
+  log "hyper floor pid $HF_PID :$HF_PLAIN/:$HF_TLS(tls)"
+fi
 log "mock pid $MOCK_PID :$MOCK_PORT, gateway pid $GW_PID :$GW_PLAIN/:$GW_TLS(tls), nginx master pid $NGX_PID :$NGX_PLAIN/:$NGX_TLS(tls)"
 log "gateway worker threads: $(ls /proc/$GW_PID/task | wc -l) threads; nginx workers: $(pgrep -P "$NGX_PID" | tr '\n' ' ')"
 
 # --- helpers -----------------------------------------------------------------------
 # "utime stime" (clock ticks) of a process and, for nginx, its worker/cache processes.
 cpu_ticks() { # target
-  if [[ $1 == gateway ]]; then proc_ticks "$GW_PID"; else
+  if [[ $1 == gateway ]]; then proc_ticks "$GW_PID"
+  elif [[ $1 == hyper-floor ]]; then proc_ticks "$HF_PID"; else
     # shellcheck disable=SC2046 # one PID per word
     proc_ticks "$NGX_PID" $(pgrep -P "$NGX_PID")
   fi
@@ -292,6 +329,7 @@ url() { # target proto
     gateway:http) port=$GW_PLAIN ;; gateway:https) port=$GW_TLS ;;
     nginx:http) port=$NGX_PLAIN ;; nginx:https) port=$NGX_TLS ;;
     nginx-memory:http) port=$MEM_PLAIN ;; nginx-memory:https) port=$MEM_TLS ;;
+    hyper-floor:http) port=$HF_PLAIN ;; hyper-floor:https) port=$HF_TLS ;;
   esac
   echo "$2://127.0.0.1:$port/app"
 }
@@ -368,6 +406,10 @@ if [[ -n "${FLOOR:-}" ]]; then
   mem_h2=$(curl -sk -o /dev/null -w '%{http_version}' --http2 "$(url nginx-memory https)")
   log "body bytes: nginx from memory $mem_len (https: HTTP/$mem_h2)"
   [[ $mem_len -eq $gw_len ]] || die "nginx's body from memory differs in size"
+  hf_len=$(curl -s "$(url hyper-floor http)" | wc -c)
+  hf_h2=$(curl -sk -o /dev/null -w '%{http_version}' --http2 "$(url hyper-floor https)")
+  log "body bytes: hyper floor $hf_len (https: HTTP/$hf_h2)"
+  [[ $hf_len -eq $gw_len ]] || die "the hyper floor's body differs in size"
 fi
 for t in $TARGETS; do
   pin "$LOAD_CPU" wrk -t1 -c32 -d2s -H "Authorization: Bearer $TOKEN" "$(url $t http)" >/dev/null 2>&1
