@@ -78,9 +78,19 @@ struct Envelope {
     change: FanOut,
 }
 
+/// One cell of a scope's upstream budget (GCRA), unless an upstream 429 paused
+/// the scope ([`PAUSE`]). In microseconds, by Redis' clock: a budget above
+/// 1,000 a second has a sub-millisecond interval (the theoretical arrival
+/// time is stored as an integer string: Lua's default formatting would round
+/// it to 14 digits). KEYS: the bucket, the pause. ARGV: interval us, burst.
+/// Returns {1, 0} allowed, {0, wait us} empty, {2, wait us} paused.
 const GCRA: &str = r#"
+local paused = redis.call('PTTL', KEYS[2])
+if paused > 0 then
+  return {2, paused * 1000}
+end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
@@ -90,8 +100,18 @@ if tat - now > limit then
   return {0, tat - now - limit}
 end
 local new_tat = tat + interval
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, 0}
+"#;
+
+/// An upstream 429's pause of a scope, for every replica: set or lengthened,
+/// never shortened. KEYS: the pause. ARGV: ms.
+const PAUSE: &str = r#"
+local ms = tonumber(ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ms then
+  redis.call('SET', KEYS[1], 1, 'PX', ms)
+end
+return 1
 "#;
 
 /// One heartbeat, one round trip: this replica's entry in the replica set
@@ -126,6 +146,7 @@ pub struct Cluster {
     replicas: AtomicU32,
     outbox: mpsc::UnboundedSender<FanOut>,
     gcra: redis::Script,
+    pause: redis::Script,
     heartbeat: redis::Script,
     degraded_since: Mutex<Option<Instant>>,
     shared_lookup: redis::Script,
@@ -154,6 +175,8 @@ impl std::fmt::Debug for Cluster {
 pub enum Budget {
     Allowed,
     Wait(Duration),
+    /// An upstream 429 seen by some replica paused the scope for this long.
+    Paused(Duration),
 }
 
 impl Cluster {
@@ -174,6 +197,7 @@ impl Cluster {
             replicas: AtomicU32::new(1),
             outbox,
             gcra: redis::Script::new(GCRA),
+            pause: redis::Script::new(PAUSE),
             heartbeat: redis::Script::new(HEARTBEAT),
             degraded_since: Mutex::new(Some(Instant::now())),
             shared_lookup: redis::Script::new(shared::LOOKUP),
@@ -261,19 +285,24 @@ impl Cluster {
         let Some(mut conn) = self.connection().filter(|_| self.is_connected()) else {
             return Err(());
         };
-        let interval_ms = quota.replenish_interval().as_millis().max(1) as u64;
-        let burst = quota.burst_size().get();
-        let key = self.key(&["budget", scope]);
+        let (interval_us, burst) = gcra_args(quota);
+        // A new key for the microsecond buckets: replicas of earlier versions
+        // (milliseconds, "budget") keep their own during a rolling update.
+        let key = self.key(&["budget-us", scope]);
         let started = Instant::now();
         let mut invocation = self.gcra.key(key);
-        invocation.arg(interval_ms).arg(burst);
+        invocation.key(self.key(&["pause", scope]));
+        invocation.arg(interval_us).arg(burst);
         let call = invocation.invoke_async::<(i64, i64)>(&mut conn);
         let result = tokio::time::timeout(self.settings.timeout, call).await;
         metrics::histogram!("rungen_gateway_redis_duration_seconds", "op" => "budget")
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok((1, _))) => Ok(Budget::Allowed),
-            Ok(Ok((_, wait_ms))) => Ok(Budget::Wait(Duration::from_millis(wait_ms.max(1) as u64))),
+            Ok(Ok((2, wait_us))) => {
+                Ok(Budget::Paused(Duration::from_micros(wait_us.max(1) as u64)))
+            }
+            Ok(Ok((_, wait_us))) => Ok(Budget::Wait(Duration::from_micros(wait_us.max(1) as u64))),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cluster: budget script failed");
                 metrics::counter!("rungen_gateway_redis_errors_total", "op" => "budget")
@@ -287,6 +316,38 @@ impl Cluster {
             }
         }
     }
+
+    /// Pauses the scope's upstream calls on every replica for `wait` (an
+    /// upstream 429's Retry-After): [`take_budget`](Self::take_budget) answers
+    /// [`Budget::Paused`] until then. Best effort: without Redis, the replica
+    /// that saw the 429 still pauses itself.
+    pub async fn pause_scope(&self, scope: &str, wait: Duration) {
+        let Some(mut conn) = self.connection().filter(|_| self.is_connected()) else {
+            return;
+        };
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut invocation = self.pause.key(self.key(&["pause", scope]));
+        invocation.arg(ms);
+        let call = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster: pause script failed");
+                metrics::counter!("rungen_gateway_redis_errors_total", "op" => "pause")
+                    .increment(1);
+            }
+            Err(_) => {
+                metrics::counter!("rungen_gateway_redis_errors_total", "op" => "pause_timeout")
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// [`GCRA`]'s arguments: the interval in whole microseconds (at least 1) and the burst.
+fn gcra_args(quota: &governor::Quota) -> (u64, u32) {
+    let interval = u64::try_from(quota.replenish_interval().as_micros()).unwrap_or(u64::MAX);
+    (interval.max(1), quota.burst_size().get())
 }
 
 /// Keeps a command connection, beats, and counts live replicas.

@@ -351,7 +351,16 @@ impl Limits {
         }
         {
             let mut scopes = write(&self.scopes);
-            scopes.retain(|name, s| settings.scope_budgets.get(name) == Some(&s.budget));
+            // A changed budget gets a new limiter and semaphore, but an upstream
+            // 429's pause is the upstream's word and outlives the reload.
+            let mut pauses = HashMap::new();
+            scopes.retain(|name, s| {
+                let keep = settings.scope_budgets.get(name) == Some(&s.budget);
+                if let (false, Some(until)) = (keep, *lock(&s.paused_until)) {
+                    pauses.insert(name.clone(), until);
+                }
+                keep
+            });
             for (name, budget) in &settings.scope_budgets {
                 scopes.entry(name.clone()).or_insert_with(|| {
                     Arc::new(ScopeState {
@@ -361,7 +370,7 @@ impl Limits {
                             RateLimiter::direct(budget.quota).with_middleware(),
                         ))),
                         slots: Arc::new(Semaphore::new(budget.max_concurrent)),
-                        paused_until: Mutex::new(None),
+                        paused_until: Mutex::new(pauses.remove(name)),
                     })
                 });
             }
@@ -843,13 +852,53 @@ pub struct UpstreamBudget<S> {
     limits: Arc<Limits>,
 }
 
+/// Why the scope's budget refused a request, and for how long.
+struct Refused {
+    policy: &'static str,
+    wait: Duration,
+}
+
+impl ScopeState {
+    /// The pause an upstream 429 set (here, or on another replica), if it lasts.
+    fn paused(&self, limits: &Limits) -> Option<Refused> {
+        let now = limits.clock.now();
+        let until = (*lock(&self.paused_until)).filter(|u| *u > now)?;
+        Some(Refused {
+            policy: "upstream-paused",
+            wait: until - now,
+        })
+    }
+
+    fn pause(&self, limits: &Limits, wait: Duration) {
+        let until = limits.clock.now() + wait;
+        let mut paused = lock(&self.paused_until);
+        if paused.is_none_or(|p| p < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// This replica's share of the budget, locally (no cluster, or Redis
+    /// did not answer).
+    fn local_limiter(&self, limits: &Limits) -> Arc<CallerLimiter> {
+        let q = share(self.budget.quota, limits.replicas());
+        let current = read(&self.limiter).clone();
+        if current.0 == q {
+            return current;
+        }
+        let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
+        *write(&self.limiter) = fresh.clone();
+        fresh
+    }
+}
+
 /// Waits for a cell of the scope's budget, at most `deadline`.
 async fn wait_for_budget(
     state: &ScopeState,
     limits: &Limits,
     scope: &str,
     deadline: Instant,
-) -> Result<(), Duration> {
+) -> Result<(), Refused> {
+    let refused = |policy, wait| Refused { policy, wait };
     // Cluster mode: the budget lives in Redis and is exact across replicas.
     if let Some(cluster) = limits.cluster.get() {
         loop {
@@ -857,36 +906,56 @@ async fn wait_for_budget(
                 Ok(crate::cluster::Budget::Allowed) => return Ok(()),
                 Ok(crate::cluster::Budget::Wait(wait)) => {
                     if Instant::now() + wait > deadline {
-                        return Err(wait);
+                        return Err(refused("upstream", wait));
                     }
                     tokio::time::sleep(wait).await;
+                }
+                // Another replica's upstream 429: hold back here too (and
+                // without asking Redis again until it ends).
+                Ok(crate::cluster::Budget::Paused(wait)) => {
+                    state.pause(limits, wait);
+                    return Err(refused("upstream-paused", wait));
                 }
                 // Redis did not answer: this replica's share, locally.
                 Err(()) => break,
             }
         }
     }
-    let q = share(state.budget.quota, limits.replicas());
-    let limiter = {
-        let current = read(&state.limiter).clone();
-        if current.0 == q {
-            current
-        } else {
-            let fresh = Arc::new((q, RateLimiter::direct(q).with_middleware()));
-            *write(&state.limiter) = fresh.clone();
-            fresh
-        }
-    };
+    let limiter = state.local_limiter(limits);
     loop {
         match check(&limiter.1) {
             Decision::Allowed { .. } => return Ok(()),
             Decision::Limited { wait } => {
                 if Instant::now() + wait > deadline {
-                    return Err(wait);
+                    return Err(refused("upstream", wait));
                 }
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// The scope's upstream budget, as seen by the retries of a request it let
+/// through (in the request's extensions): a retry is one more request to the
+/// upstream, so it takes a cell too, without waiting; when none is free, or
+/// the scope is paused, the answer in hand goes back instead.
+#[derive(Clone)]
+pub struct RetryAllowance {
+    state: Arc<ScopeState>,
+    limits: Arc<Limits>,
+    scope: Arc<str>,
+}
+
+impl RetryAllowance {
+    pub async fn take(&self) -> bool {
+        let granted = self.state.paused(&self.limits).is_none()
+            && wait_for_budget(&self.state, &self.limits, &self.scope, Instant::now())
+                .await
+                .is_ok();
+        if !granted {
+            metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "upstream-retry", "decision" => "limited", "client" => "-", "scope" => self.scope.to_string()).increment(1);
+        }
+        granted
     }
 }
 
@@ -928,21 +997,19 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limits = self.limits.clone();
         async move {
-            let limited = |policy: &'static str, wait: Duration| {
+            let limited = |Refused { policy, wait }| {
                 metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => policy, "decision" => "limited", "client" => "-", "scope" => scope.clone()).increment(1);
                 GatewayError::RateLimited {
                     policy,
                     retry_after: wait,
                 }
             };
-            let now = limits.clock.now();
-            let paused = *lock(&state.paused_until);
-            if let Some(until) = paused.filter(|u| *u > now) {
-                return Err(limited("upstream-paused", until - now));
+            if let Some(refused) = state.paused(&limits) {
+                return Err(limited(refused));
             }
             let deadline = Instant::now() + state.budget.queue_timeout;
-            if let Err(wait) = wait_for_budget(&state, &limits, &scope, deadline).await {
-                return Err(limited("upstream", wait));
+            if let Err(refused) = wait_for_budget(&state, &limits, &scope, deadline).await {
+                return Err(limited(refused));
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let permit = match tokio::time::timeout(remaining, state.slots.clone().acquire_owned()).await {
@@ -956,15 +1023,24 @@ where
             };
             let in_use = state.budget.max_concurrent - state.slots.available_permits();
             metrics::gauge!("rungen_gateway_upstream_in_flight", "scope" => scope.clone()).set(in_use as f64);
+            let mut req = req;
+            req.extensions_mut().insert(RetryAllowance {
+                state: state.clone(),
+                limits: limits.clone(),
+                scope: Arc::from(scope.as_str()),
+            });
             let res = tower::ServiceExt::ready(&mut inner).await?.call(req).await;
             drop(permit);
             let in_use = state.budget.max_concurrent - state.slots.available_permits();
             metrics::gauge!("rungen_gateway_upstream_in_flight", "scope" => scope.clone()).set(in_use as f64);
             let res = res?;
             if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                // `Upstream` gave every 429 a whole-second Retry-After.
                 let wait = retry_after_secs(&res).unwrap_or(Duration::from_secs(1));
-                *lock(&state.paused_until) =
-                    Some(limits.clock.now() + wait);
+                state.pause(&limits, wait);
+                if let Some(cluster) = limits.cluster.get() {
+                    cluster.pause_scope(&scope, wait).await;
+                }
                 tracing::warn!(scope = %scope, pause = ?wait, "upstream answered 429; pausing this scope's upstream calls");
             }
             Ok(res)

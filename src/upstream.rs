@@ -5,13 +5,14 @@
 
 use crate::body::{BodyTimeout, IdleTimeout, caused_by};
 use crate::config::UpstreamConfig;
-use crate::error::{Body, BodyError, GatewayError};
+use crate::error::{Body, BodyError, GatewayError, parse_retry_after, retry_after_value};
 use crate::hop::strip_hop_by_hop;
+use crate::rate_limit::RetryAllowance;
 use crate::upstream_credentials::{X_API_KEY, X_TEAM_ID};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::Method;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -214,7 +215,12 @@ impl tower::Service<Request<Body>> for Upstream {
                 };
                 let worth_retrying = match &outcome {
                     Err(GatewayError::UpstreamConnect | GatewayError::UpstreamProtocol) => true,
-                    Ok(res) => matches!(res.status().as_u16(), 502..=504),
+                    // A 503 with Retry-After asked us to come back later, not now.
+                    Ok(res) => {
+                        matches!(res.status().as_u16(), 502..=504)
+                            && !(res.status() == StatusCode::SERVICE_UNAVAILABLE
+                                && res.headers().contains_key(http::header::RETRY_AFTER))
+                    }
                     Err(_) => false,
                 };
                 if worth_retrying && attempt < this.retries {
@@ -224,7 +230,16 @@ impl tower::Service<Request<Body>> for Upstream {
                                 .saturating_mul(2u32.saturating_pow(attempt))
                                 .min(MAX_BACKOFF),
                         );
-                        if Instant::now() + backoff < deadline && this.retry_budget.withdraw() {
+                        // A retry is one more request to the upstream: the
+                        // scope's budget (when it has one) pays for it too.
+                        let allowed = match template.extensions.get::<RetryAllowance>() {
+                            Some(allowance) => allowance.take().await,
+                            None => true,
+                        };
+                        if allowed
+                            && Instant::now() + backoff < deadline
+                            && this.retry_budget.withdraw()
+                        {
                             metrics::counter!("rungen_gateway_upstream_retries_total").increment(1);
                             tokio::time::sleep(backoff).await;
                             attempt += 1;
@@ -236,6 +251,16 @@ impl tower::Service<Request<Body>> for Upstream {
                 let res = outcome?;
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if parts.status == StatusCode::TOO_MANY_REQUESTS {
+                    // Every 429 a caller sees says when to come back, in whole
+                    // seconds, at least 1 (RunGen documents no rate-limit
+                    // headers; an HTTP-date or 0 is made a number too).
+                    let wait = parse_retry_after(&parts.headers, std::time::SystemTime::now())
+                        .unwrap_or(Duration::from_secs(1));
+                    parts
+                        .headers
+                        .insert(http::header::RETRY_AFTER, retry_after_value(wait));
+                }
                 // Nothing of our upstream credentials is ever echoed back to a
                 // caller: no echoed key, and no session the upstream opened
                 // for the holder of the scope's key.

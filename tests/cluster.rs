@@ -316,6 +316,76 @@ async fn the_upstream_budget_is_exact_across_replicas() {
     r.stop().await;
 }
 
+/// An upstream 429 is the RunGen account's: every replica holds back that
+/// scope's upstream calls for its Retry-After, not only the one that saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_pauses_the_scope_on_every_replica() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(&redis, 2, "").await;
+    let c = TestClient::http1();
+    let rw = bearer(TOKEN_RW);
+    r.mock.set_faults(mock_upstream::Faults {
+        fail_status: Some(429),
+        retry_after_secs: Some(60),
+        fail_count: Some(1),
+        ..Default::default()
+    });
+    let res = c.get(&r.url(0, "/app"), &[("authorization", &rw)]).await;
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.mock.stats().total, 1);
+    let res = c.get(&r.url(1, "/app/p1"), &[("authorization", &rw)]).await;
+    assert_eq!(
+        res.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        status(&res)
+    );
+    assert!(
+        res.error_message().contains("upstream-paused"),
+        "{}",
+        status(&res)
+    );
+    let wait: u64 = res.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((50..=60).contains(&wait), "Retry-After {wait}");
+    // Another scope of the same replicas is not paused.
+    let res = c
+        .get(
+            &r.url(1, "/app"),
+            &[("authorization", &rw), ("x-team-id", TEAM_ID)],
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(r.mock.stats().total, 2);
+    r.stop().await;
+}
+
+/// A budget above 1,000 a second has a sub-millisecond interval: the shared
+/// bucket keeps it (it counted whole milliseconds, so 4,000/s ran at 1,000/s
+/// and 501/s at up to 1,000/s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_budget_keeps_sub_millisecond_intervals() {
+    let Some(redis) = Redis::start() else { return };
+    let r = Replicas::start(&redis, 1, "").await;
+    let cluster = r.gateways[0].state().cluster().unwrap().clone();
+    let quota = rungen_gateway::rate_limit::quota(4000, Duration::from_secs(1), 1);
+    use rungen_gateway::cluster::Budget;
+    assert_eq!(
+        cluster.take_budget("fast", &quota).await,
+        Ok(Budget::Allowed)
+    );
+    // The bucket is empty for at most one interval, 250 us.
+    match cluster.take_budget("fast", &quota).await {
+        Ok(Budget::Allowed) => {} // the interval had passed already
+        Ok(Budget::Wait(wait)) => assert!(wait <= Duration::from_micros(250), "{wait:?}"),
+        other => panic!("{other:?}"),
+    }
+    r.stop().await;
+}
+
 /// Closed-loop load for `window`: `workers[i]` concurrent callers on replica
 /// `i`. Returns (admitted per replica, requests per replica, seconds from the
 /// first request to the last answer).

@@ -253,6 +253,131 @@ async fn upstream_429_passes_through_and_pauses_the_scope() {
 }
 
 #[tokio::test]
+async fn an_upstream_429_always_says_when_to_come_back() {
+    let (h, clock) = start("").await;
+    let c = TestClient::http1();
+    let rw = bearer(TOKEN_RW);
+    // RunGen documents no rate-limit headers: its 429 may come without one.
+    h.mock.set_faults(Faults {
+        fail_status: Some(429),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&r, "retry-after"),
+        "1",
+        "the pause the gateway keeps, told to the caller"
+    );
+    clock.advance(Duration::from_secs(2));
+    // A Retry-After of 0 is made "1": a 429 never invites an immediate retry.
+    h.mock.set_faults(Faults {
+        fail_status: Some(429),
+        retry_after_secs: Some(0),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app/x"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&r, "retry-after"), "1");
+    assert_eq!(h.mock.stats().total, 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_a_budget_keeps_the_upstream_429_pause() {
+    let (h, clock) = start("").await;
+    let c = TestClient::http1();
+    let rw = bearer(TOKEN_RW);
+    h.mock.set_faults(Faults {
+        fail_status: Some(429),
+        retry_after_secs: Some(60),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c.get(&h.url("/app"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // The operator lowers the budget (the obvious answer to 429s) and reloads.
+    let text = config_toml_with(
+        &h.mock.base_url(),
+        "",
+        "",
+        "[rate_limit]\nupstream_budget = { per_second = 5, burst = 10 }\n",
+    );
+    let new = rungen_gateway::config::Config::from_toml(std::path::Path::new("test.toml"), &text)
+        .unwrap();
+    h.gateway().state().apply(new).await.unwrap();
+    let r = c.get(&h.url("/app/x2"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        r.error_message().contains("upstream-paused"),
+        "{}",
+        r.error_message()
+    );
+    assert_eq!(
+        h.mock.stats().total,
+        1,
+        "the reload lifted the upstream's pause"
+    );
+    clock.advance(Duration::from_secs(61));
+    let r = c.get(&h.url("/app"), &[("authorization", &rw)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn retries_spend_the_scope_upstream_budget() {
+    // One upstream request a minute; a GET that meets a 503 may not retry on top.
+    let (h, _clock) = start(
+        "[rate_limit]\nupstream_budget = { per_minute = 1, burst = 1 }\nupstream_queue_timeout = \"0s\"\n",
+    )
+    .await;
+    let c = TestClient::http1();
+    h.mock.set_faults(Faults {
+        fail_status: Some(503),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c
+        .get(&h.url("/app"), &[("authorization", &bearer(TOKEN_RW))])
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the answer in hand"
+    );
+    assert_eq!(h.mock.stats().total, 1, "the retry went past the budget");
+    h.stop().await;
+
+    // With room in the budget the same failure is retried (and succeeds);
+    // a 503 that says Retry-After is not retried at once.
+    let (h, _clock) = start("").await;
+    h.mock.set_faults(Faults {
+        fail_status: Some(503),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c
+        .get(&h.url("/app"), &[("authorization", &bearer(TOKEN_RW))])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(h.mock.stats().total, 2);
+    h.mock.set_faults(Faults {
+        fail_status: Some(503),
+        retry_after_secs: Some(5),
+        fail_count: Some(1),
+        ..Faults::default()
+    });
+    let r = c
+        .get(&h.url("/app/x"), &[("authorization", &bearer(TOKEN_RW))])
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.mock.stats().total, 3);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn failed_auth_is_limited_per_ip_and_a_spoofed_forwarded_for_is_ignored() {
     let c = TestClient::http1();
     // Five bad tokens, each with `forwarded(i)` as X-Forwarded-For lines.
