@@ -232,14 +232,13 @@ impl tower::Service<Request<Body>> for Upstream {
                         );
                         // A retry is one more request to the upstream: the
                         // scope's budget (when it has one) pays for it too.
-                        let allowed = match template.extensions.get::<RetryAllowance>() {
-                            Some(allowance) => allowance.take().await,
-                            None => true,
-                        };
-                        if allowed
-                            && Instant::now() + backoff < deadline
-                            && this.retry_budget.withdraw()
-                        {
+                        let in_time = Instant::now() + backoff < deadline;
+                        let allowed = in_time
+                            && match template.extensions.get::<RetryAllowance>() {
+                                Some(allowance) => allowance.take().await,
+                                None => true,
+                            };
+                        if allowed && this.retry_budget.withdraw() {
                             metrics::counter!("rungen_gateway_upstream_retries_total").increment(1);
                             tokio::time::sleep(backoff).await;
                             attempt += 1;
