@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where a client's verification keys come from.
 #[derive(Debug, Clone)]
@@ -48,6 +48,30 @@ pub struct Verifier {
     pub client: Arc<Client>,
     settings: JwtSettings,
     keys: ArcSwap<Vec<Arc<Key>>>,
+    /// Wakes the JWKS refresh task early: a token named a key we do not have
+    /// (the identity provider rotated), or the verifier is going away.
+    refresh: Arc<tokio::sync::Notify>,
+    /// When an unknown `kid` last woke it ([`UNKNOWN_KID_REFETCH`] apart).
+    unknown_kid_refetch: std::sync::Mutex<Option<Instant>>,
+}
+
+/// A token whose `kid` is not in the key set fetches the JWKS again at once,
+/// at most this often (tokens with made-up `kid`s cannot turn the gateway
+/// into a load on the identity provider).
+const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(10);
+/// The whole JWKS fetch, body included.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed fetch: the next one after this, doubling up to
+/// [`JWKS_RETRY_MAX`] (never later than `jwks_refresh`).
+const JWKS_RETRY_FIRST: Duration = Duration::from_secs(1);
+const JWKS_RETRY_MAX: Duration = Duration::from_secs(60);
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        // The refresh task holds only a weak reference: let it see that now,
+        // not after its next sleep.
+        self.refresh.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Verifier {
@@ -192,6 +216,8 @@ impl Verifier {
             client,
             settings,
             keys: ArcSwap::new(keys),
+            refresh: Arc::new(tokio::sync::Notify::new()),
+            unknown_kid_refetch: std::sync::Mutex::new(None),
         }))
     }
 
@@ -201,6 +227,22 @@ impl Verifier {
             lock_fetched().insert(url.to_string(), keys.clone());
         }
         self.keys.store(keys);
+    }
+
+    /// Asks the refresh task for the key set now, if the keys come from a
+    /// URL and no unknown `kid` asked in the last [`UNKNOWN_KID_REFETCH`].
+    fn refetch_for_unknown_kid(&self) {
+        if !matches!(self.settings.keys, KeySource::JwksUrl(_)) {
+            return;
+        }
+        let mut last = self
+            .unknown_kid_refetch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH) {
+            *last = Some(Instant::now());
+            self.refresh.notify_one();
+        }
     }
 
     fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Grant, JwtError> {
@@ -214,6 +256,10 @@ impl Verifier {
             })
             .collect();
         if candidates.is_empty() {
+            // With no keys yet, the first fetch (or its retry) is on its way.
+            if !keys.is_empty() {
+                self.refetch_for_unknown_kid();
+            }
             return Err(JwtError::UnknownKey);
         }
         let mut last = JwtError::Algorithm;
@@ -339,13 +385,17 @@ pub fn looks_like_jwt(token: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(b))
 }
 
-/// Fetches every JWKS URL now and then every `jwks_refresh`, until the verifier is dropped.
+/// Fetches the verifier's JWKS URL now, then every `jwks_refresh`, until the
+/// verifier is dropped. A failed fetch is tried again after 1 s, doubling up
+/// to a minute (never later than `jwks_refresh`); a token with an unknown
+/// `kid` fetches at once (at most every 10 s).
 pub fn spawn_jwks_refresh(verifier: &Arc<Verifier>) {
     let KeySource::JwksUrl(url) = verifier.settings.keys.clone() else {
         return;
     };
     let weak = Arc::downgrade(verifier);
     let every = verifier.settings.jwks_refresh;
+    let wake = verifier.refresh.clone();
     tokio::spawn(async move {
         let client = match jwks_client() {
             Ok(c) => c,
@@ -354,19 +404,35 @@ pub fn spawn_jwks_refresh(verifier: &Arc<Verifier>) {
                 return;
             }
         };
+        let mut retry = JWKS_RETRY_FIRST;
         loop {
+            // No strong reference while fetching: a reload may drop the verifier.
+            let fetched = tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch_jwks(&client, &url))
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_string()));
             let Some(v) = weak.upgrade() else { return };
-            match fetch_jwks(&client, &url).await {
+            let next = match fetched {
                 Ok(keys) => {
                     v.set_jwks(keys);
                     tracing::info!(client = %v.client.name, %url, "JWKS refreshed");
+                    retry = JWKS_RETRY_FIRST;
+                    every
                 }
                 Err(e) => {
-                    tracing::warn!(client = %v.client.name, %url, error = %e, "JWKS refresh failed; keeping the previous keys")
+                    let next = retry.min(every);
+                    retry = (retry * 2).min(JWKS_RETRY_MAX);
+                    tracing::warn!(client = %v.client.name, %url, error = %e, retry_in = ?next, "JWKS fetch failed; keeping the previous keys");
+                    next
                 }
-            }
+            };
             drop(v);
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = wake.notified() => {}
+            }
+            if weak.strong_count() == 0 {
+                return;
+            }
         }
     });
 }
@@ -397,10 +463,7 @@ fn jwks_client() -> Result<JwksClient, String> {
 
 async fn fetch_jwks(client: &JwksClient, url: &http::Uri) -> Result<Vec<KeyInfo>, String> {
     use http_body_util::BodyExt;
-    let res = tokio::time::timeout(Duration::from_secs(10), client.get(url.clone()))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let res = client.get(url.clone()).await.map_err(|e| e.to_string())?;
     if !res.status().is_success() {
         return Err(format!("status {}", res.status()));
     }

@@ -643,3 +643,189 @@ jwt = {{ issuer = "https://auth.test", audience = "ops", hmac_secret = {{ value 
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     h.stop().await;
 }
+
+/// What [`flaky_idp`] answers.
+#[derive(Clone)]
+enum Idp {
+    /// 200 with this JWKS document.
+    Serve(String),
+    /// 503, as an identity provider (or its load balancer) does in a blip.
+    Unavailable,
+    /// The head and part of the body, then nothing on an open connection.
+    Stall,
+}
+
+/// A JWKS endpoint whose answer `mode` picks per request, counting the
+/// requests it got (raw HTTP/1.1, one request per connection). Returns its URL.
+async fn flaky_idp(
+    mode: std::sync::Arc<std::sync::Mutex<Idp>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (mode, hits) = (mode.clone(), hits.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = mode.lock().unwrap().clone();
+                let reply = match answer {
+                    Idp::Serve(doc) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
+                        doc.len()
+                    ),
+                    Idp::Unavailable => {
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                    }
+                    Idp::Stall => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n{\"keys\": [")
+                            .await;
+                        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        return;
+                    }
+                };
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/.well-known/jwks.json")
+}
+
+/// Waits until `hits` reaches `n`; false after `within`.
+async fn hits_reach(
+    hits: &std::sync::atomic::AtomicUsize,
+    n: usize,
+    within: std::time::Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while hits.load(std::sync::atomic::Ordering::SeqCst) < n {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Polls `GET /app` with a token (a few times: the keys are set just after
+/// the fetch is answered) and returns the last status.
+async fn status_settles(h: &Harness, token: &str) -> StatusCode {
+    let c = TestClient::http1();
+    let mut last = StatusCode::IM_A_TEAPOT;
+    for _ in 0..10 {
+        last = c
+            .get(&h.url("/app"), &[("authorization", &bearer(token))])
+            .await
+            .status;
+        if last == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    last
+}
+
+fn sso_claims() -> serde_json::Value {
+    let mut c = claims(600);
+    c["iss"] = "https://sso.test".into();
+    c
+}
+
+/// The identity provider is down when the gateway starts (a rollout, a
+/// sidecar not ready): the failed fetch is tried again within seconds, not
+/// after a whole `jwks_refresh` (5 minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_jwks_fetch_is_tried_again_within_seconds() {
+    let (key, jwk) = ec_key("f1");
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Idp::Unavailable));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = flaky_idp(mode.clone(), hits.clone()).await;
+    let (h, _) = sso_gateway(&url, "5m").await;
+    assert!(hits_reach(&hits, 1, std::time::Duration::from_secs(5)).await);
+    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk]}).to_string());
+    assert!(
+        hits_reach(&hits, 2, std::time::Duration::from_secs(5)).await,
+        "no second fetch within 5 s of a failed one"
+    );
+    assert_eq!(
+        status_settles(&h, &es256("f1", &key, sso_claims())).await,
+        StatusCode::OK
+    );
+    h.stop().await;
+}
+
+/// A JWKS answer that stalls mid-body is given up (10 s for the whole
+/// fetch) and fetched again: it does not stop the refresh for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_body_that_stalls_is_given_up_and_fetched_again() {
+    let (key, jwk) = ec_key("s1");
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Idp::Stall));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = flaky_idp(mode.clone(), hits.clone()).await;
+    let (h, _) = sso_gateway(&url, "1s").await;
+    assert!(hits_reach(&hits, 1, std::time::Duration::from_secs(5)).await);
+    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk]}).to_string());
+    assert!(
+        hits_reach(&hits, 2, std::time::Duration::from_secs(20)).await,
+        "the stalled fetch was never given up"
+    );
+    assert_eq!(
+        status_settles(&h, &es256("s1", &key, sso_claims())).await,
+        StatusCode::OK
+    );
+    h.stop().await;
+}
+
+/// The identity provider publishes a new key and signs with it at once: the
+/// first token naming the unknown `kid` fetches the key set again (at most
+/// every 10 s), instead of every new login failing until the next refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_an_unknown_kid_fetches_the_keys_again() {
+    let (k1, jwk1) = ec_key("r1");
+    let (k2, jwk2) = ec_key("r2");
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Idp::Serve(
+        serde_json::json!({"keys": [jwk1.clone()]}).to_string(),
+    )));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = flaky_idp(mode.clone(), hits.clone()).await;
+    let (h, _) = sso_gateway(&url, "5m").await;
+    assert_eq!(
+        status_settles(&h, &es256("r1", &k1, sso_claims())).await,
+        StatusCode::OK
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk1, jwk2]}).to_string());
+    let c = TestClient::http1();
+    let r2 = es256("r2", &k2, sso_claims());
+    let first = c
+        .get(&h.url("/app"), &[("authorization", &bearer(&r2))])
+        .await;
+    assert_eq!(first.status, StatusCode::UNAUTHORIZED, "not known yet");
+    assert!(
+        hits_reach(&hits, 2, std::time::Duration::from_secs(5)).await,
+        "the unknown kid fetched nothing"
+    );
+    assert_eq!(status_settles(&h, &r2).await, StatusCode::OK);
+    // Made-up kids do not fetch again within 10 s.
+    for i in 0..5 {
+        let fake = es256(&format!("made-up-{i}"), &k2, sso_claims());
+        let r = c
+            .get(&h.url("/app"), &[("authorization", &bearer(&fake))])
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+    h.stop().await;
+}
