@@ -1306,7 +1306,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     let mut rate_limit = crate::rate_limit::RateLimitSettings {
         enabled: rl.enabled,
         max_in_flight: rl.max_in_flight,
-        prune_interval: parse_duration(&mut p, "rate_limit.prune_interval", &rl.prune_interval),
+        prune_interval: parse_period(&mut p, "rate_limit.prune_interval", &rl.prune_interval),
         ..Default::default()
     };
     if let Some(q) = &rl.default {
@@ -2079,6 +2079,9 @@ teams = ["acme"]
         // A poll every nanosecond is a busy loop.
         let busy = base("[reload]\npoll_interval = \"1ns\"\n");
         assert!(reason(&busy, "reload.poll_interval").contains("at least 100ms"));
+        // The pruner walks every per-IP limiter under a write lock.
+        let prune = base("[rate_limit]\nprune_interval = \"1ms\"\n");
+        assert!(reason(&prune, "rate_limit.prune_interval").contains("at least 100ms"));
         // 0 connections per IP is not "no limit".
         let zero = format!("[server]\nmax_connections_per_ip = 0\n{}", base(""));
         assert!(reason(&zero, "server.max_connections_per_ip").contains("at least 1"));

@@ -78,13 +78,17 @@ impl State {
     }
 
     /// Re-reads the config file (and the secrets it names) and applies it.
+    /// One reload at a time, reading included: of two overlapping reloads
+    /// (the file watcher, SIGHUP, `POST /reload`), the one that read the
+    /// newer files is applied last.
     pub async fn reload(&self) -> Result<u64, String> {
+        let _guard = self.reload_lock.lock().await;
         let path = self.config().source.clone();
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
             .await
             .map_err(|e| format!("reload task failed: {e}"))?;
         match loaded {
-            Ok(config) => self.apply(config).await,
+            Ok(config) => self.apply_locked(config).await,
             Err(e) => {
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "config reload refused; the previous config keeps serving");
@@ -100,6 +104,11 @@ impl State {
     /// key or team changed, or that were removed, are dropped.
     pub async fn apply(&self, new: Config) -> Result<u64, String> {
         let _guard = self.reload_lock.lock().await;
+        self.apply_locked(new).await
+    }
+
+    /// [`apply`](Self::apply), with `reload_lock` held by the caller.
+    async fn apply_locked(&self, new: Config) -> Result<u64, String> {
         let old = self.config();
         let client = match upstream::build_client(&new.upstream) {
             Ok(c) => c,
@@ -420,6 +429,10 @@ pub async fn start_with(config: Config, clock: SharedClock) -> Result<Running, S
         let svc = Arc::new(ArcSwap::from_pointee(admin::service(state.clone())));
         let mut admin_cfg = server_cfg.clone();
         admin_cfg.max_connections = 256;
+        // Probes, scrapes and operators need a few connections each: no one
+        // peer may hold the admin listener's room (the public listener's
+        // max_connections_per_ip would let it take all 256).
+        admin_cfg.max_connections_per_ip = admin_cfg.max_connections_per_ip.min(16);
         admin_cfg.shutdown_timeout = Duration::from_secs(1);
         let admin_caps = listener::ConnectionCaps::new(admin_cfg.max_connections);
         tokio::spawn(listener::serve(
@@ -505,6 +518,9 @@ async fn watch_files(
         } else {
             continue;
         }
+        // The versions the reload is about to read: a file that changes while
+        // it runs differs from these at the next poll and is reloaded then.
+        let before = watched_versions(&state);
         retry = match state.reload().await {
             Ok(_) => None,
             Err(_) => {
@@ -513,7 +529,7 @@ async fn watch_files(
                 Some((tokio::time::Instant::now() + backoff, backoff))
             }
         };
-        last = watched_versions(&state);
+        last = before;
     }
 }
 

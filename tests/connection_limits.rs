@@ -654,3 +654,32 @@ async fn connections_left_at_the_drain_deadline_are_closed() {
     assert!(took < Duration::from_secs(7), "stop took {took:?}");
     assert!(closed.is_ok(), "the connection outlived stop");
 }
+
+/// The admin listener has 256 connections; one peer (any pod that can reach
+/// the admin port) holding all of them with idle connections would leave the
+/// kubelet's probes waiting in the backlog, and the pods restarted. At most
+/// 16 are one peer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_starve_the_admin_listener() {
+    let h = Harness::start().await;
+    let admin = h.gateway().admin_addr().unwrap();
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(connect_from(attacker, admin).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The kubelet's probe (another source address), with its 2 s timeout.
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        TestClient::http1().get(&format!("http://{admin}/healthz"), &[]),
+    )
+    .await;
+    drop(held);
+    assert!(
+        probe.is_ok_and(|r| r.status == http::StatusCode::OK),
+        "GET /healthz got no answer within the probe's 2 s while one peer holds idle admin connections"
+    );
+    h.stop().await;
+}
