@@ -331,17 +331,41 @@ class Checker:
         for word in ("new-token", "Authorization: Bearer"):
             if word not in notes:
                 self.fail(f"NOTES.txt does not mention `{word}`")
-        # Service: a public and a separate admin port
+        # Service: a public and a separate admin port; the admin API only on a ClusterIP Service
         svcs = by_kind.get("Service", [])
         names = {p["name"] for s in svcs for p in s["spec"]["ports"]}
         if not {"http", "admin"} <= names:
             self.fail(f"Service ports are {sorted(names)}, need http and admin")
+        admin_svcs = [s for s in svcs if "admin" in {p["name"] for p in s["spec"]["ports"]}]
+        for s in admin_svcs:
+            if s["spec"].get("type", "ClusterIP") != "ClusterIP":
+                self.fail(f"Service {s['metadata']['name']} of type {s['spec']['type']} exposes the admin port")
+        # PodDisruptionBudget: the value asked for, an explicit 0 included
+        pdb_values = merged.get("podDisruptionBudget") or {}
+        for pdb in by_kind.get("PodDisruptionBudget", []):
+            if pdb_values.get("minAvailable") is None:
+                want = 1 if pdb_values.get("maxUnavailable") is None else pdb_values["maxUnavailable"]
+                if pdb["spec"].get("maxUnavailable") != want:
+                    self.fail(f"PodDisruptionBudget maxUnavailable is {pdb['spec'].get('maxUnavailable')}, values ask {want}")
+        # [admin] protect_reads as asked
+        want_protect = bool(((merged.get("config") or {}).get("admin") or {}).get("protectReads"))
+        for cm in by_kind.get("ConfigMap", []):
+            text = (cm.get("data") or {}).get("gateway.toml")
+            if text is not None:
+                got = tomllib.loads(text).get("admin", {}).get("protect_reads", False)
+                if got != want_protect:
+                    self.fail(f"gateway.toml has protect_reads = {got}, values ask {want_protect}")
         # helm test pod
         tests = [p for p in by_kind.get("Pod", [])
                  if (p["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
         if not tests or not any("/readyz" in " ".join(c.get("command", []) + c.get("args", []))
                                 for t in tests for c in t["spec"]["containers"]):
             self.fail("no helm test pod calling /readyz")
+        admin_hosts = {f"{s['metadata']['name']}.{s['metadata'].get('namespace')}.svc" for s in admin_svcs}
+        for t in tests:
+            words = " ".join(w for c in t["spec"]["containers"] for w in c.get("command", []) + c.get("args", []))
+            if not any(h in words for h in admin_hosts):
+                self.fail(f"the helm test pod does not call the Service that has the admin port ({sorted(admin_hosts)})")
         for t in tests:
             for c in t["spec"]["containers"]:
                 tsc = c.get("securityContext") or {}
@@ -613,6 +637,7 @@ class Checker:
             "unknown key in server": {"config": {"server": {"maxConnectionPerIp": 5}}},
             "negative retries": {"config": {"upstream": {"retries": -1}}},
             "2000 worker threads": {"config": {"server": {"workerThreads": 2000}}},
+            "protectReads without an admin token": {"config": {"admin": {"protectReads": True}}},
         }
         with helm.Chart.load(self.chart_dir) as chart:
             for what, vals in bad_cases.items():

@@ -468,3 +468,15 @@ Teams whose API key is neither in apiKeys.existingSecret nor in apiKeys.keys (NO
 {{- join ", " $missing }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Service that carries the admin port: the main one when it is a ClusterIP Service, else a
+ClusterIP Service of its own (the admin API is never on a load balancer or a node port).
+*/}}
+{{- define "rungen-gateway.adminService" -}}
+{{- if eq .Values.service.type "ClusterIP" }}
+{{- include "rungen-gateway.fullname" . }}
+{{- else }}
+{{- printf "%s-admin" (include "rungen-gateway.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
