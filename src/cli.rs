@@ -201,48 +201,73 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 /// Runs until SIGTERM or SIGINT; each SIGHUP reloads the config.
-async fn serve_until_signal(state: std::sync::Arc<server::State>) {
+async fn serve_until_signal(state: &server::State, signals: &mut Signals) {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            let stop = shutdown_signal();
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = hup.recv() => {
-                        tracing::info!("SIGHUP: reloading the config");
-                        let _ = state.reload().await;
-                    }
-                }
-            }
-        }
-    }
-    let _ = state;
-    shutdown_signal().await;
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    loop {
+        tokio::select! {
+            () = Signals::recv(signals.terminate.as_mut()) => return,
+            () = Signals::recv(signals.interrupt.as_mut()) => return,
+            () = Signals::recv(signals.hangup.as_mut()) => {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = state.reload().await;
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = state;
+        signals.shutdown().await;
+    }
+}
+
+/// The process's signals, listened for from the moment this is made: one
+/// that arrives before anything waits for it is kept, where the default
+/// action would have ended the process at once (a SIGTERM right after the
+/// listener is up, before the drain logic waits for it, must drain).
+struct Signals {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                hangup: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Resolves on SIGTERM or SIGINT (Ctrl-C).
+    async fn shutdown(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            () = Self::recv(self.terminate.as_mut()) => {}
+            () = Self::recv(self.interrupt.as_mut()) => {}
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// The next delivery of one signal (never, if it could not be listened for).
+    #[cfg(unix)]
+    async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+        match signal {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -255,6 +280,7 @@ async fn serve(config: Config, threads: Threads, log_format: Option<LogFormat>) 
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    let mut signals = Signals::listen();
     let running = match server::start(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -262,22 +288,30 @@ async fn serve(config: Config, threads: Threads, log_format: Option<LogFormat>) 
             return ExitCode::FAILURE;
         }
     };
-    serve_until_signal(running.state().clone()).await;
+    serve_until_signal(running.state(), &mut signals).await;
     tracing::info!(
         drain_delay = ?running.state().config().server.drain_delay,
-        "shutdown signal received: readiness is off; draining after the delay"
+        "shutdown signal received: readiness is off; draining after the delay (a second signal stops at once)"
     );
-    running.stop().await;
+    tokio::select! {
+        () = running.stop() => {}
+        // An operator (or a supervisor) that will not wait for the drain.
+        () = signals.shutdown() => {
+            tracing::warn!("second shutdown signal: stopping without waiting for the drain");
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
 async fn mock(config: mock_upstream::MockConfig, listen: SocketAddr) -> ExitCode {
     telemetry::init("info", LogFormat::Pretty);
+    let mut signals = Signals::listen();
     match mock_upstream::start(config, listen).await {
         Ok(handle) => {
             tracing::info!(addr = %handle.local_addr(), "mock RunGen upstream listening; counters at /_mock/stats");
-            shutdown_signal().await;
+            signals.shutdown().await;
             handle.shutdown();
             ExitCode::SUCCESS
         }
@@ -301,6 +335,7 @@ pub fn demo_config(mock_addr: SocketAddr) -> Result<Config, String> {
 }
 
 async fn demo(listen: Option<SocketAddr>, log_format: Option<LogFormat>) -> ExitCode {
+    let mut signals = Signals::listen();
     let mock = match mock_upstream::start(
         mock_upstream::MockConfig::default(),
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -355,7 +390,7 @@ async fn demo(listen: Option<SocketAddr>, log_format: Option<LogFormat>) -> Exit
         "  curl -s -i -X POST -H 'x-api-key: demo-token-readonly' -H 'content-type: application/json' -d '{{\"name\":\"x\"}}' {base}/app"
     );
     println!();
-    shutdown_signal().await;
+    signals.shutdown().await;
     running.stop().await;
     mock.shutdown();
     ExitCode::SUCCESS

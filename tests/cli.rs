@@ -569,6 +569,49 @@ async fn sighup_reloads_the_config() {
     mock.shutdown();
 }
 
+/// A second SIGTERM during the drain stops at once (exit 1): an operator or a
+/// supervisor that will not wait for a long drain_delay is not made to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_drain_stops_at_once() {
+    let mock = mock_upstream::start(mock_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gateway.toml");
+    let text = config_toml(&mock.base_url(), "", "")
+        .replace("drain_delay = \"0s\"", "drain_delay = \"60s\"");
+    assert!(text.contains("drain_delay = \"60s\""));
+    std::fs::write(&cfg, &text).unwrap();
+    let mut served = Served::start(&cfg, &[]);
+    served.until_listening();
+    served.signal("-TERM");
+    let mut draining = false;
+    while let Ok(line) = served.lines.recv_timeout(Duration::from_secs(10)) {
+        if line.contains("shutdown signal received") {
+            draining = true;
+            break;
+        }
+    }
+    assert!(draining, "the first SIGTERM started the drain");
+    // Still draining (60 s delay): alive.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(served.child.try_wait().unwrap().is_none());
+    served.signal("-TERM");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the second SIGTERM did not stop the gateway"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    mock.shutdown();
+}
+
 /// `[server] worker_threads` sizes the runtime: 1 runs the single-thread
 /// scheduler, more a multi-thread one with that many workers; both serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
