@@ -10,6 +10,7 @@ use crate::caller_auth::Caller;
 use crate::context::RequestContext;
 use crate::error::{Body, GatewayError};
 use crate::hop::strip_hop_by_hop;
+use crate::telemetry::{TRACEPARENT, X_REQUEST_ID};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use std::task::{Context, Poll};
@@ -18,7 +19,18 @@ use std::task::{Context, Poll};
 /// choice on the way in).
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_TEAM_ID: HeaderName = HeaderName::from_static("x-team-id");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// The client address as this or that proxy or CDN spells it: the caller
+/// may claim any of them, and the upstream must not read the caller's claim
+/// as ours (the gateway's own view of the caller is not forwarded at all).
+const CLIENT_ADDRESS_HINTS: [HeaderName; 7] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("x-original-forwarded-for"),
+];
 
 /// Headers some server stacks take as the "real" method or URL: a caller
 /// must not get past the method and path checks with them.
@@ -34,7 +46,19 @@ pub const OVERRIDES: [HeaderName; 6] = [
 /// Removes caller-supplied credentials, proxy hints, method and URL
 /// overrides and hop-by-hop headers.
 pub fn strip_caller_headers(headers: &mut HeaderMap) {
+    // The request id and trace context are the gateway's own by now (the
+    // access-log step checked or replaced the caller's): a caller's
+    // `Connection: x-request-id` must not take them off the upstream request.
+    let own = [X_REQUEST_ID, TRACEPARENT].map(|name| {
+        let value = headers.get(&name).cloned();
+        (name, value)
+    });
     strip_hop_by_hop(headers);
+    for (name, value) in own {
+        if let Some(value) = value {
+            headers.insert(name, value);
+        }
+    }
     for name in [
         X_API_KEY,
         X_TEAM_ID,
@@ -42,9 +66,9 @@ pub fn strip_caller_headers(headers: &mut HeaderMap) {
         header::COOKIE,
         header::HOST,
         header::FORWARDED,
-        X_REAL_IP,
     ]
     .into_iter()
+    .chain(CLIENT_ADDRESS_HINTS)
     .chain(OVERRIDES)
     {
         headers.remove(name);
@@ -172,6 +196,10 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-host", "evil.example"),
             ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("x-original-forwarded-for", "1.2.3.4"),
             ("content-type", "application/json"),
             ("x-authenticated-user-id", "u-1"),
         ] {

@@ -574,6 +574,23 @@ async fn request_id_is_kept_when_valid_and_generated_otherwise() {
     assert!(tp.starts_with(&format!("00-{id}-")), "{tp}");
     assert!(rungen_gateway::telemetry::valid_traceparent(tp.as_bytes()));
     assert_eq!(seen[3].header("tracestate"), None);
+    // A caller's Connection header cannot take the gateway's correlation
+    // headers off the upstream request (it is hop-by-hop for the caller's
+    // hop only).
+    let r = c
+        .get(
+            &h.url("/app/connection-named"),
+            &[
+                ("x-api-key", TOKEN_RW),
+                ("x-request-id", "trace-def.456"),
+                ("connection", "x-request-id, traceparent"),
+            ],
+        )
+        .await;
+    assert_eq!(r.headers["x-request-id"], "trace-def.456");
+    let sent = h.mock.requests().last().cloned().unwrap();
+    assert_eq!(sent.header("x-request-id"), Some("trace-def.456"));
+    assert!(sent.header("traceparent").is_some());
     h.stop().await;
 }
 
