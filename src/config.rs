@@ -1875,6 +1875,20 @@ fn validate_jwt(
                 if matches!(uri.scheme_str(), Some("https" | "http"))
                     && uri.authority().is_some() =>
             {
+                // Whoever can change the key set in transit can sign tokens.
+                let loopback = matches!(uri.host(), Some("localhost"))
+                    || uri
+                        .host()
+                        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                        .is_some_and(|ip| ip.is_loopback());
+                if uri.scheme_str() == Some("http") && !loopback {
+                    warnings.push(format!(
+                        "{}: {}: the key set is fetched over plain http: anyone who can alter that connection can sign tokens this gateway accepts (use https)",
+                        path.display(),
+                        field("jwks_url")
+                    ));
+                }
                 Some(KeySource::JwksUrl(uri))
             }
             _ => {
@@ -2018,6 +2032,24 @@ teams = ["acme"]
         let slow = base("").replace("[upstream]\n", "[upstream]\nrequest_timeout = \"30s\"\n");
         let c = Config::from_toml(Path::new("t.toml"), &slow).unwrap();
         assert!(warned(&c), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn a_jwks_url_over_plain_http_is_warned_about_unless_loopback() {
+        let jwt = |url: &str| {
+            let text = format!(
+                "{}\n[[clients]]\nname = \"sso\"\nteams = [\"acme\"]\njwt = {{ issuer = \"https://i\", audience = \"a\", jwks_url = \"{url}\" }}\n",
+                base("")
+            );
+            let c = Config::from_toml(Path::new("t.toml"), &text).unwrap();
+            c.warnings.iter().any(|w| w.contains("plain http"))
+        };
+        assert!(jwt("http://idp.example/jwks.json"));
+        assert!(jwt("http://10.0.0.7:8080/jwks.json"));
+        assert!(!jwt("https://idp.example/jwks.json"));
+        assert!(!jwt("http://127.0.0.1:9000/jwks.json"));
+        assert!(!jwt("http://[::1]:9000/jwks.json"));
+        assert!(!jwt("http://localhost/jwks.json"));
     }
 
     #[test]

@@ -113,7 +113,11 @@ pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> Header
 /// (so a caller cannot choose its own bucket). Every `X-Forwarded-For` line
 /// counts, in order (a proxy may add its own line rather than append to the
 /// caller's), and IPv4-mapped IPv6 addresses (a dual-stack listener's IPv4
-/// peers) are their IPv4 selves.
+/// peers) are their IPv4 selves. A hop may carry a port (`192.0.2.7:5123`,
+/// `[2001:db8::7]:443`, as some load balancers append). A hop that is not an
+/// address matters only where the trusted proxies wrote it (right of the
+/// first untrusted hop): then the chain is unreadable and the peer counts;
+/// whatever the caller sent further left is never read.
 pub fn client_ip(
     peer: IpAddr,
     forwarded_for: http::header::GetAll<'_, HeaderValue>,
@@ -124,24 +128,33 @@ pub fn client_ip(
     if !is_trusted(&peer) {
         return peer;
     }
-    let mut hops: Vec<IpAddr> = Vec::new();
-    for line in forwarded_for {
-        let Ok(line) = line.to_str() else {
-            return peer;
-        };
-        for hop in line.split(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip.to_canonical()),
-                Err(_) => return peer,
-            }
+    let hops: Vec<Option<IpAddr>> = forwarded_for
+        .iter()
+        .flat_map(|line| match line.to_str() {
+            Ok(line) => line.split(',').map(parse_hop).collect::<Vec<_>>(),
+            Err(_) => vec![None],
+        })
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop {
+            Some(ip) if is_trusted(ip) => {}
+            Some(ip) => return *ip,
+            None => return peer,
         }
     }
-    hops.iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .or(hops.first())
-        .copied()
-        .unwrap_or(peer)
+    // Trusted all the way: the hop furthest from us.
+    hops.first().copied().flatten().unwrap_or(peer)
+}
+
+/// One `X-Forwarded-For` hop: an address, with or without a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(ip.to_canonical())
 }
 
 /// The bucket the per-IP limits count a source IP in: an IPv4 address is its
@@ -339,12 +352,14 @@ impl Limits {
     pub fn configure(&self, settings: RateLimitSettings) {
         {
             let mut callers = write(&self.callers);
+            // Limiters hold this replica's share (cluster mode without Redis).
+            let replicas = self.replicas();
             callers.retain(|name, l| {
                 let q = settings
                     .client_quotas
                     .get(name)
                     .unwrap_or(&settings.default_quota);
-                l.0 == *q
+                l.0 == share(*q, replicas)
             });
             self.callers_generation
                 .store(next_generation(), Ordering::Release);
@@ -1151,6 +1166,23 @@ mod tests {
         assert_eq!(of("203.0.113.1", &chain), ip("203.0.113.1"));
         assert_eq!(of("10.0.0.9", &[]), ip("10.0.0.9"));
         assert_eq!(of("10.0.0.9", &["not-an-ip"]), ip("10.0.0.9"));
+        // Garbage the caller sent left of its own address is never read.
+        assert_eq!(
+            of("10.0.0.9", &["unknown, not-an-ip, 198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+        // Garbage a trusted proxy wrote: the chain is unreadable there.
+        assert_eq!(
+            of("10.0.0.9", &["198.51.100.7, _hidden, 10.0.0.5"]),
+            ip("10.0.0.9")
+        );
+        // Hops with ports, as some load balancers append them.
+        assert_eq!(of("10.0.0.9", &["198.51.100.7:50123"]), ip("198.51.100.7"));
+        assert_eq!(of("10.0.0.9", &["[2001:db8::7]:443"]), ip("2001:db8::7"));
+        assert_eq!(
+            of("10.0.0.9", &["[2001:db8::7], 10.0.0.5:80"]),
+            ip("2001:db8::7")
+        );
         assert_eq!(of("10.0.0.9", &["10.1.1.1, 10.2.2.2"]), ip("10.1.1.1"));
         // A proxy that adds its own line: the caller's line cannot pick.
         assert_eq!(
