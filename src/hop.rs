@@ -16,12 +16,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes the hop-by-hop headers, `Upgrade`, and every header named in
 /// `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_hop_by_hop_except(headers, &[]);
+}
+
+/// [`strip_hop_by_hop`], except that `Connection` cannot name away the
+/// headers in `keep` (the gateway's own by then, not the sender's).
+pub fn strip_hop_by_hop_except(headers: &mut HeaderMap, keep: &[HeaderName]) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !keep.contains(name))
         .collect();
     for name in named {
         headers.remove(name);

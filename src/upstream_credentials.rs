@@ -9,7 +9,7 @@
 use crate::caller_auth::Caller;
 use crate::context::RequestContext;
 use crate::error::{Body, GatewayError};
-use crate::hop::strip_hop_by_hop;
+use crate::hop::strip_hop_by_hop_except;
 use crate::telemetry::{TRACEPARENT, X_REQUEST_ID};
 use futures_util::future::{BoxFuture, FutureExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
@@ -49,16 +49,7 @@ pub fn strip_caller_headers(headers: &mut HeaderMap) {
     // The request id and trace context are the gateway's own by now (the
     // access-log step checked or replaced the caller's): a caller's
     // `Connection: x-request-id` must not take them off the upstream request.
-    let own = [X_REQUEST_ID, TRACEPARENT].map(|name| {
-        let value = headers.get(&name).cloned();
-        (name, value)
-    });
-    strip_hop_by_hop(headers);
-    for (name, value) in own {
-        if let Some(value) = value {
-            headers.insert(name, value);
-        }
-    }
+    strip_hop_by_hop_except(headers, &[X_REQUEST_ID, TRACEPARENT]);
     for name in [
         X_API_KEY,
         X_TEAM_ID,

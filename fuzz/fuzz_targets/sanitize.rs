@@ -31,7 +31,7 @@ use rungen_gateway::telemetry::valid_traceparent;
 use rungen_gateway::upstream_credentials::strip_caller_headers;
 use std::net::IpAddr;
 
-const ALWAYS_STRIPPED: [&str; 22] = [
+const ALWAYS_STRIPPED: [&str; 28] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -45,6 +45,12 @@ const ALWAYS_STRIPPED: [&str; 22] = [
     "host",
     "forwarded",
     "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -70,6 +76,8 @@ fn check_strip(original: &HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // The gateway's own correlation headers: Connection cannot name them away.
+        .filter(|n| !matches!(n.as_str(), "x-request-id" | "traceparent"))
         .collect();
     let removed = |name: &HeaderName| {
         ALWAYS_STRIPPED.contains(&name.as_str())
