@@ -23,8 +23,8 @@ COPY benches ./benches
 COPY tests ./tests
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin rungen-gateway \
-    && install -D -m 0755 target/release/rungen-gateway /out/rungen-gateway
+    cargo build --profile dist --locked --bin rungen-gateway \
+    && install -D -m 0755 target/dist/rungen-gateway /out/rungen-gateway
 
 # ---- runtime ----------------------------------------------------------------------------------
 # distroless/cc: glibc and libgcc only; no shell, no package manager. TLS roots are compiled in

@@ -16,7 +16,7 @@
 #
 # Knobs (environment): DURATION=5 (seconds per run), ROUNDS=3, CONNS=32 (hit runs),
 # SERVER_CPU=0, LOAD_CPU=1, BASE_PORT=29080 (eight consecutive loopback ports),
-# SKIP_BUILD=1 (use the existing target/release/rungen-gateway), KEEP_WORK=1.
+# SKIP_BUILD=1 (use the existing target/$PROFILE/rungen-gateway; PROFILE=dist by default, or release), KEEP_WORK=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +37,7 @@ else
 fi
 TOKEN="rgw-bench-token-0001"
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
-BIN="$ROOT/target/release/rungen-gateway"
+BIN="$ROOT/target/${PROFILE:-dist}/rungen-gateway"
 
 # log/die, PIDS + WORK + cleanup on exit (lib.sh's pinning and priority are not used here).
 LOG_TAG=cluster-bench
@@ -48,8 +48,8 @@ WORK=$(mktemp -d /tmp/rungen-cluster-bench.XXXXXX)
 command -v wrk >/dev/null || die "wrk is missing (apt-get install -y wrk)"
 command -v redis-server >/dev/null || die "redis-server is missing (apt-get install -y redis-server)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet --bin rungen-gateway)
+  log "cargo build --profile ${PROFILE:-dist}"
+  (cd "$ROOT" && cargo build --profile "${PROFILE:-dist}" --quiet --bin rungen-gateway)
 fi
 [[ -x "$BIN" ]] || die "$BIN is missing"
 

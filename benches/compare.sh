@@ -28,7 +28,9 @@
 #                    as a constant (what the stack costs before any gateway step);
 #                    ports BASE_PORT+7 (plain), +8 (TLS)
 #   SKIP_INSTALL=1   do not apt-get anything (fail if a tool is missing)
-#   SKIP_BUILD=1     use the existing target/release/rungen-gateway
+#   PROFILE=dist     the cargo profile to build and measure: dist (what ships: release
+#                    with LTO; slower to build) or release
+#   SKIP_BUILD=1     use the existing target/$PROFILE/rungen-gateway
 #   GATEWAY_BIN=path use this gateway binary (implies SKIP_BUILD)
 #   RESULTS=file     also write every run as TSV there (default: under /tmp)
 #   KEEP_WORK=1      keep the temporary directory (configs, logs)
@@ -48,6 +50,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 BASE_PORT=${BASE_PORT:-28080}
 SCENARIOS=${SCENARIOS:-"h1-32 h1-128 h1-tls-32 h2-tls-32x10"}
+PROFILE=${PROFILE:-dist}
 TOKEN="rgw-bench-token-0001"
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
 
@@ -163,24 +166,24 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ -n "${GATEWAY_BIN:-}" ]]; then
   BIN=$GATEWAY_BIN
 else
-  BIN=$TARGET_DIR/release/rungen-gateway
+  BIN=$TARGET_DIR/$PROFILE/rungen-gateway
   if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet --bin rungen-gateway)
+    log "cargo build --profile $PROFILE"
+    (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin rungen-gateway)
   fi
 fi
 [[ -x "$BIN" ]] || die "no gateway binary at $BIN"
 # FLOOR=1: the hyper-only server (a bench target, so it is built with the release profile).
 if [[ -n "${FLOOR:-}" && -z "${HYPER_FLOOR_BIN:-}" ]]; then
   if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --release --bench hyper_floor"
-    HYPER_FLOOR_BIN=$(cd "$ROOT" && cargo build --release --quiet --bench hyper_floor --message-format=json |
+    log "cargo build --profile $PROFILE --bench hyper_floor"
+    HYPER_FLOOR_BIN=$(cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bench hyper_floor --message-format=json |
       grep -o '"executable":"[^"]*hyper_floor[^"]*"' | tail -n 1 | cut -d'"' -f4)
   else
-    HYPER_FLOOR_BIN=$(ls -t "$TARGET_DIR"/release/deps/hyper_floor-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    HYPER_FLOOR_BIN=$(ls -t "$TARGET_DIR/$PROFILE"/deps/hyper_floor-* 2>/dev/null | grep -v '\.d$' | head -n 1)
   fi
 fi
-[[ -z "${FLOOR:-}" || -x "${HYPER_FLOOR_BIN:-}" ]] || die "no hyper_floor binary (build it: cargo build --release --bench hyper_floor)"
+[[ -z "${FLOOR:-}" || -x "${HYPER_FLOOR_BIN:-}" ]] || die "no hyper_floor binary (build it: cargo build --profile $PROFILE --bench hyper_floor)"
 
 WORK=$(mktemp -d /tmp/rgw-compare.XXXXXX)
 chmod 755 "$WORK"

@@ -55,10 +55,10 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ -n "${GATEWAY_BIN:-}" ]]; then
   BIN=$GATEWAY_BIN
 else
-  BIN=$TARGET_DIR/release/rungen-gateway
+  BIN=$TARGET_DIR/${PROFILE:-dist}/rungen-gateway
   if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet --bin rungen-gateway)
+    log "cargo build --profile ${PROFILE:-dist}"
+    (cd "$ROOT" && cargo build --profile "${PROFILE:-dist}" --quiet --bin rungen-gateway)
   fi
 fi
 [[ -x "$BIN" ]] || die "no gateway binary at $BIN"

@@ -780,8 +780,12 @@ class Checker:
             if member != "." and top not in copied:
                 self.fail(f"Cargo.toml has workspace member {member}, which the Dockerfile does not COPY")
         build = " ".join(r for i, r in stages[0]["lines"] if i == "RUN")
-        if "cargo build" not in build or "--release" not in build or "--locked" not in build:
-            self.fail("the build stage does not run `cargo build --release --locked`")
+        # The shipped binary: the `dist` profile (release + LTO), from the lockfile.
+        if "cargo build" not in build or "--profile dist" not in build or "--locked" not in build:
+            self.fail("the build stage does not run `cargo build --profile dist --locked`")
+        dist = (tomllib.loads((self.repo / "Cargo.toml").read_text()).get("profile") or {}).get("dist") or {}
+        if dist.get("inherits") != "release" or "target/dist/" not in build:
+            self.fail("Cargo.toml has no [profile.dist] inheriting release, or the Dockerfile does not install target/dist/")
         bins = [b["name"] for b in cargo.get("bin", [])] or [cargo["package"]["name"]]
         # The runtime stage
         final = stages[-1]
