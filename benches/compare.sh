@@ -173,7 +173,7 @@ else
   fi
 fi
 [[ -x "$BIN" ]] || die "no gateway binary at $BIN"
-# FLOOR=1: the hyper-only server (a bench target, so it is built with the release profile).
+# FLOOR=1: the hyper-only server (a bench target), built with the same $PROFILE as the gateway.
 if [[ -n "${FLOOR:-}" && -z "${HYPER_FLOOR_BIN:-}" ]]; then
   if [[ -z "${SKIP_BUILD:-}" ]]; then
     log "cargo build --profile $PROFILE --bench hyper_floor"

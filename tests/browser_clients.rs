@@ -742,49 +742,41 @@ fn sso_claims() -> serde_json::Value {
     c
 }
 
+/// A gateway whose first JWKS fetch meets `first`; then the identity
+/// provider serves its key set, and a second fetch must follow within
+/// `within` and make its tokens good.
+async fn jwks_recovers_from(first: Idp, refresh: &str, within: std::time::Duration) {
+    let (key, jwk) = ec_key("k1");
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(first));
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = flaky_idp(mode.clone(), hits.clone()).await;
+    let (h, _) = sso_gateway(&url, refresh).await;
+    assert!(hits_reach(&hits, 1, std::time::Duration::from_secs(5)).await);
+    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk]}).to_string());
+    assert!(
+        hits_reach(&hits, 2, within).await,
+        "no second JWKS fetch within {within:?} of the first"
+    );
+    assert_eq!(
+        status_settles(&h, &es256("k1", &key, sso_claims())).await,
+        StatusCode::OK
+    );
+    h.stop().await;
+}
+
 /// The identity provider is down when the gateway starts (a rollout, a
 /// sidecar not ready): the failed fetch is tried again within seconds, not
 /// after a whole `jwks_refresh` (5 minutes here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_jwks_fetch_is_tried_again_within_seconds() {
-    let (key, jwk) = ec_key("f1");
-    let mode = std::sync::Arc::new(std::sync::Mutex::new(Idp::Unavailable));
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let url = flaky_idp(mode.clone(), hits.clone()).await;
-    let (h, _) = sso_gateway(&url, "5m").await;
-    assert!(hits_reach(&hits, 1, std::time::Duration::from_secs(5)).await);
-    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk]}).to_string());
-    assert!(
-        hits_reach(&hits, 2, std::time::Duration::from_secs(5)).await,
-        "no second fetch within 5 s of a failed one"
-    );
-    assert_eq!(
-        status_settles(&h, &es256("f1", &key, sso_claims())).await,
-        StatusCode::OK
-    );
-    h.stop().await;
+    jwks_recovers_from(Idp::Unavailable, "5m", std::time::Duration::from_secs(5)).await;
 }
 
 /// A JWKS answer that stalls mid-body is given up (10 s for the whole
 /// fetch) and fetched again: it does not stop the refresh for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_body_that_stalls_is_given_up_and_fetched_again() {
-    let (key, jwk) = ec_key("s1");
-    let mode = std::sync::Arc::new(std::sync::Mutex::new(Idp::Stall));
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let url = flaky_idp(mode.clone(), hits.clone()).await;
-    let (h, _) = sso_gateway(&url, "1s").await;
-    assert!(hits_reach(&hits, 1, std::time::Duration::from_secs(5)).await);
-    *mode.lock().unwrap() = Idp::Serve(serde_json::json!({"keys": [jwk]}).to_string());
-    assert!(
-        hits_reach(&hits, 2, std::time::Duration::from_secs(20)).await,
-        "the stalled fetch was never given up"
-    );
-    assert_eq!(
-        status_settles(&h, &es256("s1", &key, sso_claims())).await,
-        StatusCode::OK
-    );
-    h.stop().await;
+    jwks_recovers_from(Idp::Stall, "1s", std::time::Duration::from_secs(20)).await;
 }
 
 /// The identity provider publishes a new key and signs with it at once: the
