@@ -31,6 +31,7 @@ use rungen_gateway::config::Config;
 use rungen_gateway::context::RequestContext;
 use rungen_gateway::error::{Body, empty_body};
 use rungen_gateway::gateway::{self, GatewayService};
+use rungen_gateway::jwt::{JwtSettings, KeySource, Verifier, Verifiers};
 use rungen_gateway::mock_upstream::{self, MockConfig, MockHandle};
 use rungen_gateway::rate_limit::Limits;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -372,6 +373,49 @@ fn piece_figures(f: &Fixture, counts: &Counts) {
     .print_piece("building the request (in the hit rows)");
 }
 
+/// Verifiers with one ES256 key (as a JWKS publishes it) for the bench
+/// client, a token they accept, and a maker of new accepted tokens (each
+/// ES256 signature differs).
+fn signed_tokens(f: &Fixture) -> Result<(Verifiers, String, impl Fn() -> String), Box<dyn Error>> {
+    use base64::Engine;
+    let pair = rcgen::KeyPair::generate()?;
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes())?;
+    let raw = pair.public_key_raw(); // 0x04 || X || Y
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "bench", "alg": "ES256", "use": "sig",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    }]});
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks.to_string())?;
+    let verifier = Verifier::new(
+        f.config.clients[0].clone(),
+        JwtSettings {
+            issuer: "https://auth.bench".into(),
+            audience: "rungen-gateway".into(),
+            keys: KeySource::JwksFile(path),
+            leeway: Duration::from_secs(5),
+            scopes_claim: None,
+            jwks_refresh: Duration::from_secs(300),
+        },
+    )?;
+    let sign = move || {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 3600;
+        let claims = serde_json::json!({"iss": "https://auth.bench", "aud": "rungen-gateway", "exp": exp, "sub": "user-1"});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("bench".into());
+        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    };
+    let verifiers = Verifiers::new(vec![verifier]);
+    let token = sign();
+    verifiers.verify(&token).map_err(|e| e.to_string())?;
+    Ok((verifiers, token, sign))
+}
+
 fn criterion_benches(c: &mut Criterion, f: &Fixture) {
     let scope: Arc<str> = Arc::from(SCOPE);
     let mut group = c.benchmark_group("cache_key");
@@ -391,6 +435,22 @@ fn criterion_benches(c: &mut Criterion, f: &Fixture) {
     });
     group.bench_function("lookup/unknown", |b| {
         b.iter(|| credentials.lookup(black_box(unknown)).is_some())
+    });
+    group.finish();
+
+    // A browser front-end's signed token (ES256, a key from a JWKS): the
+    // first check of a token against one checked before.
+    let (verifiers, signed, sign) = signed_tokens(f).expect("signed-token fixture");
+    let mut group = c.benchmark_group("signed_token");
+    group.bench_function("verify/remembered", |b| {
+        b.iter(|| verifiers.verify(black_box(&signed)).is_ok())
+    });
+    group.bench_function("verify/first", |b| {
+        b.iter_batched(
+            &sign,
+            |t| assert!(verifiers.verify(black_box(&t)).is_ok()),
+            criterion::BatchSize::SmallInput,
+        )
     });
     group.finish();
 

@@ -196,7 +196,7 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // A token wins (an opaque gateway token, or a signed JWT); without one,
         // a verified client certificate, or for public clients the Origin.
-        let mut granted: Option<Vec<String>> = None;
+        let mut granted: Option<Arc<[String]>> = None;
         let client = match extract_token(req.headers()) {
             Some(t) => match self.credentials.lookup(t) {
                 Some(c) => Some(c.clone()),

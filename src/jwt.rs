@@ -65,6 +65,11 @@ const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`JWKS_RETRY_MAX`] (never later than `jwks_refresh`).
 const JWKS_RETRY_FIRST: Duration = Duration::from_secs(1);
 const JWKS_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Tokens remembered as verified (per config generation): a browser
+/// front-end sends the same token with every request until it expires.
+const VERIFIED_CAPACITY: u64 = 10_000;
+/// However long its `exp`, a remembered token is verified again after this.
+const VERIFIED_FOR_AT_MOST: Duration = Duration::from_secs(600);
 
 impl Drop for Verifier {
     fn drop(&mut self) {
@@ -88,7 +93,7 @@ impl std::fmt::Debug for Verifier {
 pub struct Grant {
     pub client: Arc<Client>,
     /// Scope names or team ids from the scopes claim (`None`: all of the client's).
-    pub scopes: Option<Vec<String>>,
+    pub scopes: Option<Arc<[String]>>,
 }
 
 /// Why a token was refused (for logs only).
@@ -245,8 +250,12 @@ impl Verifier {
         }
     }
 
-    fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Grant, JwtError> {
-        let keys = self.keys.load();
+    fn verify(
+        self: &Arc<Self>,
+        token: &str,
+        header: &jsonwebtoken::Header,
+    ) -> Result<Verified, JwtError> {
+        let keys = self.keys.load_full();
         let candidates: Vec<&Arc<Key>> = keys
             .iter()
             .filter(|k| match (&header.kid, &k.kid) {
@@ -285,12 +294,19 @@ impl Verifier {
                                 s.split_whitespace().map(str::to_string).collect()
                             }
                             // The claim is configured but absent: no scope at all.
-                            _ => Vec::new(),
+                            _ => Arc::from([]),
                         }
                     });
-                    return Ok(Grant {
-                        client: self.client.clone(),
-                        scopes,
+                    return Ok(Verified {
+                        grant: Grant {
+                            client: self.client.clone(),
+                            scopes,
+                        },
+                        verifier: Arc::clone(self),
+                        keys: Arc::downgrade(&keys),
+                        // Required, so present; a value that is no whole
+                        // number of seconds is not remembered.
+                        exp: data.claims.get("exp").and_then(serde_json::Value::as_u64),
                     });
                 }
                 Err(e) => last = JwtError::Invalid(e),
@@ -298,6 +314,13 @@ impl Verifier {
         }
         Err(last)
     }
+}
+
+/// Seconds since the epoch, as jsonwebtoken reads the clock for `exp`.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn into_keys(keys: Vec<KeyInfo>) -> Vec<Arc<Key>> {
@@ -314,9 +337,50 @@ fn into_keys(keys: Vec<KeyInfo>) -> Vec<Arc<Key>> {
 
 /// Every JWT client, by issuer (one identity provider may serve several
 /// clients, told apart by audience).
-#[derive(Debug, Default)]
 pub struct Verifiers {
     by_issuer: HashMap<String, Vec<Arc<Verifier>>>,
+    /// Tokens verified lately, by the SHA-256 of the token. Checking a
+    /// signature (and parsing the token twice) costs many times a whole cache
+    /// hit; a front-end's user presents the same token until it expires.
+    verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+}
+
+impl Default for Verifiers {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl std::fmt::Debug for Verifiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifiers")
+            .field("by_issuer", &self.by_issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token that passed every check, and what it was checked against.
+struct Verified {
+    grant: Grant,
+    verifier: Arc<Verifier>,
+    /// The key set it was verified with: once the verifier holds another (a
+    /// JWKS refresh or rotation), the token is checked again. Weak: an old
+    /// set is not kept, yet its address cannot be taken by a new one.
+    keys: std::sync::Weak<Vec<Arc<Key>>>,
+    /// `exp`, in seconds since the epoch (`None`: not remembered).
+    exp: Option<u64>,
+}
+
+impl Verified {
+    /// Whether it would pass the checks again now: the same key set, and
+    /// `exp` (with the leeway) not passed. `nbf` only ever passes with time.
+    fn still_valid(&self, now: u64) -> bool {
+        let current = self.verifier.keys.load();
+        std::ptr::eq(self.keys.as_ptr(), Arc::as_ptr(&current))
+            && self.exp.is_some_and(|exp| {
+                now <= exp.saturating_add(self.verifier.settings.leeway.as_secs())
+            })
+    }
 }
 
 impl Verifiers {
@@ -328,7 +392,13 @@ impl Verifiers {
                 .or_default()
                 .push(v);
         }
-        Self { by_issuer }
+        Self {
+            by_issuer,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_FOR_AT_MOST)
+                .build(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -340,8 +410,39 @@ impl Verifiers {
     }
 
     /// Verifies a compact JWT; the issuer claim (and, when one issuer serves
-    /// several clients, the audience claim) picks the client.
+    /// several clients, the audience claim) picks the client. A token that
+    /// passed before is not checked again while its key set and `exp` hold
+    /// (for at most [`VERIFIED_FOR_AT_MOST`]).
     pub fn verify(&self, token: &str) -> Result<Grant, JwtError> {
+        let digest = crate::secret::token_digest(token.as_bytes());
+        if let Some(seen) = self.verified.get(&digest) {
+            if seen.still_valid(unix_now()) {
+                metrics::counter!("rungen_gateway_signed_tokens_total", "outcome" => "remembered")
+                    .increment(1);
+                return Ok(seen.grant.clone());
+            }
+            self.verified.invalidate(&digest);
+        }
+        match self.check(token) {
+            Ok(verified) => {
+                metrics::counter!("rungen_gateway_signed_tokens_total", "outcome" => "verified")
+                    .increment(1);
+                let grant = verified.grant.clone();
+                if verified.exp.is_some() {
+                    self.verified.insert(digest, Arc::new(verified));
+                }
+                Ok(grant)
+            }
+            Err(e) => {
+                metrics::counter!("rungen_gateway_signed_tokens_total", "outcome" => "refused")
+                    .increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Every check, from the start.
+    fn check(&self, token: &str) -> Result<Verified, JwtError> {
         let mut parts = token.split('.');
         let (Some(_), Some(payload), Some(_), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -534,7 +635,7 @@ mod tests {
         let good = serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": now() + 60, "teams": ["acme"]});
         let grant = v.verify(&token(good.clone(), SECRET)).unwrap();
         assert_eq!(grant.client.name, "web");
-        assert_eq!(grant.scopes, Some(vec!["acme".to_string()]));
+        assert_eq!(grant.scopes.as_deref(), Some(&["acme".to_string()][..]));
 
         let mut expired = good.clone();
         expired["exp"] = (now() - 60).into();
@@ -563,6 +664,72 @@ mod tests {
         parts[0] = &none;
         assert!(v.verify(&format!("{}.{}.", parts[0], parts[1])).is_err());
         assert!(v.verify("not-a-jwt").is_err());
+    }
+
+    /// A verified token is not checked again (no parse, no signature) while
+    /// its key set and `exp` hold; a new key set checks it again.
+    #[test]
+    fn a_token_is_checked_once_while_its_key_set_holds() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let v = verifiers(Some("teams"));
+        let claims = serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": now() + 60, "teams": ["acme"]});
+        let t = token(claims, SECRET);
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..5 {
+                let grant = v.verify(&t).unwrap();
+                assert_eq!(grant.client.name, "web");
+                assert_eq!(grant.scopes.as_deref(), Some(&["acme".to_string()][..]));
+            }
+        });
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"rungen_gateway_signed_tokens_total{outcome="verified"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"rungen_gateway_signed_tokens_total{outcome="remembered"} 4"#),
+            "{text}"
+        );
+        // The keys change (a JWKS refresh, a rotation): the token is checked
+        // against the new set, which no longer has the key that signed it.
+        v.all().next().unwrap().set_jwks(vec![KeyInfo {
+            kid: None,
+            algorithms: vec![Algorithm::HS256],
+            key: DecodingKey::from_secret(b"the-next-secret-the-next-secret-xx"),
+        }]);
+        assert!(v.verify(&t).is_err(), "verified with a key no longer held");
+        // A token that fails is never remembered: checked every time.
+        assert!(v.verify(&t).is_err());
+    }
+
+    /// A remembered token stops working when its `exp` (plus the leeway) passes.
+    #[test]
+    fn a_remembered_token_expires_on_time() {
+        let v = Verifier::new(
+            client(),
+            JwtSettings {
+                issuer: "https://auth.example".into(),
+                audience: "rungen-gateway".into(),
+                keys: KeySource::Hmac(Secret::new(SECRET)),
+                leeway: Duration::ZERO,
+                scopes_claim: None,
+                jwks_refresh: Duration::from_secs(300),
+            },
+        )
+        .unwrap();
+        let v = Verifiers::new(vec![v]);
+        let exp = now() + 1;
+        let t = token(
+            serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": exp}),
+            SECRET,
+        );
+        assert!(v.verify(&t).is_ok());
+        assert!(v.verify(&t).is_ok(), "remembered");
+        while now() <= exp {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(v.verify(&t).is_err(), "expired, remembered or not");
     }
 
     #[test]
