@@ -76,23 +76,60 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// `RateLimit-Policy: "<name>";q=<burst>;w=<seconds to refill the burst>`.
+/// The same for every request of a client: the last one made on this thread
+/// is kept (a clone is a reference count, not a formatting and an allocation).
 pub fn policy_header(name: &str, quota: &Quota) -> HeaderValue {
-    let q = quota.burst_size().get();
-    let w = ceil_secs(quota.burst_size_replenished_in()).max(1);
-    header_value(format_args!("\"{name}\";q={q};w={w}"))
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Quota, Box<str>, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let make = || {
+        let q = u64::from(quota.burst_size().get());
+        let w = ceil_secs(quota.burst_size_replenished_in()).max(1);
+        header_value(name, b"q", q, b"w", w)
+    };
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return make();
+        };
+        match &*last {
+            Some((q, n, v)) if q == quota && **n == *name => v.clone(),
+            _ => {
+                let v = make();
+                *last = Some((*quota, name.into(), v.clone()));
+                v
+            }
+        }
+    })
 }
 
-/// A short header value formatted on the stack (these are built on every
-/// request: no `String` in between).
-fn header_value(args: std::fmt::Arguments<'_>) -> HeaderValue {
-    use std::io::Write;
+/// `"<name>";<k1>=<v1>;<k2>=<v2>`, written byte by byte on the stack (these
+/// are built on every request the limiter decides: no formatting machinery,
+/// no `String` in between).
+fn header_value(name: &str, k1: &[u8], v1: u64, k2: &[u8], v2: u64) -> HeaderValue {
+    let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let parts: [&[u8]; 9] = [
+        b"\"",
+        name.as_bytes(),
+        b"\";",
+        k1,
+        b"=",
+        a.format(v1).as_bytes(),
+        b";",
+        k2,
+        b"=",
+    ];
+    let v2 = b.format(v2).as_bytes();
     let mut buf = [0u8; 128];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let written = cursor.write_fmt(args).ok().map(|()| cursor.position());
-    written
-        .and_then(|n| usize::try_from(n).ok())
-        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
-        .unwrap_or(HeaderValue::from_static("\"caller\""))
+    let mut len = 0;
+    for part in parts.iter().chain(std::iter::once(&v2)) {
+        let Some(room) = buf.get_mut(len..len + part.len()) else {
+            return HeaderValue::from_static("\"caller\"");
+        };
+        room.copy_from_slice(part);
+        len += part.len();
+    }
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("\"caller\""))
 }
 
 /// `RateLimit: "<name>";r=<remaining>;t=<seconds until the burst is full again>`
@@ -105,7 +142,7 @@ pub fn ratelimit_header(name: &str, quota: &Quota, decision: Decision) -> Header
         }
         Decision::Limited { wait } => (0, ceil_secs(wait).max(1)),
     };
-    crate::telemetry::never_indexed(header_value(format_args!("\"{name}\";r={r};t={t}")))
+    crate::telemetry::never_indexed(header_value(name, b"r", u64::from(r), b"t", t))
 }
 
 /// The source IP of a request: the peer, or, only when the peer is a trusted
@@ -1122,6 +1159,30 @@ mod tests {
         assert!(!policy_header("caller", &q).is_sensitive());
         let per_minute = quota(60, Duration::from_secs(60), 20);
         assert_eq!(policy_header("caller", &per_minute), "\"caller\";q=20;w=20");
+        // The last value made is reused only for the same name and quota.
+        for _ in 0..2 {
+            assert_eq!(policy_header("caller", &q), "\"caller\";q=100;w=2");
+            assert_eq!(policy_header("caller", &q), "\"caller\";q=100;w=2");
+            assert_eq!(policy_header("caller-ip", &q), "\"caller-ip\";q=100;w=2");
+            assert_eq!(
+                policy_header("caller-ip", &per_minute),
+                "\"caller-ip\";q=20;w=20"
+            );
+            assert_eq!(policy_header("caller", &per_minute), "\"caller\";q=20;w=20");
+        }
+        // A name too long for the stack buffer still gives a valid value.
+        let long = "x".repeat(200);
+        assert_eq!(policy_header(&long, &q), "\"caller\"");
+        assert_eq!(
+            ratelimit_header(
+                "caller-ip",
+                &q,
+                Decision::Allowed {
+                    remaining: u32::MAX
+                }
+            ),
+            format!("\"caller-ip\";r={};t=0", u32::MAX)
+        );
         // A tiny wait still says "retry in 1 s", never 0.
         assert_eq!(
             ratelimit_header(
