@@ -332,10 +332,10 @@ impl std::task::Wake for OwnWake {
 }
 
 /// The connection's timers and drain signal: sets `finish` when the server
-/// drains or the connection has been idle for `timeouts.idle`; resolves when the connection must go at once (a
-/// response stalled for `timeouts.stall`, or still idle `timeouts.idle` after
-/// it was asked to finish: an HTTP/2 peer that never acknowledges the
-/// GOAWAY's PING).
+/// drains or the connection has been idle for `timeouts.idle`; resolves when
+/// the connection must go at once (a response stalled for `timeouts.stall`,
+/// or still idle `timeouts.idle` after it was asked to finish: an HTTP/2
+/// peer that never acknowledges the GOAWAY's PING).
 async fn watchdog(
     mut drain: watch::Receiver<()>,
     requests: &RequestCounter,
