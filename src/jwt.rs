@@ -596,13 +596,17 @@ mod tests {
     }
 
     fn verifiers(scopes_claim: Option<&str>) -> Verifiers {
+        verifiers_with(scopes_claim, Duration::from_secs(5))
+    }
+
+    fn verifiers_with(scopes_claim: Option<&str>, leeway: Duration) -> Verifiers {
         let v = Verifier::new(
             client(),
             JwtSettings {
                 issuer: "https://auth.example".into(),
                 audience: "rungen-gateway".into(),
-                keys: KeySource::Hmac(Secret::new("s3cret-s3cret-s3cret-s3cret-s3cret")),
-                leeway: Duration::from_secs(5),
+                keys: KeySource::Hmac(Secret::new(SECRET)),
+                leeway,
                 scopes_claim: scopes_claim.map(str::to_string),
                 jwks_refresh: Duration::from_secs(300),
             },
@@ -706,19 +710,7 @@ mod tests {
     /// A remembered token stops working when its `exp` (plus the leeway) passes.
     #[test]
     fn a_remembered_token_expires_on_time() {
-        let v = Verifier::new(
-            client(),
-            JwtSettings {
-                issuer: "https://auth.example".into(),
-                audience: "rungen-gateway".into(),
-                keys: KeySource::Hmac(Secret::new(SECRET)),
-                leeway: Duration::ZERO,
-                scopes_claim: None,
-                jwks_refresh: Duration::from_secs(300),
-            },
-        )
-        .unwrap();
-        let v = Verifiers::new(vec![v]);
+        let v = verifiers_with(None, Duration::ZERO);
         let exp = now() + 1;
         let t = token(
             serde_json::json!({"iss": "https://auth.example", "aud": "rungen-gateway", "exp": exp}),

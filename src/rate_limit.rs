@@ -108,7 +108,7 @@ pub fn policy_header(name: &str, quota: &Quota) -> HeaderValue {
 /// no `String` in between).
 fn header_value(name: &str, k1: &[u8], v1: u64, k2: &[u8], v2: u64) -> HeaderValue {
     let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let parts: [&[u8]; 9] = [
+    let parts: [&[u8]; 10] = [
         b"\"",
         name.as_bytes(),
         b"\";",
@@ -118,11 +118,11 @@ fn header_value(name: &str, k1: &[u8], v1: u64, k2: &[u8], v2: u64) -> HeaderVal
         b";",
         k2,
         b"=",
+        b.format(v2).as_bytes(),
     ];
-    let v2 = b.format(v2).as_bytes();
     let mut buf = [0u8; 128];
     let mut len = 0;
-    for part in parts.iter().chain(std::iter::once(&v2)) {
+    for part in parts {
         let Some(room) = buf.get_mut(len..len + part.len()) else {
             return HeaderValue::from_static("\"caller\"");
         };
