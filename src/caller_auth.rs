@@ -77,7 +77,14 @@ impl Credentials {
     }
 
     pub fn lookup(&self, token: &[u8]) -> Option<&Arc<Client>> {
-        self.by_digest.get(&token_digest(token))
+        self.lookup_digest(&token_digest(token))
+    }
+
+    /// [`Self::lookup`] by the token's SHA-256, taken once per request: a
+    /// signed token that is no gateway token is then looked up by the same
+    /// digest among the tokens verified lately.
+    pub fn lookup_digest(&self, digest: &[u8; 32]) -> Option<&Arc<Client>> {
+        self.by_digest.get(digest)
     }
 
     /// The client a verified client certificate maps to (first matching name).
@@ -197,8 +204,10 @@ where
         // A token wins (an opaque gateway token, or a signed JWT); without one,
         // a verified client certificate, or for public clients the Origin.
         let mut granted: Option<Arc<[String]>> = None;
-        let client = match extract_token(req.headers()) {
-            Some(t) => match self.credentials.lookup(t) {
+        // The token's SHA-256, taken once: the gateway tokens and the signed
+        // tokens verified lately are both found by it.
+        let client = match extract_token(req.headers()).map(|t| (t, token_digest(t))) {
+            Some((t, digest)) => match self.credentials.lookup_digest(&digest) {
                 Some(c) => Some(c.clone()),
                 None if !self.credentials.jwt.is_empty() && looks_like_jwt(t) => {
                     // An IP past its failed-auth limit buys no signature checks.
@@ -212,7 +221,9 @@ where
                             retry_after: wait,
                         }));
                     }
-                    match std::str::from_utf8(t).map(|t| self.credentials.jwt.verify(t)) {
+                    let verified = std::str::from_utf8(t)
+                        .map(|t| self.credentials.jwt.verify_with_digest(t, &digest));
+                    match verified {
                         Ok(Ok(grant)) => {
                             granted = grant.scopes;
                             Some(grant.client)

@@ -414,14 +414,18 @@ impl Verifiers {
     /// passed before is not checked again while its key set and `exp` hold
     /// (for at most [`VERIFIED_FOR_AT_MOST`]).
     pub fn verify(&self, token: &str) -> Result<Grant, JwtError> {
-        let digest = crate::secret::token_digest(token.as_bytes());
-        if let Some(seen) = self.verified.get(&digest) {
+        self.verify_with_digest(token, &crate::secret::token_digest(token.as_bytes()))
+    }
+
+    /// [`Self::verify`], given the token's SHA-256 (taken once per request).
+    pub fn verify_with_digest(&self, token: &str, digest: &[u8; 32]) -> Result<Grant, JwtError> {
+        if let Some(seen) = self.verified.get(digest) {
             if seen.still_valid(unix_now()) {
                 metrics::counter!("rungen_gateway_signed_tokens_total", "outcome" => "remembered")
                     .increment(1);
                 return Ok(seen.grant.clone());
             }
-            self.verified.invalidate(&digest);
+            self.verified.invalidate(digest);
         }
         match self.check(token) {
             Ok(verified) => {
@@ -429,7 +433,7 @@ impl Verifiers {
                     .increment(1);
                 let grant = verified.grant.clone();
                 if verified.exp.is_some() {
-                    self.verified.insert(digest, Arc::new(verified));
+                    self.verified.insert(*digest, Arc::new(verified));
                 }
                 Ok(grant)
             }
