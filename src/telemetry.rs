@@ -87,12 +87,24 @@ fn hex_into(out: &mut [u8], mut v: u128) {
     }
 }
 
+/// The configured level, with rustls held to errors unless the level names
+/// it: rustls warns (through `log`) about each ClientHello it tolerates, such
+/// as an IP address sent as SNI (wrk does, and some load balancers), one
+/// line per handshake; failed handshakes are counted and logged at debug here.
+fn directives(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level.
 /// Returns false if one was already installed (tests, the demo).
 pub fn init(level: &str, format: LogFormat) -> bool {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(directives(level)))
+        .unwrap_or_else(|_| EnvFilter::new(directives("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -742,6 +754,46 @@ pub fn with_counter(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// What the filter built from `level` lets through, of one rustls warning
+    /// (as the `log` bridge names it) and one of the gateway's own.
+    fn kept_lines(level: &str) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::try_new(directives(level)).unwrap())
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension");
+            tracing::error!(target: "rustls::server", "rustls error line");
+            tracing::warn!(target: "rungen_gateway::listener", "gateway warning");
+        });
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn rustls_warnings_are_dropped_unless_the_level_names_rustls() {
+        let default = kept_lines("info");
+        assert!(default.contains("gateway warning"), "{default}");
+        assert!(default.contains("rustls error line"), "{default}");
+        assert!(!default.contains("Illegal SNI"), "{default}");
+        let asked = kept_lines("info,rustls=warn");
+        assert!(asked.contains("Illegal SNI"), "{asked}");
+        assert!(asked.contains("gateway warning"), "{asked}");
+    }
 
     #[test]
     fn method_label_names_standard_methods_only() {
