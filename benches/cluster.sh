@@ -16,7 +16,8 @@
 #
 # Knobs (environment): DURATION=5 (seconds per run), ROUNDS=3, CONNS=32 (hit runs),
 # SERVER_CPU=0, LOAD_CPU=1, BASE_PORT=29080 (eight consecutive loopback ports),
-# SKIP_BUILD=1 (use the existing target/$PROFILE/rungen-gateway; PROFILE=dist by default, or release), KEEP_WORK=1.
+# PROFILE=dist (or release), PGO=1 (the profile-guided build of benches/pgo.sh, what ships; PGO=0
+# the plain one), SKIP_BUILD=1 (use the binary already built), GATEWAY_BIN=path, KEEP_WORK=1.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,7 +38,6 @@ else
 fi
 TOKEN="rgw-bench-token-0001"
 UPSTREAM_KEY="demo-upstream-key" # src/mock_upstream.rs DEFAULT_API_KEY
-BIN="$ROOT/target/${PROFILE:-dist}/rungen-gateway"
 
 # log/die, PIDS + WORK + cleanup on exit (lib.sh's pinning and priority are not used here).
 LOG_TAG=cluster-bench
@@ -47,11 +47,7 @@ WORK=$(mktemp -d /tmp/rungen-cluster-bench.XXXXXX)
 
 command -v wrk >/dev/null || die "wrk is missing (apt-get install -y wrk)"
 command -v redis-server >/dev/null || die "redis-server is missing (apt-get install -y redis-server)"
-if [[ -z "${SKIP_BUILD:-}" ]]; then
-  log "cargo build --profile ${PROFILE:-dist}"
-  (cd "$ROOT" && cargo build --profile "${PROFILE:-dist}" --quiet --bin rungen-gateway)
-fi
-[[ -x "$BIN" ]] || die "$BIN is missing"
+gateway_bin
 
 MOCK_PORT=$BASE_PORT
 REDIS_PORT=$((BASE_PORT + 1))

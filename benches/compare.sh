@@ -5,7 +5,7 @@
 #   bash benches/compare.sh
 #
 # Installs nginx, wrk, h2load (nghttp2-client) and openssl from Debian if absent,
-# builds the release binary, starts the mock upstream, the gateway and nginx on
+# builds the shipped binary (benches/pgo.sh), starts the mock upstream, the gateway and nginx on
 # loopback, pins each server to one core and the load generator to another, warms
 # both caches, runs interleaved rounds (gateway, nginx, gateway, nginx, ...) and
 # prints per target the median req/s, p50, p99, server CPU us/request and the
@@ -30,7 +30,10 @@
 #   SKIP_INSTALL=1   do not apt-get anything (fail if a tool is missing)
 #   PROFILE=dist     the cargo profile to build and measure: dist (what ships: release
 #                    with LTO; slower to build) or release
-#   SKIP_BUILD=1     use the existing target/$PROFILE/rungen-gateway
+#   PGO=1            (default) measure the profile-guided build of benches/pgo.sh (what
+#                    the Dockerfile ships; target/pgo/$PROFILE/rungen-gateway); PGO=0
+#                    the plain target/$PROFILE/rungen-gateway. The hyper floor is plain.
+#   SKIP_BUILD=1     use the binary already built (see PGO)
 #   GATEWAY_BIN=path use this gateway binary (implies SKIP_BUILD)
 #   RESULTS=file     also write every run as TSV there (default: under /tmp)
 #   KEEP_WORK=1      keep the temporary directory (configs, logs)
@@ -163,16 +166,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 
 # --- build -------------------------------------------------------------------------
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [[ -n "${GATEWAY_BIN:-}" ]]; then
-  BIN=$GATEWAY_BIN
-else
-  BIN=$TARGET_DIR/$PROFILE/rungen-gateway
-  if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --profile $PROFILE"
-    (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin rungen-gateway)
-  fi
-fi
-[[ -x "$BIN" ]] || die "no gateway binary at $BIN"
+gateway_bin
 # FLOOR=1: the hyper-only server (a bench target), built with the same $PROFILE as the gateway.
 if [[ -n "${FLOOR:-}" && -z "${HYPER_FLOOR_BIN:-}" ]]; then
   if [[ -z "${SKIP_BUILD:-}" ]]; then

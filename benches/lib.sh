@@ -114,3 +114,28 @@ name = "personal"
 api_key = { file = "$WORK/upstream.key" }
 EOF
 }
+
+# gateway_bin: sets BIN, the gateway binary a bench measures. GATEWAY_BIN if set; else with
+# PGO=1 (the default: what the Dockerfile ships) the profile-guided build benches/pgo.sh makes
+# (target/pgo/$PROFILE/rungen-gateway), with PGO=0 the plain target/$PROFILE/rungen-gateway.
+# SKIP_BUILD=1 takes what is built. PROFILE=dist unless set.
+gateway_bin() {
+  local target_dir=${CARGO_TARGET_DIR:-$ROOT/target} profile=${PROFILE:-dist}
+  if [[ -n "${GATEWAY_BIN:-}" ]]; then
+    BIN=$GATEWAY_BIN
+  elif [[ ${PGO:-1} == 1 ]]; then
+    BIN=$target_dir/pgo/$profile/rungen-gateway
+    if [[ -z "${SKIP_BUILD:-}" ]]; then
+      log "benches/pgo.sh: the profile-guided $profile build (PGO=0 measures the plain one)"
+      PROFILE=$profile bash "$ROOT/benches/pgo.sh" >/dev/null
+    fi
+  else
+    BIN=$target_dir/$profile/rungen-gateway
+    if [[ -z "${SKIP_BUILD:-}" ]]; then
+      log "cargo build --profile $profile"
+      (cd "$ROOT" && cargo build --profile "$profile" --locked --quiet --bin rungen-gateway)
+    fi
+  fi
+  [[ -x "$BIN" ]] || die "no gateway binary at $BIN"
+  log "gateway binary: $BIN"
+}

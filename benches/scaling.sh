@@ -14,7 +14,8 @@
 #    request a new key; the mock runs on the server core beside the gateway).
 #
 # Same knobs as compare.sh: DURATION (10), ROUNDS (3), SERVER_CPU (0), LOAD_CPU (1),
-# BASE_PORT (28180), SKIP_INSTALL, SKIP_BUILD, GATEWAY_BIN, KEEP_WORK, PRIORITY, RT_THROTTLE. Plus
+# BASE_PORT (28180), SKIP_INSTALL, PROFILE, PGO (1: the profile-guided build), SKIP_BUILD,
+# GATEWAY_BIN, KEEP_WORK, PRIORITY, RT_THROTTLE. Plus
 # CLIENTS (10000), ENTRIES_SMALL (10000), ENTRIES_LARGE (100000), STORM (1000).
 # Every process it starts is stopped by PID on exit.
 set -euo pipefail
@@ -51,17 +52,7 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n 8192 2>/dev/null || true
 (( $(ulimit -n) > STORM + 100 )) || die "open-file limit $(ulimit -n) is too low for $STORM connections"
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-if [[ -n "${GATEWAY_BIN:-}" ]]; then
-  BIN=$GATEWAY_BIN
-else
-  BIN=$TARGET_DIR/${PROFILE:-dist}/rungen-gateway
-  if [[ -z "${SKIP_BUILD:-}" ]]; then
-    log "cargo build --profile ${PROFILE:-dist}"
-    (cd "$ROOT" && cargo build --profile "${PROFILE:-dist}" --quiet --bin rungen-gateway)
-  fi
-fi
-[[ -x "$BIN" ]] || die "no gateway binary at $BIN"
+gateway_bin
 
 WORK=$(mktemp -d /tmp/rgw-scaling.XXXXXX)
 GW_PORT=$BASE_PORT

@@ -786,6 +786,16 @@ class Checker:
         dist = (tomllib.loads((self.repo / "Cargo.toml").read_text()).get("profile") or {}).get("dist") or {}
         if dist.get("inherits") != "release" or "target/dist/" not in build:
             self.fail("Cargo.toml has no [profile.dist] inheriting release, or the Dockerfile does not install target/dist/")
+        # A script the build runs (benches/pgo.sh, the default PGO build) must be in the
+        # build context and build the same profile from the lockfile.
+        for script in re.findall(r"bash (\S+\.sh)", build):
+            path = self.repo / script
+            if not path.is_file() or script.split("/")[0] not in copied:
+                self.fail(f"the build stage runs {script}, which is missing or not COPYed")
+                continue
+            text = path.read_text()
+            if "PROFILE=${PROFILE:-dist}" not in text or "--locked" not in text:
+                self.fail(f"{script} does not build the dist profile (PROFILE=${{PROFILE:-dist}}) with --locked")
         bins = [b["name"] for b in cargo.get("bin", [])] or [cargo["package"]["name"]]
         # The runtime stage
         final = stages[-1]
