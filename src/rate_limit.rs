@@ -1060,9 +1060,11 @@ where
                 return Err(limited(refused));
             }
             let deadline = Instant::now() + state.budget.queue_timeout;
-            if let Err(refused) = wait_for_budget(&state, &limits, &scope, deadline).await {
-                return Err(limited(refused));
-            }
+            // The concurrency slot first, then the budget: a request refused
+            // for concurrency (503) has then spent no cell of the budget (a
+            // cell cannot be given back, here or in Redis). Holding a slot
+            // while waiting for a cell takes nothing from the scope's other
+            // requests: each of them needs a cell too.
             let remaining = deadline.saturating_duration_since(Instant::now());
             let permit = match tokio::time::timeout(remaining, state.slots.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
@@ -1073,6 +1075,9 @@ where
                     });
                 }
             };
+            if let Err(refused) = wait_for_budget(&state, &limits, &scope, deadline).await {
+                return Err(limited(refused));
+            }
             let in_use = state.budget.max_concurrent - state.slots.available_permits();
             metrics::gauge!("rungen_gateway_upstream_in_flight", "scope" => scope.clone()).set(in_use as f64);
             let mut req = req;

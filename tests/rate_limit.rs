@@ -327,6 +327,60 @@ async fn a_reload_that_changes_a_budget_keeps_the_upstream_429_pause() {
 }
 
 #[tokio::test]
+async fn a_request_refused_for_upstream_concurrency_spends_no_budget() {
+    // Two upstream requests a minute, one at a time, 200 ms to wait for either.
+    let (h, _clock) = start(
+        "[rate_limit]\nupstream_budget = { per_minute = 2, burst = 2 }\nupstream_max_concurrent = 1\nupstream_queue_timeout = \"200ms\"\n",
+    )
+    .await;
+    let rw = bearer(TOKEN_RW);
+    h.mock.set_faults(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    });
+    // A holds the one upstream slot for a second.
+    let url = h.url("/app/slow-a");
+    let auth = rw.clone();
+    let a = tokio::spawn(async move {
+        TestClient::http1()
+            .get(&url, &[("authorization", &auth)])
+            .await
+    });
+    // A is at the mock (counted on arrival, before its latency): it holds the slot.
+    for _ in 0..100 {
+        if h.mock.stats().total == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.mock.stats().total, 1, "A reached the upstream");
+    // B finds no slot within 200 ms: shed with 503.
+    let b = TestClient::http1()
+        .get(&h.url("/app/slow-b"), &[("authorization", &rw)])
+        .await;
+    assert_eq!(
+        b.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        b.error_message()
+    );
+    let a = a.await.unwrap();
+    assert_eq!(a.status, StatusCode::NOT_FOUND, "the upstream's own answer");
+    h.mock.set_faults(Faults::default());
+    // B spent no cell: the budget's second cell is still there for C.
+    let c = TestClient::http1()
+        .get(&h.url("/app/c"), &[("authorization", &rw)])
+        .await;
+    assert_eq!(c.status, StatusCode::NOT_FOUND, "{}", c.error_message());
+    assert_eq!(
+        h.mock.stats().total,
+        2,
+        "A and C reached the upstream, B did not"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn retries_spend_the_scope_upstream_budget() {
     // One upstream request a minute; a GET that meets a 503 may not retry on top.
     let (h, _clock) = start(
