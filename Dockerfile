@@ -15,13 +15,13 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 # PGO=1 (the default): benches/pgo.sh builds the binary with profile-guided optimisation, trained
 # on loopback with the mock upstream under wrk and h2load (~20 % less CPU per cache hit; see
-# benches/COMPARE.md). It needs those two, openssl and curl from Debian, and llvm-profdata from
-# rustup's llvm-tools component.
+# benches/COMPARE.md). It needs those two, openssl, curl and redis-server (cluster mode is trained
+# too) from Debian, and llvm-profdata from rustup's llvm-tools component.
 # --build-arg PGO=0 builds the plain `dist` profile.
 ARG PGO=1
 RUN if [ "$PGO" = 1 ]; then \
       apt-get update -qq \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nghttp2-client openssl curl \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nghttp2-client openssl curl redis-server \
       && rm -rf /var/lib/apt/lists/* \
       && rustup component add llvm-tools; \
     fi
