@@ -28,7 +28,7 @@
 #
 # Knobs (environment):
 #   PROFILE=dist       the cargo profile to build (both builds)
-#   TRAIN_SECONDS=4    seconds per load run (thirteen runs)
+#   TRAIN_SECONDS=4    seconds per load run (twelve runs)
 #   CLIENTS=10000      clients in the limiter-on training config, one load run over all of them
 #   BASE_PORT=28280    four consecutive loopback ports from here (plain, TLS, mock, Redis)
 #   SKIP_INSTALL=1     do not apt-get anything (fail if a tool is missing)
@@ -223,10 +223,13 @@ for setup in $SETUPS; do
   PIDS+=("$gw")
   wait_port "$GW_PLAIN"
   wait_port "$GW_TLS"
-  log "training ($setup): hits over HTTP/1.1 (32, 128 connections), HTTPS, HTTP/2"
   # wrk and h2load exit non-zero on a refused connection: the training then stops here.
-  wrk -t1 -c32 -d"${TRAIN_SECONDS}s" "${auth[@]}" "http://127.0.0.1:$GW_PLAIN/app" >"$WORK/wrk.out"
-  if [[ $setup != cluster ]]; then
+  if [[ $setup == cluster ]]; then
+    log "training ($setup): hits over HTTP/1.1 (32 connections)"
+    wrk -t1 -c32 -d"${TRAIN_SECONDS}s" "${auth[@]}" "http://127.0.0.1:$GW_PLAIN/app" >"$WORK/wrk.out"
+  else
+    log "training ($setup): hits over HTTP/1.1 (32, 128 connections), HTTPS, HTTP/2"
+    wrk -t1 -c32 -d"${TRAIN_SECONDS}s" "${auth[@]}" "http://127.0.0.1:$GW_PLAIN/app" >"$WORK/wrk.out"
     wrk -t1 -c128 -d"${TRAIN_SECONDS}s" "${auth[@]}" "http://127.0.0.1:$GW_PLAIN/app" >>"$WORK/wrk.out"
     wrk -t1 -c32 -d"${TRAIN_SECONDS}s" "${auth[@]}" "https://127.0.0.1:$GW_TLS/app" >>"$WORK/wrk.out"
     h2load -c32 -m10 -D "$TRAIN_SECONDS" "${auth[@]}" "https://127.0.0.1:$GW_TLS/app" >"$WORK/h2load.out"
