@@ -39,6 +39,28 @@ struct Fifo {
     serve: mpsc::Sender<usize>,
 }
 
+/// Waits (at most 10 s) until no reader holds the pipe open. A reader that
+/// got the content may still be reading towards end-of-file: a writer that
+/// opened the pipe again meanwhile would join that read and hand the reader
+/// the content twice (`slow-scope-key\nslow-scope-key`, which a reload
+/// refuses), so the next writer waits for the reader to close first.
+fn wait_until_unread(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let started = std::time::Instant::now();
+    // With O_NONBLOCK, opening for writing fails (ENXIO) once no reader is
+    // there; while one is, the probe writes nothing and closes at once, so the
+    // reader sees end-of-file.
+    while std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .is_ok()
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 impl Fifo {
     /// Creates the pipe and a thread that answers one reader per `serve_one`.
     fn new(dir: &Path, content: &'static str) -> Self {
@@ -60,6 +82,8 @@ impl Fifo {
                         return;
                     };
                     let _ = f.write_all(content.as_bytes());
+                    drop(f);
+                    wait_until_unread(&p);
                 }
             }
         });
