@@ -24,12 +24,16 @@ use std::sync::{Arc, Weak};
 /// included; sized for tens of thousands of live clients).
 pub const MAX_RECORDS: usize = 1 << 16;
 
+/// Fields in the order a request reads them: with thousands of clients the
+/// record is rarely in the CPU's caches, and each line a request reads costs a
+/// miss (two or three lines for the limiter and the first series).
+#[repr(C)]
 pub struct ClientLocal {
-    _pin: Weak<Client>,
     /// The caller limiter (`rate_limit`).
     pub limiter: crate::rate_limit::LocalLimiter,
     /// The metric series labelled with the client (`telemetry`).
     pub series: crate::telemetry::ClientSeries,
+    _pin: Weak<Client>,
 }
 
 type Records = HashMap<usize, ClientLocal, foldhash::fast::FixedState>;
@@ -48,9 +52,9 @@ pub fn with<R>(client: &Arc<Client>, f: impl FnOnce(&mut ClientLocal) -> R) -> R
             records.clear();
         }
         let record = records.entry(address).or_insert_with(|| ClientLocal {
-            _pin: Arc::downgrade(client),
             limiter: Default::default(),
             series: Default::default(),
+            _pin: Arc::downgrade(client),
         });
         f(record)
     })
@@ -80,5 +84,14 @@ mod tests {
         drop(a);
         let fresh: Vec<_> = (0..64).map(|i| Client::named(&i.to_string())).collect();
         assert!(fresh.iter().all(|c| Arc::as_ptr(c) as usize != a_address));
+    }
+
+    #[test]
+    fn a_record_is_a_few_cache_lines() {
+        // A hit reads its first 112 bytes: the limiter, a decision slot, a
+        // request slot. With label values kept in the slots it took 520 bytes,
+        // and with ten thousand clients a hit missed the cache in most of them.
+        let size = std::mem::size_of::<(usize, ClientLocal)>();
+        assert!(size <= 4 * 64, "a record takes {size} bytes");
     }
 }
