@@ -102,7 +102,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
                 .set(cache.vary_index_bytes() as f64);
             metrics::gauge!("rungen_gateway_rate_limit_tracked_ips")
                 .set(state.limits().tracked_ips() as f64);
-            let mut res = Response::new(full_body(telemetry::metrics().render()));
+            let mut res = Response::new(full_body(telemetry::render()));
             res.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -14,11 +14,17 @@
 //! client. Clients go with the config that made them (a reload makes new
 //! ones); the records of old clients are unreachable from then on, and go
 //! when a thread's map reaches [`MAX_RECORDS`] and is cleared.
+//!
+//! A record also counts its client's requests and caller-limit decisions
+//! itself (`telemetry::Pending`): with thousands of clients, the exporter's
+//! counters are three allocations each, out of the CPU's caches. The counts
+//! go into those counters when `/metrics` is scraped ([`flush`]), or when the
+//! record goes. So that a scrape reaches them, each thread's map sits behind
+//! a mutex that only its own thread takes, except during [`flush`].
 
 use crate::config::Client;
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Records per thread before the map is cleared (clients of old configs
 /// included; sized for tens of thousands of live clients).
@@ -38,15 +44,28 @@ pub struct ClientLocal {
 
 type Records = HashMap<usize, ClientLocal, foldhash::fast::FixedState>;
 
+/// Every thread's map, for [`flush`].
+static TABLES: Mutex<Vec<Weak<Mutex<Records>>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 thread_local! {
-    static RECORDS: RefCell<Records> = Default::default();
+    static RECORDS: Arc<Mutex<Records>> = {
+        let records = Arc::new(Mutex::new(Records::default()));
+        let mut tables = lock(&TABLES);
+        tables.retain(|t| t.strong_count() > 0);
+        tables.push(Arc::downgrade(&records));
+        records
+    };
 }
 
 /// `f` with this thread's record of `client` (made if new). `f` must not
-/// call `with` again (the record is borrowed).
+/// call `with` or [`flush`] (the map is locked).
 pub fn with<R>(client: &Arc<Client>, f: impl FnOnce(&mut ClientLocal) -> R) -> R {
     RECORDS.with(|records| {
-        let mut records = records.borrow_mut();
+        let mut records = lock(records);
         let address = Arc::as_ptr(client) as usize;
         if records.len() >= MAX_RECORDS && !records.contains_key(&address) {
             records.clear();
@@ -60,9 +79,20 @@ pub fn with<R>(client: &Arc<Client>, f: impl FnOnce(&mut ClientLocal) -> R) -> R
     })
 }
 
+/// Adds the counts every thread's records hold to the exporter's counters:
+/// before `/metrics` is rendered (`telemetry::render`).
+pub fn flush() {
+    let tables: Vec<_> = lock(&TABLES).iter().filter_map(Weak::upgrade).collect();
+    for table in tables {
+        for record in lock(&table).values_mut() {
+            record.series.flush();
+        }
+    }
+}
+
 /// This thread's record count (tests).
 pub fn records() -> usize {
-    RECORDS.with(|r| r.borrow().len())
+    RECORDS.with(|r| lock(r).len())
 }
 
 #[cfg(test)]
@@ -88,7 +118,7 @@ mod tests {
 
     #[test]
     fn a_record_is_a_few_cache_lines() {
-        // A hit reads its first 112 bytes: the limiter, a decision slot, a
+        // A hit reads its first 136 bytes: the limiter, a decision slot, a
         // request slot. With label values kept in the slots it took 520 bytes,
         // and with ten thousand clients a hit missed the cache in most of them.
         let size = std::mem::size_of::<(usize, ClientLocal)>();

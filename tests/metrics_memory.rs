@@ -84,7 +84,7 @@ async fn histogram_samples_do_not_pile_up_without_scrapes() {
     );
     // And the samples were recorded, not dropped: the latency histogram of
     // `GET /app` counts every request (the warm-up's first one was a miss).
-    let text = rungen_gateway::telemetry::metrics().render();
+    let text = rungen_gateway::telemetry::render();
     let count: f64 = text
         .lines()
         .filter(|l| {

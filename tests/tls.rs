@@ -329,7 +329,7 @@ async fn certificate_rotation_keeps_old_connections_and_rejects_a_broken_pair() 
     tokio::time::sleep(Duration::from_millis(600)).await;
     let s = tls_connect(addr, &g.ca.pem(), None).await.unwrap();
     assert_eq!(peer_leaf(&s), new_leaf);
-    let metrics = rungen_gateway::telemetry::metrics().render();
+    let metrics = rungen_gateway::telemetry::render();
     assert!(
         metrics.contains("rungen_gateway_tls_reloads_total{outcome=\"error\"}"),
         "{metrics}"
@@ -629,8 +629,7 @@ async fn a_rotated_client_ca_applies_to_new_connections() {
 
     // A broken file: rejected (counted), the new CA keeps verifying.
     let refused = || {
-        rungen_gateway::telemetry::metrics()
-            .render()
+        rungen_gateway::telemetry::render()
             .lines()
             .find(|l| l.starts_with("rungen_gateway_tls_reloads_total{outcome=\"error\"}"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
