@@ -209,7 +209,20 @@ fn check_client_ip(peer: IpAddr, headers: &HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+        .filter_map(|h| {
+            // A hop may carry a port (`192.0.2.7:5123`, `[2001:db8::7]:443`) or
+            // brackets, as the gateway accepts it.
+            let h = h.trim();
+            h.parse::<IpAddr>()
+                .ok()
+                .or_else(|| h.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+                .or_else(|| {
+                    h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .ok()
+                })
+        })
         .map(|h| h.to_canonical())
         .collect();
     assert!(
