@@ -326,8 +326,9 @@ mod tests {
             token_sha256: Some(token_digest(b"tok")),
             cert_names: vec!["svc.internal".into()],
             public: false,
+            index: 0,
             allowed_origins: vec![],
-            teams: vec![team("personal", None), team("acme", Some("t-1"))],
+            teams: vec![team("personal", None), team("acme", Some("t-1"))].into(),
             methods: [Method::GET].iter().collect(),
         }
     }

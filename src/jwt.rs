@@ -592,9 +592,10 @@ mod tests {
             name: "web".into(),
             token_sha256: None,
             cert_names: vec![],
-            teams: vec![],
+            teams: Default::default(),
             methods: [http::Method::GET].iter().collect(),
             public: false,
+            index: 0,
             allowed_origins: vec![],
         })
     }

@@ -448,7 +448,7 @@ type MemoMap<H> = std::collections::HashMap<u64, Memo<H>, foldhash::fast::FixedS
 
 thread_local! {
     static COUNTERS: std::cell::RefCell<MemoMap<metrics::Counter>> = Default::default();
-    static REQUESTS: std::cell::RefCell<MemoMap<(metrics::Counter, metrics::Histogram)>> =
+    static REQUESTS_MEMO: std::cell::RefCell<MemoMap<(metrics::Counter, metrics::Histogram)>> =
         Default::default();
 }
 
@@ -597,16 +597,20 @@ fn with_memo<H>(
 
 // ---------------------------------------------------------------------------
 // Per-client series: two series per request carry the client's name, the
-// request's and the caller-limit decision's. Their handles are kept in the
-// client's per-thread record (`client_local`), beside each other; series
-// beyond a record's few slots, or with long label values, take the memo above.
+// request's and the caller-limit decision's. They are counted in the client's
+// per-thread record (`client_local`); series beyond a record's few slots, or
+// with long label values, take the memo above.
 //
-// A slot names its series by a small number, the thread's number for the
-// series' other label values ([`Values::id`]): with thousands of clients a
-// record is out of the CPU's caches, and every line of it a request reads is
-// a miss. With numbers (and the counts of [`Pending`]) a record is 240
-// bytes, and a hit reads its first 136 (with the values themselves in the
-// slots it was 520 bytes, and comparing them read most of it).
+// With thousands of clients a record is out of the CPU's caches, and every
+// line of it a request reads is a miss. So what a hit reads is small and
+// first: per series a slot of 8 bytes, the thread's number for the series'
+// label values other than the client ([`Values::id`]) and the count not yet
+// added to the exporter's counter. The counters themselves (three
+// allocations each in the exporter) sit out of line, read when a series is
+// first seen and when the counts go in: at a scrape ([`render`], through
+// `client_local::flush`) or when the record goes. The request's duration
+// histogram is labelled by route and method only; one handle per route and
+// method serves every client (see [`record_duration`]).
 
 /// The label values of a series other than its client, each after its length
 /// byte; zeros after the last. The number of values is fixed per kind of
@@ -650,7 +654,7 @@ impl Values {
 
     /// Whether these are [`Values::of`] `values`, read in place, given that
     /// these encode as many values (the rest of the bytes is then zeros).
-    fn encode(&self, values: &[&str]) -> bool {
+    fn encodes(&self, values: &[&str]) -> bool {
         let mut at = 0;
         for v in values {
             let end = at + 1 + v.len();
@@ -671,7 +675,7 @@ impl Values {
             let mut ids = ids.borrow_mut();
             let count = values.len();
             if let Some(Some((v, id))) = ids.last.get(count) {
-                if v.encode(values) {
+                if v.encodes(values) {
                     return Some(*id);
                 }
             }
@@ -693,87 +697,81 @@ impl Values {
     }
 }
 
-/// Up to `N` series of one kind, filled in the order first seen.
-struct Slots<H, const N: usize>([Option<(std::num::NonZeroU32, H)>; N]);
-
-impl<H, const N: usize> Default for Slots<H, N> {
-    fn default() -> Self {
-        Slots(std::array::from_fn(|_| None))
-    }
+/// One series in a client record: its values' number, and the count not yet
+/// added to its counter.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    id: Option<std::num::NonZeroU32>,
+    count: u32,
 }
 
-impl<H, const N: usize> Slots<H, N> {
-    /// The handle of `values`, registered into a free slot if new; `None`
-    /// when the values do not fit or every slot holds another series.
-    fn get_or_register(&mut self, values: &[&str], register: impl FnOnce() -> H) -> Option<&mut H> {
-        let id = Values::id(values)?;
-        let at = self
-            .0
-            .iter()
-            .position(|s| s.as_ref().is_none_or(|(k, _)| *k == id))?;
-        let slot = &mut self.0[at];
-        if slot.is_none() {
-            metrics();
-            *slot = Some((id, register()));
-        }
-        slot.as_mut().map(|(_, h)| h)
-    }
+/// A client record's slots for `rate_limit_decisions_total{policy="caller"}`
+/// (by decision, scope)...
+const DECISIONS: std::ops::Range<usize> = 0..2;
+/// ... and for `requests_total` (by route, method, status class, scope, cache).
+const REQUESTS: std::ops::Range<usize> = 2..5;
+const SLOTS: usize = 5;
 
-    fn handles(&mut self) -> impl Iterator<Item = &mut H> {
-        self.0.iter_mut().flatten().map(|(_, h)| h)
-    }
-}
-
-/// A client-labelled counter and the count not added to it yet: the
-/// exporter's counter is three allocations, which with thousands of clients
-/// a hit would find out of the CPU's caches. The count goes in when
-/// `/metrics` is scraped ([`render`], through `client_local::flush`) and
-/// when this goes.
-pub struct Pending {
-    counter: metrics::Counter,
-    count: u64,
-}
-
-impl Pending {
-    fn new(counter: metrics::Counter) -> Self {
-        Pending { counter, count: 0 }
-    }
-
-    fn add(&mut self) {
-        self.count += 1;
-    }
-
-    fn flush(&mut self) {
-        if self.count > 0 {
-            self.counter.increment(self.count);
-            self.count = 0;
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-/// In the order a request reads them (the decision's before the request's),
-/// so that what one request reads is a few adjacent lines.
+/// A client's series on one thread (in its `client_local` record): the slots
+/// a request reads inline, first (a hit reads the first of each kind), the
+/// exporter's counters out of line.
 #[derive(Default)]
 #[repr(C)]
 pub struct ClientSeries {
-    /// `rate_limit_decisions_total{policy="caller"}`, by decision, scope.
-    decisions: Slots<Pending, 2>,
-    /// `requests_total` and `request_duration_seconds`, by route, method,
-    /// status class, scope, cache.
-    requests: Slots<(Pending, metrics::Histogram), 3>,
+    slots: [Slot; SLOTS],
+    counters: Option<Box<[Option<metrics::Counter>; SLOTS]>>,
 }
 
 impl ClientSeries {
+    /// The bytes a request reads, from the start.
+    pub const HOT_BYTES: usize = std::mem::size_of::<[Slot; SLOTS]>();
+
+    /// Counts one in the series of `values`, in the first of `slots` that
+    /// holds it or is free (registering its counter with `register` then);
+    /// the values' number, or `None` when they do not fit or every slot holds
+    /// another series (the caller takes the memo).
+    fn add(
+        &mut self,
+        slots: std::ops::Range<usize>,
+        values: &[&str],
+        register: impl FnOnce() -> metrics::Counter,
+    ) -> Option<std::num::NonZeroU32> {
+        let id = Values::id(values)?;
+        let at = slots.into_iter().find(|&i| {
+            self.slots
+                .get(i)
+                .is_some_and(|s| s.id.is_none_or(|k| k == id))
+        })?;
+        if self.slots[at].id.is_none() {
+            // A handle taken before the recorder exists would be a no-op forever.
+            metrics();
+            self.counters.get_or_insert_with(Default::default)[at] = Some(register());
+            self.slots[at].id = Some(id);
+        }
+        if self.slots[at].count == u32::MAX {
+            self.flush_slot(at);
+        }
+        self.slots[at].count += 1;
+        Some(id)
+    }
+
+    fn flush_slot(&mut self, at: usize) {
+        let count = std::mem::take(&mut self.slots[at].count);
+        let counter = self.counters.as_ref().and_then(|c| c[at].as_ref());
+        if let (true, Some(counter)) = (count > 0, counter) {
+            counter.increment(count.into());
+        }
+    }
+
     /// Adds the counts held here to the exporter's counters.
     pub fn flush(&mut self) {
-        self.decisions.handles().for_each(Pending::flush);
-        self.requests.handles().for_each(|(p, _)| p.flush());
+        (0..SLOTS).for_each(|at| self.flush_slot(at));
+    }
+}
+
+impl Drop for ClientSeries {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -784,15 +782,17 @@ pub fn render() -> String {
     metrics().render()
 }
 
+/// `rungen_gateway_request_duration_seconds{route, method}`.
+fn duration_histogram(labels: Vec<metrics::Label>) -> metrics::Histogram {
+    metrics::histogram!("rungen_gateway_request_duration_seconds", labels)
+}
+
 /// The handles for one request in `rungen_gateway_requests_total{route,
 /// method, status_class, client, scope, cache}` and
 /// `rungen_gateway_request_duration_seconds{route, method}` (the histogram's
 /// labels are the first two).
 fn request_handles(labels: Vec<metrics::Label>) -> (metrics::Counter, metrics::Histogram) {
-    let histogram = metrics::histogram!(
-        "rungen_gateway_request_duration_seconds",
-        labels[..2].to_vec()
-    );
+    let histogram = duration_histogram(labels[..2].to_vec());
     (
         metrics::counter!("rungen_gateway_requests_total", labels),
         histogram,
@@ -806,6 +806,48 @@ fn owned_labels(labels: &[(&'static str, &str)]) -> Vec<metrics::Label> {
         .collect()
 }
 
+/// This thread's duration histograms: by the number of a request series'
+/// values (see [`record_duration`]), and by route and method.
+#[derive(Default)]
+struct Durations {
+    by_id: Vec<Option<metrics::Histogram>>,
+    by_route: std::collections::HashMap<Values, metrics::Histogram, foldhash::fast::FixedState>,
+}
+
+thread_local! {
+    static DURATIONS: std::cell::RefCell<Durations> = Default::default();
+}
+
+/// Records one request of the client-record series numbered `id` in its
+/// route and method's duration histogram. Every handle the exporter hands out
+/// is an allocation of its own, which with thousands of clients a hit would
+/// find out of the CPU's caches if each record held one: here one handle per
+/// route and method serves every series with them.
+fn record_duration(id: std::num::NonZeroU32, route: &str, method: &str, seconds: f64) {
+    DURATIONS.with(|d| {
+        let mut d = d.borrow_mut();
+        let at = id.get() as usize;
+        if let Some(Some(h)) = d.by_id.get(at) {
+            return h.record(seconds);
+        }
+        let labels = || owned_labels(&[("route", route), ("method", method)]);
+        let h = match Values::of(&[route, method]) {
+            Some(key) => d
+                .by_route
+                .entry(key)
+                .or_insert_with(|| duration_histogram(labels()))
+                .clone(),
+            None => duration_histogram(labels()),
+        };
+        h.record(seconds);
+        // Numbers stop at MAX_VALUES: this stays small.
+        if d.by_id.len() <= at {
+            d.by_id.resize(at + 1, None);
+        }
+        d.by_id[at] = Some(h);
+    })
+}
+
 /// One request (see [`request_handles`]); `client` is the one the `client`
 /// label names, if any.
 fn record_request(
@@ -813,34 +855,27 @@ fn record_request(
     labels: &[(&'static str, &str); 6],
     seconds: f64,
 ) {
-    let record = |(counter, histogram): &(metrics::Counter, metrics::Histogram)| {
-        counter.increment(1);
-        histogram.record(seconds);
-    };
     if let Some(client) = client {
         let [route, method, status, _, scope, cache] = labels.map(|(_, v)| v);
-        let done = crate::client_local::with(client, |c| {
+        let id = crate::client_local::with(client, |c| {
             c.series
-                .requests
-                .get_or_register(&[route, method, status, scope, cache], || {
-                    let (counter, histogram) = request_handles(owned_labels(labels));
-                    (Pending::new(counter), histogram)
-                })
-                .map(|(pending, histogram)| {
-                    pending.add();
-                    histogram.record(seconds);
+                .add(REQUESTS, &[route, method, status, scope, cache], || {
+                    metrics::counter!("rungen_gateway_requests_total", owned_labels(labels))
                 })
         });
-        if done.is_some() {
-            return;
+        if let Some(id) = id {
+            return record_duration(id, route, method, seconds);
         }
     }
     with_memo(
-        &REQUESTS,
+        &REQUESTS_MEMO,
         "rungen_gateway_requests_total",
         labels,
         request_handles,
-        record,
+        |(counter, histogram)| {
+            counter.increment(1);
+            histogram.record(seconds);
+        },
     )
 }
 
@@ -859,12 +894,9 @@ pub fn count_caller_decision(
         ("scope", scope),
     ];
     let done = crate::client_local::with(client, |c| {
-        c.series
-            .decisions
-            .get_or_register(&[decision, scope], || {
-                Pending::new(metrics::counter!(NAME, owned_labels(&labels)))
-            })
-            .map(Pending::add)
+        c.series.add(DECISIONS, &[decision, scope], || {
+            metrics::counter!(NAME, owned_labels(&labels))
+        })
     });
     if done.is_none() {
         with_counter(NAME, &labels, |c| c.increment(1));
@@ -1017,27 +1049,96 @@ mod tests {
 
     #[test]
     fn client_slots_register_each_series_once_then_fall_back() {
-        let mut slots: Slots<usize, 2> = Slots::default();
+        let mut series = ClientSeries::default();
         let mut registered = 0;
-        let mut get = |slots: &mut Slots<usize, 2>, values: &[&str]| {
-            slots
-                .get_or_register(values, || {
-                    registered += 1;
-                    registered
-                })
-                .copied()
+        let mut add = |series: &mut ClientSeries, values: &[&str]| {
+            series.add(DECISIONS, values, || {
+                registered += 1;
+                metrics::Counter::noop()
+            })
         };
-        assert_eq!(get(&mut slots, &["a", "bc"]), Some(1));
+        let a = add(&mut series, &["a", "bc"]).unwrap();
         // Same bytes, split differently: another series.
-        assert_eq!(get(&mut slots, &["ab", "c"]), Some(2));
-        assert_eq!(get(&mut slots, &["a", "bc"]), Some(1));
-        assert_eq!(get(&mut slots, &["ab", "c"]), Some(2));
+        let b = add(&mut series, &["ab", "c"]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(add(&mut series, &["a", "bc"]), Some(a));
+        assert_eq!(add(&mut series, &["ab", "c"]), Some(b));
         // Full: the caller takes the general memo.
-        assert_eq!(get(&mut slots, &["x", "y"]), None);
+        assert_eq!(add(&mut series, &["x", "y"]), None);
         let long = "x".repeat(64);
-        let mut empty: Slots<usize, 2> = Slots::default();
-        assert_eq!(get(&mut empty, &[&long, ""]), None, "too long to hold");
+        let mut empty = ClientSeries::default();
+        assert_eq!(add(&mut empty, &[&long, ""]), None, "too long to hold");
         assert_eq!(registered, 2);
+        // The request slots are apart from the decision slots.
+        let r = series.add(REQUESTS, &["a", "bc"], metrics::Counter::noop);
+        assert_eq!(r, Some(a));
+        let held = |s: &ClientSeries| s.slots.map(|s| s.count);
+        assert_eq!(held(&series), [2, 2, 1, 0, 0]);
+        series.flush();
+        assert_eq!(held(&series), [0; SLOTS]);
+    }
+
+    #[test]
+    fn a_full_count_goes_to_its_counter_and_counting_goes_on() {
+        let mut series = ClientSeries::default();
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = counter.clone();
+        series.add(REQUESTS, &["r", "GET", "2xx", "s", "hit"], || {
+            metrics::Counter::from_arc(c)
+        });
+        let at = REQUESTS.start;
+        series.slots[at].count = u32::MAX;
+        series.add(
+            REQUESTS,
+            &["r", "GET", "2xx", "s", "hit"],
+            || unreachable!(),
+        );
+        assert_eq!(
+            counter.load(std::sync::atomic::Ordering::Relaxed),
+            u64::from(u32::MAX)
+        );
+        assert_eq!(series.slots[at].count, 1);
+        drop(series);
+        assert_eq!(
+            counter.load(std::sync::atomic::Ordering::Relaxed),
+            u64::from(u32::MAX) + 1,
+            "a record that goes hands its counts over"
+        );
+    }
+
+    #[test]
+    fn one_duration_handle_per_route_and_method_whatever_the_series() {
+        const ROUTE: &str = "durations-test";
+        std::thread::spawn(|| {
+            let a = Values::id(&[ROUTE, "GET", "2xx", "personal", "hit"]).unwrap();
+            let b = Values::id(&[ROUTE, "GET", "4xx", "acme", "miss"]).unwrap();
+            let c = Values::id(&[ROUTE, "POST", "2xx", "personal", "-"]).unwrap();
+            metrics();
+            for (id, method) in [(a, "GET"), (b, "GET"), (c, "POST"), (a, "GET")] {
+                record_duration(id, ROUTE, method, 0.001);
+            }
+            DURATIONS.with(|d| {
+                let d = d.borrow();
+                // Handles are made in `by_route` only: two, app GET and app POST.
+                assert_eq!(d.by_route.len(), 2);
+                let held = |id: std::num::NonZeroU32| d.by_id[id.get() as usize].is_some();
+                assert!(held(a) && held(b) && held(c));
+            });
+        })
+        .join()
+        .unwrap();
+        let text = render();
+        let count = |method: &str| {
+            let series = format!("{{route=\"{ROUTE}\",method=\"{method}\"}} ");
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "rungen_gateway_request_duration_seconds_count{series}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!((count("GET"), count("POST")), (Some(3), Some(1)), "{text}");
     }
 
     #[test]
