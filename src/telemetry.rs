@@ -830,6 +830,8 @@ fn record_duration(id: std::num::NonZeroU32, route: &str, method: &str, seconds:
         if let Some(Some(h)) = d.by_id.get(at) {
             return h.record(seconds);
         }
+        // A handle taken before the recorder exists would be a no-op forever.
+        metrics();
         let labels = || owned_labels(&[("route", route), ("method", method)]);
         let h = match Values::of(&[route, method]) {
             Some(key) => d
