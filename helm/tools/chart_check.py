@@ -671,7 +671,7 @@ class Checker:
             "jwt client": {"clients": [{"name": "j", "teams": ["personal"], "jwt": {
                 "issuer": "https://i", "audience": "x", "hmacSecret": {"value": "v" * 40}}}]},
             "upstream retries/breaker": {"config": {"upstream": {"retries": 0, "breakerFailures": 0, "bodyTimeout": "5s"}}},
-            "body limits": {"config": {"server": {"maxBodyBytes": 10, "maxUriBytes": 100, "bodyReadTimeout": "5s",
+            "body limits": {"config": {"server": {"maxBodyBytes": 10, "maxUriBytes": 100,
                                                   "allowChunkedRequests": True}}},
             "cache routes": {"config": {"cache": {"routes": {"/app": {"ttl": "1s"}}}}},
             "public per-IP quota": {"config": {"rateLimit": {"publicPerIp": {"perMinute": 10}}}},
@@ -686,6 +686,8 @@ class Checker:
             "connections per IP": {"config": {"server": {"maxConnectionsPerIp": 5}}},
             "requests per connection": {"config": {"server": {"maxRequestsPerConnection": 5}}},
             "worker threads": {"config": {"server": {"workerThreads": 2}}},
+            # Its response-stall half is a connection setting, read at start.
+            "body read timeout": {"config": {"server": {"bodyReadTimeout": "5s"}}},
             "coalesce timeout": {"config": {"cache": {"coalesceTimeout": "5s"}}},
             "cluster on": {"config": {"cluster": {"enabled": True, "redisUrl": {"existingSecret": "r"}}}},
         }

@@ -185,12 +185,14 @@ drain delay + the drain deadline, or kubelet kills the gateway in the middle of 
 Everything the gateway reads only at start (a reload that changes it only logs a warning), hashed
 into the pod template's checksum/restart-settings annotation: the listen addresses (ports,
 bindAddress, the plaintext listener), TLS settings, the header limits / connection caps / HTTP/2
-streams / header_read_timeout / max_requests_per_connection / worker_threads, shutdown_timeout,
+streams / header_read_timeout / max_requests_per_connection / worker_threads, body_read_timeout
+(its request-body half is hot reloaded, but its other half, how long a response may stall because
+the client does not take it, is a connection setting read at start), shutdown_timeout,
 the admin listener, [logging], [reload], the cache's size bounds and coalesce timeout, and [cluster] (including the
 chart-held Redis URL; a Redis URL in an existing Secret is not visible here: roll the pods yourself
 after changing it). Everything else (upstream, rate limits, teams, clients and their JWT keys and
 token hashes, inline or in a Secret, the admin token, API keys, certificate files, cache route
-policies, body and URI limits, drain delay) is hot reloaded and deliberately left out, so editing it
+policies, body size and URI limits, drain delay) is hot reloaded and deliberately left out, so editing it
 never rolls the pods.
 */}}
 {{- define "rungen-gateway.restartSettings" -}}
@@ -201,6 +203,7 @@ never rolls the pods.
   "bindAddress" .Values.bindAddress
   "server" (dict
     "headerReadTimeout" $srv.headerReadTimeout
+    "bodyReadTimeout" $srv.bodyReadTimeout
     "maxHeaderBytes" $srv.maxHeaderBytes
     "maxHeaders" $srv.maxHeaders
     "maxConnections" $srv.maxConnections
