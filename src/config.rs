@@ -681,7 +681,8 @@ pub struct Config {
     pub clients: Vec<Arc<Client>>,
     /// JWT verification settings of the clients that use signed tokens.
     pub jwt_clients: Vec<(Arc<Client>, crate::jwt::JwtSettings)>,
-    /// Files secrets were read from (watched for changes).
+    /// Files read besides the config itself, watched for changes: secrets
+    /// and the upstream's CA file (a reload builds a new upstream client).
     pub secret_files: Vec<PathBuf>,
     /// Non-fatal findings (inline secrets, ...) to log at start.
     pub warnings: Vec<String>,
@@ -1395,6 +1396,8 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErrors> {
     }
 
     let mut secret_files = Vec::new();
+    // A private upstream CA rotates like a secret (a mounted ConfigMap).
+    secret_files.extend(upstream.ca_file.clone());
     // [cluster]
     let cluster = raw.cluster.as_ref().and_then(|c| {
         if let SecretSource::File(f) = &c.redis_url {

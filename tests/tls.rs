@@ -407,9 +407,8 @@ async fn mutual_tls_maps_certificates_to_clients() {
     g.stop().await;
 }
 
-#[tokio::test]
-async fn upstream_over_https_with_a_private_ca_and_a_checked_name() {
-    let ca = Ca::new("upstream CA");
+/// The mock upstream over TLS, with a certificate for `localhost` from `ca`.
+async fn mock_over_tls(ca: &Ca) -> mock_upstream::MockHandle {
     let (cert, key_pem) = ca.leaf("upstream", &["localhost"]);
     let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -420,13 +419,19 @@ async fn upstream_over_https_with_a_private_ca_and_a_checked_name() {
     .with_single_cert(certs(&cert), key(&key_pem))
     .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mock = mock_upstream::start_tls(
+    mock_upstream::start_tls(
         mock_config(),
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(server),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn upstream_over_https_with_a_private_ca_and_a_checked_name() {
+    let ca = Ca::new("upstream CA");
+    let mock = mock_over_tls(&ca).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
@@ -460,6 +465,53 @@ async fn upstream_over_https_with_a_private_ca_and_a_checked_name() {
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(mock.stats().total, 1);
+    g.stop().await;
+    mock.shutdown();
+}
+
+#[tokio::test]
+async fn a_rotated_upstream_ca_file_is_picked_up_without_a_restart() {
+    // The upstream moved to a certificate of a new private CA; the mounted CA
+    // file still holds the old one until it is updated (a ConfigMap).
+    let (old_ca, new_ca) = (Ca::new("old upstream CA"), Ca::new("new upstream CA"));
+    let mock = mock_over_tls(&new_ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, old_ca.pem()).unwrap();
+    let text = config_toml(
+        &format!("https://localhost:{}", mock.local_addr().port()),
+        "",
+        // Refused handshakes would open the breaker (503) while the file is old.
+        &format!("ca_file = \"{}\"\nbreaker_failures = 0", ca_file.display()),
+    );
+    assert!(text.contains("poll_interval = \"200ms\""), "watched");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let g = server::start(Config::load(&path).unwrap()).await.unwrap();
+    let c = TestClient::http1();
+    let url = format!("http://{}/app", g.local_addr());
+    let auth = bearer(TOKEN_RW);
+    let r = c.get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{r:?}");
+    assert_eq!(
+        mock.stats().total,
+        0,
+        "nothing sent to an unverified upstream"
+    );
+    // The CA file is updated; the watcher reloads, and the next request
+    // verifies the upstream with the new CA. Nothing else changed.
+    std::fs::write(&ca_file, format!("{}\n", new_ca.pem())).unwrap();
+    let mut status = r.status;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = c.get(&url, &[("authorization", &auth)]).await.status;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(status, StatusCode::OK, "the new CA is used within 10 s");
     assert_eq!(mock.stats().total, 1);
     g.stop().await;
     mock.shutdown();
