@@ -59,11 +59,11 @@ impl Breakers {
     }
 
     pub fn configure(&self, failures: u32, cooldown: Duration) {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = (failures, cooldown);
+        *crate::sync::lock(&self.settings) = (failures, cooldown);
     }
 
     fn settings(&self) -> (u32, Duration) {
-        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+        *crate::sync::lock(&self.settings)
     }
 
     /// Whether a request for `scope` may go upstream; `Err(wait)` while open.
@@ -73,7 +73,7 @@ impl Breakers {
             return Ok(Admission::Pass);
         }
         let now = self.clock.now();
-        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut phases = crate::sync::lock(&self.phases);
         let phase = phases
             .entry(scope.to_string())
             .or_insert(Phase::Closed { failures: 0 });
@@ -97,7 +97,7 @@ impl Breakers {
     /// A probe ended without an outcome: the next request probes.
     fn probe_abandoned(&self, scope: &str) {
         let now = self.clock.now();
-        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut phases = crate::sync::lock(&self.phases);
         if let Some(phase @ Phase::HalfOpen { .. }) = phases.get_mut(scope) {
             *phase = Phase::Open { until: now };
         }
@@ -110,7 +110,7 @@ impl Breakers {
             return;
         }
         let now = self.clock.now();
-        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut phases = crate::sync::lock(&self.phases);
         let phase = phases
             .entry(scope.to_string())
             .or_insert(Phase::Closed { failures: 0 });

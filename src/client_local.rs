@@ -28,7 +28,8 @@
 //! [`flush`].
 
 use crate::config::Client;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use crate::sync::lock;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Fields in the order a request reads them: with thousands of clients the
 /// record is rarely in the CPU's caches, and each line a request reads costs a
@@ -70,10 +71,6 @@ type Records = Vec<ClientLocal>;
 
 /// Every thread's records, for [`flush`].
 static TABLES: Mutex<Vec<Weak<Mutex<Records>>>> = Mutex::new(Vec::new());
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 thread_local! {
     static RECORDS: Arc<Mutex<Records>> = {

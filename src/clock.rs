@@ -47,12 +47,12 @@ impl ManualClock {
     }
 
     pub fn advance(&self, by: Duration) {
-        let mut offset = self.offset.lock().unwrap_or_else(|e| e.into_inner());
+        let mut offset = crate::sync::lock(&self.offset);
         *offset += by;
     }
 
     fn offset(&self) -> Duration {
-        *self.offset.lock().unwrap_or_else(|e| e.into_inner())
+        *crate::sync::lock(&self.offset)
     }
 }
 

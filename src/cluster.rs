@@ -246,15 +246,12 @@ impl Cluster {
     }
 
     fn connection(&self) -> Option<ConnectionManager> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::sync::lock(&self.conn).clone()
     }
 
     fn set_health(&self, ok: bool) {
         let was = self.connected.swap(ok, Ordering::SeqCst);
-        let mut since = self
-            .degraded_since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut since = crate::sync::lock(&self.degraded_since);
         if ok && !was {
             if let Some(t) = since.take() {
                 metrics::counter!("rungen_gateway_cluster_degraded_seconds_total")
@@ -367,7 +364,7 @@ async fn heartbeat(weak: std::sync::Weak<Cluster>, client: redis::Client) {
             )
             .await
             {
-                Ok(Ok(m)) => *c.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(m),
+                Ok(Ok(m)) => *crate::sync::lock(&c.conn) = Some(m),
                 _ => c.set_health(false),
             }
         }

@@ -184,7 +184,7 @@ static FETCHED: std::sync::LazyLock<std::sync::Mutex<KeysByUrl>> =
     std::sync::LazyLock::new(Default::default);
 
 fn lock_fetched() -> std::sync::MutexGuard<'static, KeysByUrl> {
-    FETCHED.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::lock(&FETCHED)
 }
 
 /// A key from a JWKS document.
@@ -240,10 +240,7 @@ impl Verifier {
         if !matches!(self.settings.keys, KeySource::JwksUrl(_)) {
             return;
         }
-        let mut last = self
-            .unknown_kid_refetch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut last = crate::sync::lock(&self.unknown_kid_refetch);
         if last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_REFETCH) {
             *last = Some(Instant::now());
             self.refresh.notify_one();

@@ -35,6 +35,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod step;
+pub mod sync;
 pub mod telemetry;
 pub mod timer;
 pub mod tls;

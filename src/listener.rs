@@ -396,7 +396,7 @@ impl LocalService {
     ) -> <GatewayService as tower::Service<Request<Body>>>::Future {
         use tower::Service;
         let current = current.load();
-        let mut local = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut local = crate::sync::lock(&self.0);
         let fresh = local
             .as_ref()
             .is_some_and(|(source, _)| Arc::ptr_eq(source, &current));
@@ -586,7 +586,7 @@ impl PerIpGuard {
         ip: IpAddr,
         max: usize,
     ) -> Option<PerIpGuard> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::sync::lock(counts);
         let n = map.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -601,7 +601,7 @@ impl PerIpGuard {
 
 impl Drop for PerIpGuard {
     fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::sync::lock(&self.counts);
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

@@ -85,7 +85,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,6 +103,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
+
+use crate::sync::lock;
 
 /// The API key of the default mock user.
 pub const DEFAULT_API_KEY: &str = "demo-upstream-key";
@@ -599,12 +601,6 @@ struct Shared {
     store: Mutex<Store>,
     recorder: Mutex<Recorder>,
     faults: Mutex<Faults>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data half-written in a
-    // way that matters for a mock; keep serving rather than cascading the panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ use crate::config::Client;
 use crate::context::RequestContext;
 use crate::error::{Body, GatewayError, error_response};
 use crate::step::{Step, StepFuture};
+use crate::sync::{lock, read, write};
 use futures_util::future::{BoxFuture, FutureExt};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -375,14 +376,6 @@ impl std::fmt::Debug for Limits {
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// At most this many source IPs are remembered as refused (see
 /// `Limits::refused_ips`); past it, a refused IP's signed tokens are checked
 /// as before.
@@ -390,10 +383,6 @@ const REFUSED_IPS_MAX: usize = 100_000;
 
 fn count_unauthenticated_limited() {
     metrics::counter!("rungen_gateway_rate_limit_decisions_total", "policy" => "unauthenticated", "decision" => "limited", "client" => "-", "scope" => "-").increment(1);
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Limits {

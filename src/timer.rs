@@ -63,7 +63,7 @@ impl PooledTimer {
     }
 
     fn take(&self, deadline: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
-        let pooled = self.shard().lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = crate::sync::lock(self.shard()).pop();
         match pooled {
             Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
@@ -74,7 +74,7 @@ impl PooledTimer {
     }
 
     fn give_back(&self, sleep: Pin<Box<tokio::time::Sleep>>) {
-        let mut shard = self.shard().lock().unwrap_or_else(|e| e.into_inner());
+        let mut shard = crate::sync::lock(self.shard());
         if shard.len() < SHARD_MAX {
             shard.push(sleep);
         }
@@ -82,10 +82,7 @@ impl PooledTimer {
 
     #[cfg(test)]
     fn pooled(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| crate::sync::lock(s).len()).sum()
     }
 }
 

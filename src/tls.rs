@@ -167,20 +167,20 @@ impl CertStore {
 
     /// Whether the cert or key file differs from the version last read.
     fn pair_changed(&self) -> bool {
-        self.pair_version() != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+        self.pair_version() != *crate::sync::lock(&self.seen)
     }
 
     /// Re-reads the files if they changed; a bad new pair is rejected and the
     /// old one keeps serving. Returns whether a new pair was installed.
     pub fn reload_if_changed(&self) -> bool {
         let now = self.pair_version();
-        if *self.seen.lock().unwrap_or_else(|e| e.into_inner()) == now {
+        if *crate::sync::lock(&self.seen) == now {
             return false;
         }
         match load_pair(&self.settings.cert, &self.settings.key) {
             Ok(pair) => {
                 self.current.store(pair);
-                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                *crate::sync::lock(&self.seen) = now;
                 self.publish_expiry();
                 metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "success")
                     .increment(1);
@@ -189,7 +189,7 @@ impl CertStore {
             }
             Err(e) => {
                 // Remember the broken version so the error is logged once per change.
-                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                *crate::sync::lock(&self.seen) = now;
                 metrics::counter!("rungen_gateway_tls_reloads_total", "outcome" => "error")
                     .increment(1);
                 tracing::error!(error = %e, "new TLS certificate rejected; the previous one keeps serving");
@@ -274,7 +274,7 @@ impl Acceptor {
 
     fn ca_changed(&self) -> bool {
         self.store.settings.client_ca.is_some()
-            && self.ca_version() != *self.ca_seen.lock().unwrap_or_else(|e| e.into_inner())
+            && self.ca_version() != *crate::sync::lock(&self.ca_seen)
     }
 
     /// Re-reads the client CA file if it changed; a bad file is rejected and
@@ -284,7 +284,7 @@ impl Acceptor {
             return false;
         }
         // Remember the version first, so a broken file is logged once per change.
-        *self.ca_seen.lock().unwrap_or_else(|e| e.into_inner()) = self.ca_version();
+        *crate::sync::lock(&self.ca_seen) = self.ca_version();
         match server_config(self.store.clone()) {
             Ok(config) => {
                 self.config.store(config);

@@ -343,7 +343,7 @@ impl Cache {
     /// Logs a change and moves the epoch past it. Called before the entries
     /// it covers are dropped: a fill that stores after this sees it.
     fn record_change(&self, covers: KeyMatch) {
-        let mut log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut log = crate::sync::lock(&self.changes);
         log.changes.push_back(covers);
         if log.changes.len() > ChangeLog::MAX {
             log.changes.pop_front();
@@ -364,7 +364,7 @@ impl Cache {
         if self.epoch() == epoch {
             return false;
         }
-        let log = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let log = crate::sync::lock(&self.changes);
         // Change number `first + i` moved the epoch from `first + i` to `first + i + 1`.
         let Some(skip) = epoch.checked_sub(log.first) else {
             return true;
@@ -376,12 +376,12 @@ impl Cache {
     }
 
     fn in_backoff(&self, scope: &Arc<str>, now: Instant) -> bool {
-        let map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let map = crate::sync::lock(&self.backoff);
         map.get(scope).is_some_and(|until| now < *until)
     }
 
     fn set_backoff(&self, scope: &Arc<str>, until: Instant) {
-        let mut map = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::sync::lock(&self.backoff);
         map.retain(|_, t| *t > self.clock.now());
         map.insert(scope.clone(), until);
     }
@@ -979,7 +979,7 @@ struct FlightSlot {
 
 impl Drop for FlightSlot {
     fn drop(&mut self) {
-        let mut flights = self.cache.flights.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flights = crate::sync::lock(&self.cache.flights);
         // Unless a newer fetch of the key has taken the slot.
         if flights
             .get(&self.key)
@@ -995,7 +995,7 @@ impl CacheService {
     /// Returns the flight and whether this call started it.
     fn flight(&self, fill: Fill) -> (Flight, bool) {
         let cache = &self.layer.cache;
-        let mut flights = cache.flights.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flights = crate::sync::lock(&cache.flights);
         // Not a fetch that a later write or purge of this key may have raced:
         // it may answer with what that write changed (read-your-writes).
         // Writes to other keys, other scopes, leave it joinable.
@@ -1218,7 +1218,7 @@ impl CacheService {
                 Ok(from_buffered(&response, &method, status))
             }
             FetchResult::Streaming(slot) => {
-                let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let taken = crate::sync::lock(&slot).take();
                 count(route_label, &scope, "bypass");
                 match taken {
                     Some(mut res) => {

@@ -147,17 +147,10 @@ impl State {
 
 impl Leases {
     fn get(&self, client: &str) -> Arc<Lease> {
-        if let Some(l) = self
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(client)
-        {
+        if let Some(l) = crate::sync::read(&self.map).get(client) {
             return l.clone();
         }
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::sync::write(&self.map)
             .entry(client.to_string())
             .or_default()
             .clone()
@@ -171,7 +164,7 @@ impl Cluster {
             return LeaseTake::Local;
         }
         let lease = self.leases.get(client);
-        let mut state = lease.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = crate::sync::lock(&lease.state);
         state.take(quota, Instant::now())
     }
 
@@ -182,7 +175,7 @@ impl Cluster {
         let _one = lease.refill.lock().await;
         // Another request may have refilled while this one queued.
         let give_back = {
-            let mut state = lease.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = crate::sync::lock(&lease.state);
             match state.take(&quota, Instant::now()) {
                 LeaseTake::Decided(d) => return Some(d),
                 LeaseTake::Local => return None,
@@ -192,7 +185,7 @@ impl Cluster {
         let batch = batch_size(quota.burst_size().get(), self.replicas());
         let result = self.lease_call(client, &quota, batch, give_back).await;
         let now = Instant::now();
-        let mut state = lease.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = crate::sync::lock(&lease.state);
         match result {
             Some((granted, left, wait_ms)) => {
                 state.tokens += granted;
