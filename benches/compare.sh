@@ -21,9 +21,9 @@
 #   SCENARIOS="h1-32 h1-128 h1-tls-32 h2-tls-32x10 paced-h1-32"
 #                    h1-N: HTTP/1.1, N connections, each sending its next request as soon as
 #                    the answer is in (closed loop: the faster server also drives wrk
-#                    harder, and wrk near its own core's limit adds its queueing to the
-#                    p99 it reports: nginx answering from memory at the gateway's rate
-#                    shows the same tail). paced-h1-N: the same with PACE_MS between a
+#                    harder, and near its own core's limit wrk's p99 varies from run to
+#                    run for any server, nginx answering from memory included; see
+#                    COMPARE.md, fifteenth session). paced-h1-N: the same with PACE_MS between a
 #                    connection's requests, so both servers see the same offered load
 #                    (~N * 1000 / PACE_MS req/s at most), well below either's limit: the
 #                    p99 of equal work. Its req/s ratio is ~1 by construction (no verdict).
