@@ -78,7 +78,7 @@ awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; cpu[key, n[key]] = $8; util[key, n[key]] = $9; bad[key] += $10; lg[key, n[key]] = $12; p90[key, n[key]] = $13
     cu[key, n[key]] = ($14 == "" ? -1 : $14); cs[key, n[key]] = ($15 == "" ? -1 : $15)
-    rrps[$2, $3, $1] = $5; rcpu[$2, $3, $1] = $8; if ($1 + 0 > maxr) maxr = $1 + 0
+    rrps[$2, $3, $1] = $5; rcpu[$2, $3, $1] = $8; rp99[$2, $3, $1] = $7; if ($1 + 0 > maxr) maxr = $1 + 0
     if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 }
     if (!($3 in tseen)) { tseen[$3] = 1; tord[++nt] = $3 } }
   function med(arr, key, cnt,   i, j, v, tmp) {
@@ -132,16 +132,41 @@ awk -F'\t' '
       for (s = 1; s <= ns; s++) print hline[s]
     }
     # The spread: on a shared machine one run can be far from the others.
-    printf "\n| scenario | server | req/s of each run, in order | max/min |\n|---|---|---|---:|\n"
+    printf "\n| scenario | server | req/s of each run, in order | max/min | p99 ms of each run, in order | max/min |\n|---|---|---|---:|---|---:|\n"
     for (s = 1; s <= ns; s++) {
       for (ti = 1; ti <= nt; ti++) {
-        t = tord[ti]; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0
+        t = tord[ti]; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0; pruns = ""; plo = 0; phi = 0
         for (i = 1; i <= n[k]; i++) {
           v = rps[k, i] + 0; runs = runs (i > 1 ? ", " : "") sprintf("%.0f", v)
           if (i == 1 || v < lo) lo = v; if (v > hi) hi = v
+          v = p99[k, i] + 0; pruns = pruns (i > 1 ? ", " : "") sprintf("%.3f", v)
+          if (i == 1 || v < plo) plo = v; if (v > phi) phi = v
         }
-        printf "| %s | %s | %s | %.2f |\n", order[s], t, runs, (lo > 0 ? hi / lo : 0)
+        printf "| %s | %s | %s | %.2f | %s | %.2f |\n", order[s], t, runs, (lo > 0 ? hi / lo : 0), pruns, (plo > 0 ? phi / plo : 0)
       }
+    }
+    # p99 round by round: each target against nginx proxy_cache in the same round (seconds
+    # apart). A floor (nginx from memory, hyper alone) that does less work than nginx
+    # proxy_cache yet reads a higher p99 in a round measures the machine in that round.
+    printf "\n| scenario | rounds whose p99 is <= nginx proxy_cache in the same round:"
+    for (ti = 1; ti <= nt; ti++) if (tord[ti] != "nginx") printf " %s |", tord[ti]
+    printf " p99 gateway/nginx, each round |\n|---|"
+    for (ti = 1; ti <= nt; ti++) if (tord[ti] != "nginx") printf "---:|"
+    printf "---|\n"
+    for (s = 1; s <= ns; s++) {
+      sc = order[s]; printf "| %s |", sc
+      for (ti = 1; ti <= nt; ti++) {
+        t = tord[ti]; if (t == "nginx") continue
+        met = 0; all = 0
+        for (r = 1; r <= maxr; r++)
+          if ((sc SUBSEP t SUBSEP r) in rp99 && rp99[sc, "nginx", r] > 0) { all++; if (rp99[sc, t, r] <= rp99[sc, "nginx", r]) met++ }
+        printf " %d of %d |", met, all
+      }
+      runs = ""
+      for (r = 1; r <= maxr; r++)
+        if ((sc SUBSEP "gateway" SUBSEP r) in rp99 && rp99[sc, "nginx", r] > 0)
+          { v = rp99[sc, "gateway", r] / rp99[sc, "nginx", r]; runs = runs (runs == "" ? "" : ", ") (v < 0.01 ? "<0.01x" : sprintf("%.2fx", v)) }
+      printf " %s |\n", runs
     }
   }' "$1"
   echo
