@@ -78,7 +78,7 @@ awk -F'\t' '
   NR == 1 { next }
   { key = $2 SUBSEP $3; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; cpu[key, n[key]] = $8; util[key, n[key]] = $9; bad[key] += $10; lg[key, n[key]] = $12; p90[key, n[key]] = $13
     cu[key, n[key]] = ($14 == "" ? -1 : $14); cs[key, n[key]] = ($15 == "" ? -1 : $15)
-    rrps[$2, $3, $1] = $5; rcpu[$2, $3, $1] = $8; rp99[$2, $3, $1] = $7; if ($1 + 0 > maxr) maxr = $1 + 0
+    rrps[$2, $3, $1] = $5; rcpu[$2, $3, $1] = $8; rp99[$2, $3, $1] = $7 + 0; if ($1 + 0 > maxr) maxr = $1 + 0
     if (!($2 in seen)) { seen[$2] = 1; order[++ns] = $2 }
     if (!($3 in tseen)) { tseen[$3] = 1; tord[++nt] = $3 } }
   function med(arr, key, cnt,   i, j, v, tmp) {
@@ -159,12 +159,12 @@ awk -F'\t' '
         t = tord[ti]; if (t == "nginx") continue
         met = 0; all = 0
         for (r = 1; r <= maxr; r++)
-          if ((sc SUBSEP t SUBSEP r) in rp99 && rp99[sc, "nginx", r] > 0) { all++; if (rp99[sc, t, r] <= rp99[sc, "nginx", r]) met++ }
+          if ((sc SUBSEP t SUBSEP r) in rp99 && rp99[sc, t, r] > 0 && rp99[sc, "nginx", r] > 0) { all++; if (rp99[sc, t, r] <= rp99[sc, "nginx", r]) met++ }
         printf " %d of %d |", met, all
       }
       runs = ""
       for (r = 1; r <= maxr; r++)
-        if ((sc SUBSEP "gateway" SUBSEP r) in rp99 && rp99[sc, "nginx", r] > 0)
+        if ((sc SUBSEP "gateway" SUBSEP r) in rp99 && rp99[sc, "gateway", r] > 0 && rp99[sc, "nginx", r] > 0)
           { v = rp99[sc, "gateway", r] / rp99[sc, "nginx", r]; runs = runs (runs == "" ? "" : ", ") (v < 0.01 ? "<0.01x" : sprintf("%.2fx", v)) }
       printf " %s |\n", runs
     }
