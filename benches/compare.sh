@@ -86,6 +86,14 @@ awk -F'\t' '
     for (i = 2; i <= cnt; i++) { tmp = v[i]; j = i - 1; while (j >= 1 && v[j] > tmp) { v[j + 1] = v[j]; j-- } v[j + 1] = tmp }
     return (cnt % 2) ? v[(cnt + 1) / 2] : (v[cnt / 2] + v[cnt / 2 + 1]) / 2
   }
+  # "v1, v2, ... | max/min": the runs of one target in order, and their spread.
+  function spread(arr, key, cnt, fmt,   i, v, out, lo, hi) {
+    for (i = 1; i <= cnt; i++) {
+      v = arr[key, i] + 0; out = out (i > 1 ? ", " : "") sprintf(fmt, v)
+      if (i == 1 || v < lo) lo = v; if (v > hi) hi = v
+    }
+    return sprintf("%s | %.2f", out, (lo > 0 ? hi / lo : 0))
+  }
   END {
     printf "| scenario | server | req/s | p50 ms | p90 ms | p99 ms | CPU us/req | user | kernel | server core %% | load gen core %% | 1e6/(CPU us/req) | errors |\n"
     printf "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -135,14 +143,8 @@ awk -F'\t' '
     printf "\n| scenario | server | req/s of each run, in order | max/min | p99 ms of each run, in order | max/min |\n|---|---|---|---:|---|---:|\n"
     for (s = 1; s <= ns; s++) {
       for (ti = 1; ti <= nt; ti++) {
-        t = tord[ti]; k = order[s] SUBSEP t; runs = ""; lo = 0; hi = 0; pruns = ""; plo = 0; phi = 0
-        for (i = 1; i <= n[k]; i++) {
-          v = rps[k, i] + 0; runs = runs (i > 1 ? ", " : "") sprintf("%.0f", v)
-          if (i == 1 || v < lo) lo = v; if (v > hi) hi = v
-          v = p99[k, i] + 0; pruns = pruns (i > 1 ? ", " : "") sprintf("%.3f", v)
-          if (i == 1 || v < plo) plo = v; if (v > phi) phi = v
-        }
-        printf "| %s | %s | %s | %.2f | %s | %.2f |\n", order[s], t, runs, (lo > 0 ? hi / lo : 0), pruns, (plo > 0 ? phi / plo : 0)
+        t = tord[ti]; k = order[s] SUBSEP t
+        printf "| %s | %s | %s | %s |\n", order[s], t, spread(rps, k, n[k], "%.0f"), spread(p99, k, n[k], "%.3f")
       }
     }
     # p99 round by round: each target against nginx proxy_cache in the same round (seconds
@@ -159,12 +161,12 @@ awk -F'\t' '
         t = tord[ti]; if (t == "nginx") continue
         met = 0; all = 0
         for (r = 1; r <= maxr; r++)
-          if ((sc SUBSEP t SUBSEP r) in rp99 && rp99[sc, t, r] > 0 && rp99[sc, "nginx", r] > 0) { all++; if (rp99[sc, t, r] <= rp99[sc, "nginx", r]) met++ }
+          if (rp99[sc, t, r] > 0 && rp99[sc, "nginx", r] > 0) { all++; if (rp99[sc, t, r] <= rp99[sc, "nginx", r]) met++ }
         printf " %d of %d |", met, all
       }
       runs = ""
       for (r = 1; r <= maxr; r++)
-        if ((sc SUBSEP "gateway" SUBSEP r) in rp99 && rp99[sc, "gateway", r] > 0 && rp99[sc, "nginx", r] > 0)
+        if (rp99[sc, "gateway", r] > 0 && rp99[sc, "nginx", r] > 0)
           { v = rp99[sc, "gateway", r] / rp99[sc, "nginx", r]; runs = runs (runs == "" ? "" : ", ") (v < 0.01 ? "<0.01x" : sprintf("%.2fx", v)) }
       printf " %s |\n", runs
     }
